@@ -1,0 +1,31 @@
+//! The `refresher` Lambda: refresh messages in, `RefreshCache` calls out, with an SQS
+//! partial batch response. All decisions live in `shared::refresher`.
+
+use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use serde_json::Value;
+use shared::adapters::sdk::{load_aws_config, DynamoWindowStore, SdkFileGateway};
+use shared::clock::SystemClock;
+use shared::config::{from_process_env, RefresherConfig};
+use shared::logging;
+use shared::refresher::Refresher;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    let config =
+        RefresherConfig::from_env(&from_process_env).unwrap_or_else(|e| logging::fail_init(&e));
+    if let Err(e) = logging::init(config.common.log_level) {
+        logging::fail_init(&e);
+    }
+    let aws = load_aws_config().await;
+    // The share map lives in this value, so warm invocations reuse it.
+    let refresher = Refresher::new(
+        DynamoWindowStore::from_config(&aws, &config.common.table_name),
+        SdkFileGateway::from_config(&aws),
+        SystemClock,
+    );
+    let refresher = &refresher;
+    run(service_fn(move |event: LambdaEvent<Value>| async move {
+        refresher.handle(&event.payload).await
+    }))
+    .await
+}

@@ -1,0 +1,237 @@
+//! In-memory adapters: the window rules applied to a map, a list for a queue, and a
+//! table of shares for a gateway. They count every call, for assertions.
+
+use crate::error::{GatewayError, QueueError, StoreError};
+use crate::ports::{
+    DescribedShare, FileGateway, RefreshQueue, SharePage, ShareSummary, WindowStore,
+};
+use crate::refresh_message::RefreshMessage;
+use crate::shares::{RefreshPlan, ShareKind};
+use crate::window::{self, ChangeSet, CloseOutcome, WindowItem, WindowView};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another test thread must not hide this one's result.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryWindowStore {
+    items: Mutex<HashMap<String, Option<WindowItem>>>,
+    writes: AtomicU64,
+}
+
+impl MemoryWindowStore {
+    pub fn item(&self, bucket: &str) -> Option<WindowItem> {
+        lock(&self.items).get(bucket).cloned().flatten()
+    }
+
+    /// Write requests so far (each port call is one).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn with_item<R>(&self, bucket: &str, f: impl FnOnce(&mut Option<WindowItem>) -> R) -> R {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut items = lock(&self.items);
+        f(items.entry(bucket.to_string()).or_default())
+    }
+}
+
+impl WindowStore for MemoryWindowStore {
+    async fn join(
+        &self,
+        bucket: &str,
+        changes: &ChangeSet,
+        now_ms: i64,
+    ) -> Result<Option<WindowView>, StoreError> {
+        Ok(self.with_item(bucket, |item| window::join(item, changes, now_ms)))
+    }
+
+    async fn open(
+        &self,
+        bucket: &str,
+        changes: &ChangeSet,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<Option<WindowView>, StoreError> {
+        Ok(self.with_item(bucket, |item| {
+            window::open(item, bucket, changes, now_ms, window_ms)
+        }))
+    }
+
+    async fn mark_sent(&self, bucket: &str, generation: u64) -> Result<(), StoreError> {
+        self.with_item(bucket, |item| window::mark_sent(item, generation));
+        Ok(())
+    }
+
+    async fn close(
+        &self,
+        bucket: &str,
+        generation: u64,
+        _now_ms: i64,
+    ) -> Result<CloseOutcome, StoreError> {
+        Ok(self.with_item(bucket, |item| window::close(item, generation)))
+    }
+
+    async fn mark_refreshed(
+        &self,
+        bucket: &str,
+        generation: u64,
+        _now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_item(bucket, |item| window::mark_refreshed(item, generation));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    pub id: String,
+    pub message: RefreshMessage,
+    pub delay_seconds: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryQueue {
+    sent: Mutex<Vec<SentMessage>>,
+}
+
+impl MemoryQueue {
+    pub fn sent(&self) -> Vec<SentMessage> {
+        lock(&self.sent).clone()
+    }
+}
+
+impl RefreshQueue for MemoryQueue {
+    async fn send(
+        &self,
+        message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        let mut sent = lock(&self.sent);
+        let id = format!("msg-{}", sent.len() + 1);
+        sent.push(SentMessage {
+            id: id.clone(),
+            message: message.clone(),
+            delay_seconds,
+        });
+        Ok(id)
+    }
+}
+
+/// A gateway with a fixed page size, enough to exercise paging and the describe limit.
+#[derive(Debug)]
+pub struct MemoryGateway {
+    shares: Mutex<Vec<DescribedShare>>,
+    page_size: usize,
+    refreshes: Mutex<Vec<RefreshPlan>>,
+    list_calls: AtomicU64,
+    describe_calls: AtomicU64,
+}
+
+impl MemoryGateway {
+    pub fn new(page_size: usize) -> Self {
+        MemoryGateway {
+            shares: Mutex::default(),
+            page_size: page_size.max(1),
+            refreshes: Mutex::default(),
+            list_calls: AtomicU64::new(0),
+            describe_calls: AtomicU64::new(0),
+        }
+    }
+
+    pub fn add_share(&self, arn: &str, kind: ShareKind, location_arn: &str) {
+        lock(&self.shares).push(DescribedShare {
+            arn: arn.to_string(),
+            kind,
+            gateway_arn: "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-MEMORY"
+                .to_string(),
+            location_arn: location_arn.to_string(),
+        });
+    }
+
+    pub fn remove_share(&self, arn: &str) {
+        lock(&self.shares).retain(|s| s.arn != arn);
+    }
+
+    pub fn refreshes(&self) -> Vec<RefreshPlan> {
+        lock(&self.refreshes).clone()
+    }
+
+    pub fn list_calls(&self) -> u64 {
+        self.list_calls.load(Ordering::Relaxed)
+    }
+
+    pub fn describe_calls(&self) -> u64 {
+        self.describe_calls.load(Ordering::Relaxed)
+    }
+}
+
+impl FileGateway for MemoryGateway {
+    async fn list_file_shares(&self, marker: Option<&str>) -> Result<SharePage, GatewayError> {
+        self.list_calls.fetch_add(1, Ordering::Relaxed);
+        let start: usize = match marker {
+            None => 0,
+            Some(m) => m.parse().map_err(|_| GatewayError::Other {
+                retry: crate::error::Retry::Never,
+                message: format!("bad marker {m:?}"),
+            })?,
+        };
+        let shares = lock(&self.shares);
+        let end = (start + self.page_size).min(shares.len());
+        Ok(SharePage {
+            shares: shares
+                .get(start..end)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| ShareSummary {
+                    arn: s.arn.clone(),
+                    kind: s.kind,
+                })
+                .collect(),
+            next_marker: (end < shares.len()).then(|| end.to_string()),
+        })
+    }
+
+    async fn describe_file_shares(
+        &self,
+        kind: ShareKind,
+        arns: &[String],
+    ) -> Result<Vec<DescribedShare>, GatewayError> {
+        self.describe_calls.fetch_add(1, Ordering::Relaxed);
+        if arns.is_empty() || arns.len() > crate::refresher::DESCRIBE_BATCH {
+            return Err(GatewayError::Other {
+                retry: crate::error::Retry::Never,
+                message: format!("describe takes 1 to 10 ARNs, got {}", arns.len()),
+            });
+        }
+        let shares = lock(&self.shares);
+        arns.iter()
+            .map(|arn| {
+                shares
+                    .iter()
+                    .find(|s| &s.arn == arn && s.kind == kind)
+                    .cloned()
+                    .ok_or_else(|| GatewayError::ShareNotFound {
+                        share_arn: arn.clone(),
+                        message: "no such share".to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    async fn refresh_cache(&self, plan: &RefreshPlan) -> Result<String, GatewayError> {
+        if !lock(&self.shares).iter().any(|s| s.arn == plan.share_arn) {
+            return Err(GatewayError::ShareNotFound {
+                share_arn: plan.share_arn.clone(),
+                message: "no such share".to_string(),
+            });
+        }
+        let mut refreshes = lock(&self.refreshes);
+        refreshes.push(plan.clone());
+        Ok(format!("notification-{}", refreshes.len()))
+    }
+}

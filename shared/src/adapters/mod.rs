@@ -1,0 +1,4 @@
+//! Adapters for the ports: the AWS SDK, and in-memory models for tests.
+
+pub mod memory;
+pub mod sdk;

@@ -1,0 +1,318 @@
+//! Configuration from environment variables, validated at init.
+//!
+//! Every error names the variable, the value it had and what is accepted, in one line,
+//! so a misconfigured function says what to fix in its first log line.
+
+use std::fmt;
+use thiserror::Error;
+
+pub const DEFAULT_TABLE_NAME: &str = "S3EventAggregator";
+pub const DEFAULT_REFRESH_DELAY_SECONDS: u32 = 30;
+/// SQS caps `DelaySeconds` at 900.
+pub const MAX_REFRESH_DELAY_SECONDS: u32 = 900;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("configuration error: {name} is required but not set; {accepted}")]
+    Missing {
+        name: &'static str,
+        accepted: &'static str,
+    },
+    #[error("configuration error: {name}={value:?} is not valid; {accepted}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        accepted: &'static str,
+    },
+}
+
+/// `LOG_LEVEL`: DEBUG, INFO, WARN/WARNING or ERROR, in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogLevel {
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    const ACCEPTED: &'static str = "accepted: DEBUG, INFO, WARN (or WARNING), ERROR, in any case";
+
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "DEBUG" => Ok(LogLevel::Debug),
+            "INFO" => Ok(LogLevel::Info),
+            "WARN" | "WARNING" => Ok(LogLevel::Warn),
+            "ERROR" => Ok(LogLevel::Error),
+            _ => Err(ConfigError::Invalid {
+                name: "LOG_LEVEL",
+                value: value.to_string(),
+                accepted: Self::ACCEPTED,
+            }),
+        }
+    }
+
+    /// The level as a `tracing` filter directive.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.directive())
+    }
+}
+
+/// Settings both functions share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommonConfig {
+    pub table_name: String,
+    pub log_level: LogLevel,
+}
+
+/// The aggregator's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatorConfig {
+    pub common: CommonConfig,
+    pub queue_url: String,
+    pub refresh_delay_seconds: u32,
+}
+
+/// The refresher's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefresherConfig {
+    pub common: CommonConfig,
+}
+
+/// Reads one variable. Tests pass a closure over a map; the binaries use [`from_process_env`].
+pub trait EnvSource {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+impl<F: Fn(&str) -> Option<String>> EnvSource for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// The process environment. A variable that is not valid Unicode is passed on as its
+/// lossy form, so the error message can show it.
+pub fn from_process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &impl EnvSource) -> Result<Self, ConfigError> {
+        let log_level = match env.var("LOG_LEVEL") {
+            None => LogLevel::default(),
+            Some(v) => LogLevel::parse(&v)?,
+        };
+        let table_name = match env.var("TABLE_NAME") {
+            None => DEFAULT_TABLE_NAME.to_string(),
+            Some(v) => parse_table_name(&v)?,
+        };
+        Ok(CommonConfig {
+            table_name,
+            log_level,
+        })
+    }
+}
+
+impl AggregatorConfig {
+    pub fn from_env(env: &impl EnvSource) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_env(env)?;
+        let queue_url = parse_queue_url(env.var("QUEUE_URL"))?;
+        let refresh_delay_seconds = match env.var("REFRESH_DELAY_SECONDS") {
+            None => DEFAULT_REFRESH_DELAY_SECONDS,
+            Some(v) => parse_delay(&v)?,
+        };
+        Ok(AggregatorConfig {
+            common,
+            queue_url,
+            refresh_delay_seconds,
+        })
+    }
+}
+
+impl RefresherConfig {
+    pub fn from_env(env: &impl EnvSource) -> Result<Self, ConfigError> {
+        Ok(RefresherConfig {
+            common: CommonConfig::from_env(env)?,
+        })
+    }
+}
+
+fn parse_delay(value: &str) -> Result<u32, ConfigError> {
+    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 900 (default 30)";
+    let invalid = || ConfigError::Invalid {
+        name: "REFRESH_DELAY_SECONDS",
+        value: value.to_string(),
+        accepted: ACCEPTED,
+    };
+    let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
+    if seconds > MAX_REFRESH_DELAY_SECONDS {
+        return Err(invalid());
+    }
+    Ok(seconds)
+}
+
+fn parse_queue_url(value: Option<String>) -> Result<String, ConfigError> {
+    const ACCEPTED: &str =
+        "accepted: the action queue's URL, https://sqs.REGION.amazonaws.com/ACCOUNT_ID/QUEUE_NAME";
+    let value = value.ok_or(ConfigError::Missing {
+        name: "QUEUE_URL",
+        accepted: ACCEPTED,
+    })?;
+    let trimmed = value.trim();
+    let has_scheme = trimmed.starts_with("https://") || trimmed.starts_with("http://");
+    let has_path = has_scheme
+        && trimmed
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.contains('/') && !rest.starts_with('/'));
+    if !has_path {
+        return Err(ConfigError::Invalid {
+            name: "QUEUE_URL",
+            value,
+            accepted: ACCEPTED,
+        });
+    }
+    Ok(trimmed.to_string())
+}
+
+fn parse_table_name(value: &str) -> Result<String, ConfigError> {
+    // DynamoDB's own rule for table names.
+    const ACCEPTED: &str =
+        "accepted: 3 to 255 characters of a-z, A-Z, 0-9, '_', '-' and '.' (default S3EventAggregator)";
+    let valid = (3..=255).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err(ConfigError::Invalid {
+            name: "TABLE_NAME",
+            value: value.to_string(),
+            accepted: ACCEPTED,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name: &str| map.get(name).cloned()
+    }
+
+    const QUEUE: &str =
+        "https://sqs.eu-west-1.amazonaws.com/123456789012/S3EventAggregatorActionQueue";
+
+    #[test]
+    fn aggregator_defaults() {
+        let config = AggregatorConfig::from_env(&env(&[("QUEUE_URL", QUEUE)])).unwrap();
+        assert_eq!(config.refresh_delay_seconds, 30);
+        assert_eq!(config.common.table_name, "S3EventAggregator");
+        assert_eq!(config.common.log_level, LogLevel::Info);
+        assert_eq!(config.queue_url, QUEUE);
+    }
+
+    #[test]
+    fn queue_url_is_required_and_named() {
+        let err = AggregatorConfig::from_env(&env(&[])).unwrap_err();
+        let line = err.to_string();
+        assert!(line.contains("QUEUE_URL"), "{line}");
+        assert!(line.contains("required"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn queue_url_must_be_a_url() {
+        for bad in ["", "S3EventAggregatorActionQueue", "https://", "https:///x"] {
+            let err = AggregatorConfig::from_env(&env(&[("QUEUE_URL", bad)])).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        name: "QUEUE_URL",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn delay_bounds() {
+        for (value, expected) in [("0", 0), ("900", 900), (" 45 ", 45)] {
+            let config = AggregatorConfig::from_env(&env(&[
+                ("QUEUE_URL", QUEUE),
+                ("REFRESH_DELAY_SECONDS", value),
+            ]))
+            .unwrap();
+            assert_eq!(config.refresh_delay_seconds, expected);
+        }
+        for bad in ["901", "-1", "abc", "", "1.5", "99999999999"] {
+            let err = AggregatorConfig::from_env(&env(&[
+                ("QUEUE_URL", QUEUE),
+                ("REFRESH_DELAY_SECONDS", bad),
+            ]))
+            .unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains("REFRESH_DELAY_SECONDS"), "{line}");
+            assert!(line.contains("0 to 900"), "{line}");
+        }
+    }
+
+    #[test]
+    fn log_levels_in_any_case() {
+        for (value, level) in [
+            ("debug", LogLevel::Debug),
+            ("Info", LogLevel::Info),
+            ("WARN", LogLevel::Warn),
+            ("warning", LogLevel::Warn),
+            ("ERROR", LogLevel::Error),
+        ] {
+            assert_eq!(LogLevel::parse(value).unwrap(), level);
+        }
+        let err = RefresherConfig::from_env(&env(&[("LOG_LEVEL", "verbose")])).unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.contains("LOG_LEVEL") && line.contains("\"verbose\"") && line.contains("WARNING"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn table_name_rules() {
+        let config = RefresherConfig::from_env(&env(&[("TABLE_NAME", "my.table-1")])).unwrap();
+        assert_eq!(config.common.table_name, "my.table-1");
+        for bad in ["", "ab", "has space", "ünï"] {
+            let err = RefresherConfig::from_env(&env(&[("TABLE_NAME", bad)])).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        name: "TABLE_NAME",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Logging set-up: `LOG_LEVEL` for our crates, `RUST_LOG` for fine-grained filters,
+//! JSON lines when Lambda's log format is JSON.
+
+use crate::config::{ConfigError, LogLevel};
+use tracing_subscriber::EnvFilter;
+
+/// Our crates log at `level`; everything else (SDK, HTTP) only at WARN and above,
+/// unless `RUST_LOG` says otherwise.
+fn default_filter(level: LogLevel) -> String {
+    let l = level.directive();
+    format!("warn,shared={l},aggregator={l},refresher={l}")
+}
+
+fn json_format(lookup: &dyn Fn(&str) -> Option<String>) -> bool {
+    lookup("AWS_LAMBDA_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("JSON"))
+}
+
+/// Installs the global subscriber. Call once, first thing in `main`.
+///
+/// Returns an error line if `RUST_LOG` is set but not a valid filter.
+pub fn init(level: LogLevel) -> Result<(), ConfigError> {
+    init_with(level, &crate::config::from_process_env)
+}
+
+pub fn init_with(
+    level: LogLevel,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let filter = match lookup("RUST_LOG").filter(|v| !v.trim().is_empty()) {
+        Some(directives) => {
+            EnvFilter::try_new(&directives).map_err(|_| ConfigError::Invalid {
+                name: "RUST_LOG",
+                value: directives.clone(),
+                accepted: "accepted: tracing filter directives such as 'info' or 'shared=debug,aws_smithy_runtime=info'",
+            })?
+        }
+        None => EnvFilter::new(default_filter(level)),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stdout);
+    // A second init (tests) keeps the first subscriber; that is not an error worth failing on.
+    if json_format(lookup) {
+        let _ = builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .flatten_event(true)
+            .try_init();
+    } else {
+        let _ = builder.without_time().try_init();
+    }
+    Ok(())
+}
+
+/// Prints a configuration error as the function's one init line and exits.
+///
+/// Lambda then reports `Runtime.ExitError` with this line in the function's log.
+pub fn fail_init(error: &ConfigError) -> ! {
+    let line = error.to_string();
+    if json_format(&crate::config::from_process_env) {
+        let json = serde_json::json!({"level": "ERROR", "message": line});
+        eprintln!("{json}");
+    } else {
+        eprintln!("ERROR {line}");
+    }
+    std::process::exit(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_filter_scopes_level_to_our_crates() {
+        let f = default_filter(LogLevel::Debug);
+        assert!(f.starts_with("warn,"));
+        assert!(f.contains("shared=debug") && f.contains("refresher=debug"));
+    }
+
+    #[test]
+    fn bad_rust_log_is_named() {
+        let lookup = |name: &str| (name == "RUST_LOG").then(|| "shared=notalevel".to_string());
+        let err = init_with(LogLevel::Info, &lookup).unwrap_err();
+        assert!(err.to_string().contains("RUST_LOG"));
+    }
+}

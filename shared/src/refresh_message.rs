@@ -1,0 +1,186 @@
+//! The refresh request the aggregator puts on the action queue, and its decoding.
+//!
+//! Contract (SPEC.md): message attributes `bucket-name` (String) and `timestamp`
+//! (Number, epoch ms, the first event of the window); the body is ours, JSON.
+
+use aws_lambda_events::event::sqs::SqsMessage;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+pub const ATTR_BUCKET: &str = "bucket-name";
+pub const ATTR_TIMESTAMP: &str = "timestamp";
+pub const BODY_VERSION: u32 = 1;
+
+/// The JSON body of a refresh message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshMessage {
+    pub version: u32,
+    pub bucket: String,
+    /// The window this message refreshes.
+    pub generation: u64,
+    pub window_opened_at_ms: i64,
+    pub window_ends_at_ms: i64,
+    /// The earliest `eventTime` among the events that opened the window (or the
+    /// window's opening time when they carried none): the `timestamp` attribute.
+    pub timestamp_ms: i64,
+}
+
+impl RefreshMessage {
+    pub fn body(&self) -> String {
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A refresh request as read back from an SQS record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingRefresh {
+    pub message_id: String,
+    pub bucket: String,
+    /// The window, when the body is ours; `None` means "refresh the whole bucket".
+    pub generation: Option<u64>,
+    pub timestamp_ms: Option<i64>,
+    /// A body that was present but not our JSON, for the log.
+    pub unreadable_body: Option<String>,
+}
+
+/// A record that can never be processed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BadMessage {
+    #[error("SQS record is not a message: {0}")]
+    NotAMessage(String),
+    #[error("message {message_id} names no bucket (no '{ATTR_BUCKET}' attribute and no bucket in the body); body: {body:?}")]
+    NoBucket {
+        message_id: String,
+        body: Option<String>,
+    },
+}
+
+/// Reads one SQS record of the refresher's event.
+pub fn decode_sqs_record(record: &Value) -> Result<IncomingRefresh, BadMessage> {
+    let message: SqsMessage = serde_json::from_value(record.clone())
+        .map_err(|e| BadMessage::NotAMessage(format!("{e}: {record}")))?;
+    let message_id = message
+        .message_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| BadMessage::NotAMessage(format!("no messageId: {record}")))?;
+    let attribute = |name: &str| {
+        message
+            .message_attributes
+            .get(name)
+            .and_then(|a| a.string_value.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let parsed_body: Option<RefreshMessage> = message
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok());
+    let unreadable_body = match (&parsed_body, &message.body) {
+        (None, Some(body)) => Some(body.clone()),
+        _ => None,
+    };
+    let bucket = attribute(ATTR_BUCKET)
+        .or_else(|| parsed_body.as_ref().map(|m| m.bucket.clone()))
+        .ok_or_else(|| BadMessage::NoBucket {
+            message_id: message_id.clone(),
+            body: message.body.clone(),
+        })?;
+    // A body for another bucket than the attribute says is not ours to trust.
+    let body_for_bucket = parsed_body.filter(|m| m.bucket == bucket);
+    let timestamp_ms = attribute(ATTR_TIMESTAMP)
+        .and_then(|t| t.parse::<i64>().ok())
+        .or(body_for_bucket.as_ref().map(|m| m.timestamp_ms));
+    Ok(IncomingRefresh {
+        message_id,
+        bucket,
+        generation: body_for_bucket.map(|m| m.generation),
+        timestamp_ms,
+        unreadable_body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(attributes: Value, body: &str) -> Value {
+        json!({
+            "messageId": "m-1",
+            "receiptHandle": "rh",
+            "body": body,
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": attributes,
+            "md5OfBody": "x",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+            "awsRegion": "us-east-1"
+        })
+    }
+
+    fn attrs(bucket: &str) -> Value {
+        json!({
+            "bucket-name": {"stringValue": bucket, "dataType": "String", "stringListValues": [], "binaryListValues": []},
+            "timestamp": {"stringValue": "1534097642149", "dataType": "Number", "stringListValues": [], "binaryListValues": []}
+        })
+    }
+
+    fn body(bucket: &str, generation: u64) -> String {
+        RefreshMessage {
+            version: BODY_VERSION,
+            bucket: bucket.to_string(),
+            generation,
+            window_opened_at_ms: 1,
+            window_ends_at_ms: 2,
+            timestamp_ms: 1_534_097_642_149,
+        }
+        .body()
+    }
+
+    #[test]
+    fn round_trip() {
+        let got = decode_sqs_record(&record(attrs("b1"), &body("b1", 7))).unwrap();
+        assert_eq!(got.bucket, "b1");
+        assert_eq!(got.generation, Some(7));
+        assert_eq!(got.timestamp_ms, Some(1_534_097_642_149));
+        assert_eq!(got.message_id, "m-1");
+    }
+
+    #[test]
+    fn the_2018_message_shape_refreshes_the_whole_bucket() {
+        let got = decode_sqs_record(&record(attrs("b1"), "{}")).unwrap();
+        assert_eq!(got.bucket, "b1");
+        assert_eq!(got.generation, None);
+        assert_eq!(got.unreadable_body.as_deref(), Some("{}"));
+    }
+
+    #[test]
+    fn bucket_from_body_when_attributes_are_missing() {
+        let got = decode_sqs_record(&record(json!({}), &body("b2", 3))).unwrap();
+        assert_eq!((got.bucket.as_str(), got.generation), ("b2", Some(3)));
+    }
+
+    #[test]
+    fn conflicting_body_is_not_trusted() {
+        let got = decode_sqs_record(&record(attrs("b1"), &body("b2", 3))).unwrap();
+        assert_eq!((got.bucket.as_str(), got.generation), ("b1", None));
+    }
+
+    #[test]
+    fn no_bucket_anywhere_is_bad() {
+        let err = decode_sqs_record(&record(json!({}), "not json")).unwrap_err();
+        assert!(matches!(err, BadMessage::NoBucket { .. }));
+        assert!(err.to_string().contains("not json"));
+        assert!(matches!(
+            decode_sqs_record(&json!("x")),
+            Err(BadMessage::NotAMessage(_))
+        ));
+        assert!(matches!(
+            decode_sqs_record(&json!({"body": "x"})),
+            Err(BadMessage::NotAMessage(_))
+        ));
+    }
+}

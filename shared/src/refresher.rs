@@ -1,0 +1,431 @@
+//! The refresher: refresh messages in, `RefreshCache` on every share that maps the
+//! bucket out, with an SQS partial batch response.
+
+use crate::aggregator::truncate;
+use crate::clock::Clock;
+use crate::error::{GatewayError, Retry, StoreError};
+use crate::ports::{FileGateway, WindowStore};
+use crate::refresh_message::{decode_sqs_record, IncomingRefresh};
+use crate::shares::{parse_location_arn, plan_refreshes, FileShare, ShareKind};
+use crate::window::{CloseOutcome, RefreshScope};
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use thiserror::Error;
+use tokio::sync::Mutex;
+use tracing::{error, info, warn};
+
+/// `Describe{NFS,SMB}FileShares` takes at most 10 ARNs.
+pub const DESCRIBE_BATCH: usize = 10;
+/// How long a warm container trusts its bucket-to-shares map. A share that is gone
+/// drops the map at once; a new share is found within this time.
+pub const SHARE_CACHE_TTL_MS: i64 = 5 * 60 * 1000;
+/// A guard against a gateway that pages forever.
+const MAX_LIST_PAGES: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum RefresherError {
+    #[error("not an SQS event: {0}")]
+    NotAnSqsEvent(String),
+}
+
+/// Why one message must be retried.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("file shares kept disappearing while refreshing bucket {0}")]
+    SharesUnstable(String),
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Refreshes started on these shares (empty: no share maps the bucket).
+    Refreshed { shares: Vec<String> },
+    /// This window was already refreshed: a duplicate delivery.
+    Duplicate,
+}
+
+#[derive(Debug)]
+struct ShareCache {
+    shares: Vec<FileShare>,
+    loaded_at_ms: i64,
+}
+
+pub struct Refresher<S, G, C> {
+    store: S,
+    gateway: G,
+    clock: C,
+    cache: Mutex<Option<ShareCache>>,
+}
+
+impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
+    pub fn new(store: S, gateway: G, clock: C) -> Self {
+        Refresher {
+            store,
+            gateway,
+            clock,
+            cache: Mutex::new(None),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn gateway(&self) -> &G {
+        &self.gateway
+    }
+
+    /// Handles one SQS event. Messages are processed one after another, so this
+    /// container never has more than one refresh in flight per share.
+    pub async fn handle(&self, payload: &Value) -> Result<SqsBatchResponse, RefresherError> {
+        let records = payload
+            .get("Records")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                RefresherError::NotAnSqsEvent(truncate(&payload.to_string(), 2048).to_string())
+            })?;
+        let mut response = SqsBatchResponse::default();
+        for record in records {
+            let request = match decode_sqs_record(record) {
+                Ok(request) => request,
+                Err(bad) => {
+                    // Retrying cannot make this message readable.
+                    error!(error = %bad, "Discarding unreadable refresh message");
+                    continue;
+                }
+            };
+            if let Some(body) = &request.unreadable_body {
+                warn!(bucket = %request.bucket, message_id = %request.message_id, body = %truncate(body, 1024),
+                    "Message body is not ours; refreshing the whole bucket");
+            }
+            match self.process(&request).await {
+                Ok(RecordOutcome::Duplicate) => {
+                    info!(bucket = %request.bucket, generation = ?request.generation, "Window already refreshed; duplicate message");
+                }
+                Ok(RecordOutcome::Refreshed { shares }) if shares.is_empty() => {}
+                Ok(RecordOutcome::Refreshed { .. }) => {}
+                Err(e) => {
+                    warn!(bucket = %request.bucket, message_id = %request.message_id, error = %e,
+                        "Refresh failed; the message will be redelivered");
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = request.message_id.clone();
+                    response.batch_item_failures.push(failure);
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// Closes the window and starts a refresh on every share that the window's
+    /// changes concern.
+    pub async fn process(&self, request: &IncomingRefresh) -> Result<RecordOutcome, RecordError> {
+        let bucket = request.bucket.as_str();
+        let scope = match request.generation {
+            Some(generation) => match self
+                .store
+                .close(bucket, generation, self.clock.now_ms())
+                .await?
+            {
+                CloseOutcome::Refresh(scope) => scope,
+                CloseOutcome::AlreadyRefreshed => return Ok(RecordOutcome::Duplicate),
+                CloseOutcome::Superseded => RefreshScope::WholeBucket,
+            },
+            None => RefreshScope::WholeBucket,
+        };
+
+        let mut refreshed: Vec<String> = Vec::new();
+        let mut resolved_fresh = false;
+        loop {
+            let shares = self.shares(resolved_fresh).await?;
+            let plans: Vec<_> = plan_refreshes(&shares, bucket, &scope)
+                .into_iter()
+                .filter(|p| !refreshed.contains(&p.share_arn))
+                .collect();
+            if plans.is_empty() && refreshed.is_empty() {
+                warn!(
+                    bucket,
+                    ?scope,
+                    "No file share maps bucket {bucket}; nothing to refresh"
+                );
+            }
+            let mut share_gone = false;
+            for plan in &plans {
+                match self.gateway.refresh_cache(plan).await {
+                    Ok(notification_id) => {
+                        info!(bucket, share = %plan.share_arn, folders = ?plan.folders, recursive = plan.recursive,
+                            notification_id = %notification_id, "Refreshing cache of share {} for bucket: {bucket}", plan.share_arn);
+                        refreshed.push(plan.share_arn.clone());
+                    }
+                    Err(GatewayError::ShareNotFound { share_arn, message }) => {
+                        warn!(bucket, share = %share_arn, %message, "File share is gone; resolving shares again");
+                        *self.cache.lock().await = None;
+                        share_gone = true;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !share_gone {
+                break;
+            }
+            if resolved_fresh {
+                return Err(RecordError::SharesUnstable(bucket.to_string()));
+            }
+            resolved_fresh = true;
+        }
+
+        if let Some(generation) = request.generation {
+            // Only a shortcut for duplicates: without it a duplicate refreshes again.
+            if let Err(e) = self
+                .store
+                .mark_refreshed(bucket, generation, self.clock.now_ms())
+                .await
+            {
+                warn!(bucket, generation, error = %e, "Could not record the refresh");
+            }
+        }
+        Ok(RecordOutcome::Refreshed { shares: refreshed })
+    }
+
+    /// Every NFS and SMB share in the account, from the cache when it is fresh.
+    async fn shares(&self, force: bool) -> Result<Vec<FileShare>, GatewayError> {
+        let now = self.clock.now_ms();
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref() {
+            if !force && now.saturating_sub(c.loaded_at_ms) < SHARE_CACHE_TTL_MS {
+                return Ok(c.shares.clone());
+            }
+        }
+        let shares = self.resolve_shares().await?;
+        info!(shares = shares.len(), "Resolved file shares");
+        *cache = Some(ShareCache {
+            shares: shares.clone(),
+            loaded_at_ms: now,
+        });
+        Ok(shares)
+    }
+
+    async fn resolve_shares(&self) -> Result<Vec<FileShare>, GatewayError> {
+        let mut summaries = Vec::new();
+        let mut marker: Option<String> = None;
+        let mut seen_markers = BTreeSet::new();
+        for _ in 0..MAX_LIST_PAGES {
+            let page = self.gateway.list_file_shares(marker.as_deref()).await?;
+            summaries.extend(page.shares);
+            match page.next_marker {
+                Some(next) if seen_markers.insert(next.clone()) => marker = Some(next),
+                Some(repeated) => {
+                    return Err(GatewayError::Other {
+                        retry: Retry::Later,
+                        message: format!("ListFileShares returned marker {repeated:?} twice"),
+                    })
+                }
+                None => break,
+            }
+        }
+        let mut shares = Vec::with_capacity(summaries.len());
+        for kind in [ShareKind::Nfs, ShareKind::Smb] {
+            let arns: Vec<String> = summaries
+                .iter()
+                .filter(|s| s.kind == kind)
+                .map(|s| s.arn.clone())
+                .collect();
+            for chunk in arns.chunks(DESCRIBE_BATCH) {
+                for described in self.gateway.describe_file_shares(kind, chunk).await? {
+                    match parse_location_arn(&described.location_arn) {
+                        Ok(location) => shares.push(FileShare {
+                            arn: described.arn,
+                            kind,
+                            gateway_arn: described.gateway_arn,
+                            location,
+                        }),
+                        Err(e) => {
+                            warn!(share = %described.arn, error = %e, "Skipping share whose location names no bucket")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(shares)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::{MemoryGateway, MemoryWindowStore};
+    use crate::clock::SystemClock;
+    use crate::window::ChangeSet;
+    use serde_json::json;
+
+    fn message(id: &str, bucket: &str, generation: Option<u64>) -> Value {
+        let body = match generation {
+            Some(g) => {
+                json!({"version": 1, "bucket": bucket, "generation": g, "windowOpenedAtMs": 0,
+                              "windowEndsAtMs": 0, "timestampMs": 0})
+                .to_string()
+            }
+            None => "{}".to_string(),
+        };
+        json!({"messageId": id, "body": body,
+               "messageAttributes": {"bucket-name": {"stringValue": bucket, "dataType": "String"}}})
+    }
+
+    fn refresher() -> Refresher<MemoryWindowStore, MemoryGateway, SystemClock> {
+        let gateway = MemoryGateway::new(100);
+        Refresher::new(MemoryWindowStore::default(), gateway, SystemClock)
+    }
+
+    #[tokio::test]
+    async fn pages_and_describes_in_tens() {
+        let r = Refresher::new(
+            MemoryWindowStore::default(),
+            MemoryGateway::new(50),
+            SystemClock,
+        );
+        for i in 0..130 {
+            let kind = if i % 2 == 0 {
+                ShareKind::Nfs
+            } else {
+                ShareKind::Smb
+            };
+            let bucket = if i == 129 { "target" } else { "other" };
+            r.gateway().add_share(
+                &format!("share-{i}"),
+                kind,
+                &format!("arn:aws:s3:::{bucket}"),
+            );
+        }
+        let out = r
+            .handle(&json!({"Records": [message("m1", "target", None)]}))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(r.gateway().list_calls(), 3);
+        assert_eq!(r.gateway().describe_calls(), 7 + 7);
+        let refreshed: Vec<_> = r
+            .gateway()
+            .refreshes()
+            .into_iter()
+            .map(|p| p.share_arn)
+            .collect();
+        assert_eq!(refreshed, ["share-129"]);
+        // Warm: the map is cached.
+        r.handle(&json!({"Records": [message("m2", "target", None)]}))
+            .await
+            .unwrap();
+        assert_eq!(r.gateway().list_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn vanished_share_is_re_resolved() {
+        let r = refresher();
+        r.gateway()
+            .add_share("old", ShareKind::Nfs, "arn:aws:s3:::b1");
+        r.handle(&json!({"Records": [message("m1", "b1", None)]}))
+            .await
+            .unwrap();
+        r.gateway().remove_share("old");
+        r.gateway()
+            .add_share("new", ShareKind::Nfs, "arn:aws:s3:::b1");
+        let out = r
+            .handle(&json!({"Records": [message("m2", "b1", None)]}))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        let refreshed: Vec<_> = r
+            .gateway()
+            .refreshes()
+            .into_iter()
+            .map(|p| p.share_arn)
+            .collect();
+        assert_eq!(refreshed, ["old", "new"]);
+        assert_eq!(r.gateway().list_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn closes_the_window_and_skips_duplicates() {
+        let r = refresher();
+        r.gateway()
+            .add_share("s", ShareKind::Smb, "arn:aws:s3:::b1/data/");
+        let mut changes = ChangeSet::default();
+        changes.add_folder("data/a/");
+        r.store().open("b1", &changes, 0, 30_000).await.unwrap();
+        let first = r
+            .handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        assert!(first.batch_item_failures.is_empty());
+        let item = r.store().item("b1").unwrap();
+        assert_eq!((item.closed_generation, item.refreshed_generation), (1, 1));
+        r.handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.gateway().refreshes().len(),
+            1,
+            "duplicate delivery must not refresh again"
+        );
+    }
+
+    #[tokio::test]
+    async fn prefix_share_only_for_its_folders() {
+        let r = refresher();
+        r.gateway()
+            .add_share("root", ShareKind::Nfs, "arn:aws:s3:::b1");
+        r.gateway()
+            .add_share("data", ShareKind::Nfs, "arn:aws:s3:::b1/data/");
+        let mut changes = ChangeSet::default();
+        changes.add_folder("logs/");
+        r.store().open("b1", &changes, 0, 30_000).await.unwrap();
+        r.handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        let refreshed: Vec<_> = r
+            .gateway()
+            .refreshes()
+            .into_iter()
+            .map(|p| p.share_arn)
+            .collect();
+        assert_eq!(refreshed, ["root"]);
+    }
+
+    #[tokio::test]
+    async fn unreadable_messages_are_not_retried_and_others_go_on() {
+        let r = refresher();
+        r.gateway()
+            .add_share("s", ShareKind::Nfs, "arn:aws:s3:::b1");
+        let out = r
+            .handle(&json!({"Records": [{"messageId": "bad", "body": "garbage"}, message("m2", "b1", None)]}))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(r.gateway().refreshes().len(), 1);
+        assert!(r.handle(&json!({"nope": 1})).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn no_share_is_not_an_error() {
+        let r = refresher();
+        let out = r
+            .handle(&json!({"Records": [message("m1", "lonely", None)]}))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert!(r.gateway().refreshes().is_empty());
+    }
+}
+
+impl From<RefresherError> for lambda_runtime::Diagnostic {
+    fn from(error: RefresherError) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: "Refresher.NotAnSqsEvent".to_string(),
+            error_message: error.to_string(),
+        }
+    }
+}
