@@ -265,6 +265,27 @@ pub(crate) fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+impl AggregatorError {
+    /// The `errorType` Lambda records for a failed invocation.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            AggregatorError::NotANotification(_) => "Aggregator.NotAnS3Notification",
+            AggregatorError::Store { .. } => "Aggregator.WindowStore",
+            AggregatorError::Queue { .. } => "Aggregator.RefreshQueue",
+            AggregatorError::Contention { .. } => "Aggregator.Contention",
+        }
+    }
+}
+
+impl From<AggregatorError> for lambda_runtime::Diagnostic {
+    fn from(error: AggregatorError) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: error.error_type().to_string(),
+            error_message: error.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,26 +397,5 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
-    }
-}
-
-impl AggregatorError {
-    /// The `errorType` Lambda records for a failed invocation.
-    pub fn error_type(&self) -> &'static str {
-        match self {
-            AggregatorError::NotANotification(_) => "Aggregator.NotAnS3Notification",
-            AggregatorError::Store { .. } => "Aggregator.WindowStore",
-            AggregatorError::Queue { .. } => "Aggregator.RefreshQueue",
-            AggregatorError::Contention { .. } => "Aggregator.Contention",
-        }
-    }
-}
-
-impl From<AggregatorError> for lambda_runtime::Diagnostic {
-    fn from(error: AggregatorError) -> Self {
-        lambda_runtime::Diagnostic {
-            error_type: error.error_type().to_string(),
-            error_message: error.to_string(),
-        }
     }
 }

@@ -255,6 +255,15 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
     }
 }
 
+impl From<RefresherError> for lambda_runtime::Diagnostic {
+    fn from(error: RefresherError) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: "Refresher.NotAnSqsEvent".to_string(),
+            error_message: error.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,14 +427,5 @@ mod tests {
             .unwrap();
         assert!(out.batch_item_failures.is_empty());
         assert!(r.gateway().refreshes().is_empty());
-    }
-}
-
-impl From<RefresherError> for lambda_runtime::Diagnostic {
-    fn from(error: RefresherError) -> Self {
-        lambda_runtime::Diagnostic {
-            error_type: "Refresher.NotAnSqsEvent".to_string(),
-            error_message: error.to_string(),
-        }
     }
 }

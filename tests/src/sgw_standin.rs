@@ -1,0 +1,1051 @@
+//! A loopback stand-in for AWS Storage Gateway (S3 File Gateway), for tests.
+//!
+//! It speaks the real wire protocol, so the real `aws-sdk-storagegateway` client can talk
+//! to it through its endpoint URL:
+//!
+//! * AWS JSON 1.1: `POST /`, header `X-Amz-Target: StorageGateway_20130630.<Operation>`,
+//!   `Content-Type: application/x-amz-json-1.1`; responses are JSON with that content type
+//!   and carry an `x-amzn-RequestId` header.
+//! * Errors are HTTP 400 (client) or 5xx (server) with a body
+//!   `{"__type": "<ErrorType>", "message": "...", "error": {"errorCode": "...", "errorDetails": {}}}`.
+//!   The `error` object (a `StorageGatewayError`) belongs to Storage Gateway's own
+//!   exceptions (`InvalidGatewayRequestException`, `InternalServerError`,
+//!   `ServiceUnavailableError`); the generic protocol errors (`ValidationException`,
+//!   `SerializationException`, `UnknownOperationException`) have no `error` object.
+//! * SigV4 signatures are accepted without being checked.
+//!
+//! Operations: `ListFileShares`, `DescribeNFSFileShares`, `DescribeSMBFileShares` and
+//! `RefreshCache`. Anything else gets `UnknownOperationException`.
+//!
+//! The stand-in enforces the limits that the product must live with (see SPEC.md,
+//! "RefreshCache limits"): at most [`MAX_REFRESHES_IN_FLIGHT`] refreshes in flight per
+//! share, 1 to 50 folders per refresh, 1 to 10 ARNs per describe call, paged listings.
+//!
+//! Every request is recorded (in arrival order, including injected failures) so that
+//! tests can assert on what a client really sent. Tests drive it through [`SgwStandIn`].
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// The `X-Amz-Target` prefix of every Storage Gateway operation.
+pub const TARGET_PREFIX: &str = "StorageGateway_20130630.";
+/// The content type of AWS JSON 1.1 requests and responses.
+pub const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+/// Default for [`SgwStandIn::set_max_page_size`].
+pub const DEFAULT_MAX_PAGE_SIZE: usize = 100;
+/// Default for [`SgwStandIn::set_refresh_duration`].
+pub const DEFAULT_REFRESH_DURATION: Duration = Duration::from_millis(50);
+/// "The gateway will accept no more than two refreshes at any time" (RefreshCache docs).
+pub const MAX_REFRESHES_IN_FLIGHT: usize = 2;
+
+/// Account and region used in the ARNs that the stand-in makes up.
+pub const ACCOUNT_ID: &str = "123456789012";
+pub const REGION: &str = "us-east-1";
+
+/// Largest request body accepted; the real service's limits are far above what the
+/// four operations can legitimately need.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Model constraints from the Storage Gateway API (botocore `service-2.json`).
+const MAX_DESCRIBE_ARNS: usize = 10; // FileShareARNList: min 1, max 10
+const MAX_FOLDERS: usize = 50; // FolderList: min 1, max 50
+const MAX_FOLDER_CHARS: usize = 1024; // Folder: min 1, max 1024
+const MAX_LIST_LIMIT: i64 = 10_000; // ListFileShares Limit: 1..=10000 in this stand-in
+const MAX_MARKER_CHARS: usize = 1000; // Marker: min 1, max 1000
+
+/// The protocol of a file share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShareKind {
+    Nfs,
+    Smb,
+}
+
+impl ShareKind {
+    /// The `FileShareType` value on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareKind::Nfs => "NFS",
+            ShareKind::Smb => "SMB",
+        }
+    }
+}
+
+/// A failure that [`SgwStandIn::fail_next`] makes the stand-in return instead of
+/// running the operation. The operation has no effect (no refresh starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// HTTP 500 `InternalServerError` (errorCode `InternalError`). The SDK retries it.
+    InternalError,
+    /// HTTP 400 `InvalidGatewayRequestException`, identical to the answer at the
+    /// two-refreshes-in-flight limit. The SDK does not retry it.
+    Throttle,
+    /// HTTP 503 `ServiceUnavailableError` (errorCode `ServiceUnavailable`). The SDK retries it.
+    ServiceUnavailable,
+}
+
+/// One request as the stand-in saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedCall {
+    /// The operation name from `X-Amz-Target` (without the `StorageGateway_20130630.`
+    /// prefix), or the raw header value (possibly empty) when it has no such prefix.
+    pub operation: String,
+    /// The parsed JSON body; `Value::Null` when the body was not valid JSON.
+    pub body: Value,
+    /// The HTTP status of the response.
+    pub status: u16,
+    /// The `__type` of the error response, if the call failed.
+    pub error_type: Option<String>,
+    /// Whether the response came from [`SgwStandIn::fail_next`].
+    pub injected: bool,
+    /// When the request was handled.
+    pub at: SystemTime,
+}
+
+/// An accepted `RefreshCache` call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshRecord {
+    pub share_arn: String,
+    /// The folders as effectively applied: the request's `FolderList`, or `["/"]`.
+    pub folder_list: Vec<String>,
+    /// The request's `Recursive`, or `true`.
+    pub recursive: bool,
+    pub notification_id: String,
+    pub started_at: SystemTime,
+}
+
+struct Gateway {
+    arn: String,
+    #[allow(dead_code)] // kept for debugging output; the API never returns it here
+    name: String,
+}
+
+struct Share {
+    /// Creation order; also the position that list markers refer to.
+    seq: u64,
+    arn: String,
+    id: String,
+    gateway_arn: String,
+    kind: ShareKind,
+    location_arn: String,
+}
+
+struct InFlight {
+    share_arn: String,
+    /// `None`: completes only through `complete_refreshes()`.
+    done_at: Option<Instant>,
+}
+
+struct State {
+    gateways: Vec<Gateway>,
+    shares: Vec<Share>,
+    next_id: u64,
+    max_page_size: usize,
+    refresh_duration: Duration,
+    in_flight: Vec<InFlight>,
+    refreshes: Vec<RefreshRecord>,
+    rejected_refreshes: usize,
+    calls: Vec<RecordedCall>,
+    failures: VecDeque<(String, InjectedFailure)>,
+    /// Per-instance secret, so that markers and ids are not guessable across instances.
+    salt: u64,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            gateways: Vec::new(),
+            shares: Vec::new(),
+            next_id: 1,
+            max_page_size: DEFAULT_MAX_PAGE_SIZE,
+            refresh_duration: DEFAULT_REFRESH_DURATION,
+            in_flight: Vec::new(),
+            refreshes: Vec::new(),
+            rejected_refreshes: 0,
+            calls: Vec::new(),
+            failures: VecDeque::new(),
+            salt: RandomState::new().hash_one(0x5347_5753_u64),
+        }
+    }
+
+    /// A fresh number, unique within this instance.
+    fn next(&mut self) -> u64 {
+        let n = self.next_id;
+        self.next_id += 1;
+        n
+    }
+
+    /// An 8-hex-digit id that is unique within this instance: multiplying by an odd
+    /// constant and xoring are both bijections on `u32`.
+    fn short_id(&mut self) -> String {
+        let n = self.next() as u32;
+        format!("{:08X}", n.wrapping_mul(0x9E37_79B1) ^ (self.salt as u32))
+    }
+
+    fn tag(&self, seq: u64) -> u64 {
+        let mut h = seq ^ self.salt;
+        // splitmix64 finaliser
+        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^ (h >> 31)
+    }
+
+    /// An opaque marker meaning "continue after the share with this `seq`". Markers stay
+    /// valid when shares are added or removed between pages.
+    fn encode_marker(&self, seq: u64) -> String {
+        format!("{:016x}{:016x}", seq, self.tag(seq))
+    }
+
+    fn decode_marker(&self, marker: &str) -> Option<u64> {
+        if marker.len() != 32 || !marker.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let seq = u64::from_str_radix(marker.get(..16)?, 16).ok()?;
+        let tag = u64::from_str_radix(marker.get(16..)?, 16).ok()?;
+        (tag == self.tag(seq)).then_some(seq)
+    }
+
+    fn gateway_exists(&self, arn: &str) -> bool {
+        self.gateways.iter().any(|g| g.arn == arn)
+    }
+
+    fn share(&self, arn: &str) -> Option<&Share> {
+        self.shares.iter().find(|s| s.arn == arn)
+    }
+
+    /// Drop refreshes that have completed by now.
+    fn prune_refreshes(&mut self) {
+        let now = Instant::now();
+        self.in_flight
+            .retain(|r| r.done_at.is_none_or(|done| done > now));
+    }
+
+    fn in_flight_for(&mut self, share_arn: &str) -> usize {
+        self.prune_refreshes();
+        self.in_flight
+            .iter()
+            .filter(|r| r.share_arn == share_arn)
+            .count()
+    }
+
+    fn notification_id(&mut self) -> String {
+        let n = self.next();
+        let a = self.tag(n);
+        let b = self.tag(n ^ 0xA5A5_A5A5_A5A5_A5A5);
+        // UUID-shaped; `n` in the last group keeps it unique.
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            (a >> 32) as u32,
+            (a >> 16) as u16,
+            (a as u16) & 0x0fff,
+            ((b >> 48) as u16 & 0x3fff) | 0x8000,
+            n & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// An error response.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    type_name: &'static str,
+    message: Option<String>,
+    /// `Some((errorCode, errorDetails))`: the Storage Gateway `error` object.
+    sgw_error: Option<(&'static str, Vec<(&'static str, String)>)>,
+}
+
+impl ApiError {
+    /// A model constraint failed. The service framework checks length/range traits
+    /// before the operation runs and answers `ValidationException` with this wording.
+    fn validation(message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            type_name: "ValidationException",
+            message: Some(format!("1 validation error detected: {message}")),
+            sgw_error: None,
+        }
+    }
+
+    fn not_null(member: &str) -> ApiError {
+        ApiError::validation(format!(
+            "Value null at '{member}' failed to satisfy constraint: Member must not be null"
+        ))
+    }
+
+    fn serialization(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            type_name: "SerializationException",
+            message: Some(message.into()),
+            sgw_error: None,
+        }
+    }
+
+    fn unknown_operation() -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            type_name: "UnknownOperationException",
+            message: None,
+            sgw_error: None,
+        }
+    }
+
+    fn invalid_request(
+        code: &'static str,
+        message: impl Into<String>,
+        details: Vec<(&'static str, String)>,
+    ) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            type_name: "InvalidGatewayRequestException",
+            message: Some(message.into()),
+            sgw_error: Some((code, details)),
+        }
+    }
+
+    /// The real service answers "The specified gateway was not found." with errorCode
+    /// `GatewayNotFound` (both are what Terraform's AWS provider matches on).
+    fn gateway_not_found(arn: &str) -> ApiError {
+        ApiError::invalid_request(
+            "GatewayNotFound",
+            "The specified gateway was not found.",
+            vec![("gatewayArn", arn.to_string())],
+        )
+    }
+
+    /// The real service answers "The specified file share was not found." with errorCode
+    /// `FileShareNotFound` (an operation error code that the SDK's `ErrorCode` enum does
+    /// not list, so it arrives as `ErrorCode::Unknown`; `as_str()` gives the code).
+    fn share_not_found(arn: &str) -> ApiError {
+        ApiError::invalid_request(
+            "FileShareNotFound",
+            "The specified file share was not found.",
+            vec![("fileShareArn", arn.to_string())],
+        )
+    }
+
+    /// The answer to a third RefreshCache while two are in flight. The API reference
+    /// only says that it is an `InvalidGatewayRequestException` "because too many
+    /// requests were sent to the server"; the exact message and errorCode are not
+    /// documented, so this wording and the code `ServiceUnavailable` (a busy gateway;
+    /// retry later) are the stand-in's choice. Clients should key on the exception type
+    /// and not on the errorCode `FileShareNotFound`/`GatewayNotFound`.
+    fn too_many_refreshes(share_arn: &str) -> ApiError {
+        ApiError::invalid_request(
+            "ServiceUnavailable",
+            "The specified gateway is busy: too many requests were sent to the server. \
+             A file share accepts at most two RefreshCache operations at a time.",
+            vec![("fileShareArn", share_arn.to_string())],
+        )
+    }
+
+    fn internal_error() -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            type_name: "InternalServerError",
+            message: Some("An internal error has occurred. Please try again.".into()),
+            sgw_error: Some(("InternalError", Vec::new())),
+        }
+    }
+
+    fn service_unavailable() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            type_name: "ServiceUnavailableError",
+            message: Some("The service is temporarily unavailable. Please try again.".into()),
+            sgw_error: Some(("ServiceUnavailable", Vec::new())),
+        }
+    }
+
+    fn body(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("__type".into(), Value::String(self.type_name.into()));
+        if let Some(message) = &self.message {
+            body.insert("message".into(), Value::String(message.clone()));
+        }
+        if let Some((code, details)) = &self.sgw_error {
+            let mut error = Map::new();
+            error.insert("errorCode".into(), Value::String((*code).into()));
+            let details: Map<String, Value> = details
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), Value::String(v.clone())))
+                .collect();
+            error.insert("errorDetails".into(), Value::Object(details));
+            body.insert("error".into(), Value::Object(error));
+        }
+        Value::Object(body)
+    }
+}
+
+/// The Storage Gateway stand-in. Dropping it stops the server and its connections.
+pub struct SgwStandIn {
+    state: Arc<Mutex<State>>,
+    server: JoinHandle<()>,
+    addr: SocketAddr,
+}
+
+impl Drop for SgwStandIn {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl SgwStandIn {
+    /// Binds `127.0.0.1:0` and serves on a tokio task.
+    pub async fn start() -> std::io::Result<SgwStandIn> {
+        SgwStandIn::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds `addr` and serves on a tokio task.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<SgwStandIn> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::new()));
+        let server = tokio::spawn(serve(listener, state.clone()));
+        Ok(SgwStandIn {
+            state,
+            server,
+            addr,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for the SDK's `endpoint_url`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Adds a gateway; returns its ARN
+    /// (`arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-XXXXXXXX`).
+    pub fn add_gateway(&self, name: &str) -> String {
+        let mut st = self.state();
+        let arn = format!(
+            "arn:aws:storagegateway:{REGION}:{ACCOUNT_ID}:gateway/sgw-{}",
+            st.short_id()
+        );
+        st.gateways.push(Gateway {
+            arn: arn.clone(),
+            name: name.to_string(),
+        });
+        arn
+    }
+
+    /// Adds a share on `gateway_arn` (registered implicitly if unknown) for
+    /// `location_arn` (`arn:aws:s3:::bucket` or `arn:aws:s3:::bucket/prefix/`); returns
+    /// its ARN (`arn:aws:storagegateway:us-east-1:123456789012:share/share-XXXXXXXX`).
+    pub fn add_share(&self, gateway_arn: &str, kind: ShareKind, location_arn: &str) -> String {
+        let mut st = self.state();
+        if !st.gateway_exists(gateway_arn) {
+            st.gateways.push(Gateway {
+                arn: gateway_arn.to_string(),
+                name: String::new(),
+            });
+        }
+        let id = format!("share-{}", st.short_id());
+        let arn = format!("arn:aws:storagegateway:{REGION}:{ACCOUNT_ID}:share/{id}");
+        let seq = st.next();
+        st.shares.push(Share {
+            seq,
+            arn: arn.clone(),
+            id,
+            gateway_arn: gateway_arn.to_string(),
+            kind,
+            location_arn: location_arn.to_string(),
+        });
+        arn
+    }
+
+    /// Removes a share; `false` if there was none with that ARN.
+    pub fn remove_share(&self, share_arn: &str) -> bool {
+        let mut st = self.state();
+        let before = st.shares.len();
+        st.shares.retain(|s| s.arn != share_arn);
+        st.in_flight.retain(|r| r.share_arn != share_arn);
+        st.shares.len() != before
+    }
+
+    /// The largest `ListFileShares` page (default 100; 0 is treated as 1).
+    pub fn set_max_page_size(&self, n: usize) {
+        self.state().max_page_size = n.max(1);
+    }
+
+    /// How long a refresh stays in flight (default 50 ms). Applies to refreshes started
+    /// afterwards. `Duration::MAX` means "until `complete_refreshes()`".
+    pub fn set_refresh_duration(&self, d: Duration) {
+        self.state().refresh_duration = d;
+    }
+
+    /// Finishes every in-flight refresh now.
+    pub fn complete_refreshes(&self) {
+        self.state().in_flight.clear();
+    }
+
+    /// Refreshes of `share_arn` still in flight.
+    pub fn in_flight_refreshes(&self, share_arn: &str) -> usize {
+        self.state().in_flight_for(share_arn)
+    }
+
+    /// The next `count` calls to `operation` (e.g. `"RefreshCache"`) get `failure`
+    /// instead of running. Repeated calls queue up behind each other.
+    pub fn fail_next(&self, operation: &str, count: u32, failure: InjectedFailure) {
+        let mut st = self.state();
+        for _ in 0..count {
+            st.failures.push_back((operation.to_string(), failure));
+        }
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn calls(&self) -> Vec<RecordedCall> {
+        self.state().calls.clone()
+    }
+
+    /// How many requests named `operation`, failed ones included.
+    pub fn calls_to(&self, operation: &str) -> usize {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| c.operation == operation)
+            .count()
+    }
+
+    /// Accepted `RefreshCache` calls, in order.
+    pub fn refreshes(&self) -> Vec<RefreshRecord> {
+        self.state().refreshes.clone()
+    }
+
+    /// `RefreshCache` calls answered with the in-flight-limit error (real or injected
+    /// with [`InjectedFailure::Throttle`]).
+    pub fn rejected_refreshes(&self) -> usize {
+        self.state().rejected_refreshes
+    }
+
+    /// Forgets the recorded calls, the refresh records and the rejected count. Shares,
+    /// refreshes in flight, settings and queued failures stay.
+    pub fn reset_calls(&self) {
+        let mut st = self.state();
+        st.calls.clear();
+        st.refreshes.clear();
+        st.rejected_refreshes = 0;
+    }
+}
+
+/// Locks the state; a panic elsewhere while holding the lock must not take the
+/// stand-in down, so poisoning is ignored.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
+    // Connections live in this JoinSet, so aborting the server task ends them too.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let state = state.clone();
+                    connections.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                        });
+                        // HTTP/1.1 with keep-alive (hyper's default).
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "sgw stand-in: connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // e.g. too many open files: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "sgw stand-in: accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let target = req
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let operation = target
+        .strip_prefix(TARGET_PREFIX)
+        .unwrap_or(&target)
+        .to_string();
+    let method_ok = req.method() == Method::POST;
+
+    let raw = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes());
+
+    let mut st = lock(state);
+    let (result, body, injected) = match raw {
+        Err(_) => (
+            Err(ApiError::serialization(
+                "The request body could not be read.",
+            )),
+            Value::Null,
+            false,
+        ),
+        Ok(raw) => {
+            // The SDK always sends `{}` for an empty input; an empty body is read the same way.
+            let parsed: Result<Value, _> = if raw.iter().all(u8::is_ascii_whitespace) {
+                Ok(Value::Object(Map::new()))
+            } else {
+                serde_json::from_slice(&raw)
+            };
+            let body = parsed.as_ref().cloned().unwrap_or(Value::Null);
+            if !method_ok || !target.starts_with(TARGET_PREFIX) {
+                (Err(ApiError::unknown_operation()), body, false)
+            } else if let Some(failure) = take_failure(&mut st, &operation) {
+                if failure == InjectedFailure::Throttle && operation == "RefreshCache" {
+                    st.rejected_refreshes += 1;
+                }
+                let share = body
+                    .get("FileShareARN")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let error = match failure {
+                    InjectedFailure::InternalError => ApiError::internal_error(),
+                    InjectedFailure::ServiceUnavailable => ApiError::service_unavailable(),
+                    InjectedFailure::Throttle => ApiError::too_many_refreshes(&share),
+                };
+                (Err(error), body, true)
+            } else {
+                let result = match parsed {
+                    Err(e) => Err(ApiError::serialization(format!(
+                        "The request body is not valid JSON: {e}"
+                    ))),
+                    Ok(Value::Object(input)) => dispatch(&mut st, &operation, &input),
+                    Ok(_) => Err(ApiError::serialization(
+                        "The request body must be a JSON object.",
+                    )),
+                };
+                (result, body, false)
+            }
+        }
+    };
+
+    let (status, payload) = match &result {
+        Ok(output) => (StatusCode::OK, output.clone()),
+        Err(error) => (error.status, error.body()),
+    };
+    st.calls.push(RecordedCall {
+        operation,
+        body,
+        status: status.as_u16(),
+        error_type: result.as_ref().err().map(|e| e.type_name.to_string()),
+        injected,
+        at: SystemTime::now(),
+    });
+    let request_id = st.notification_id();
+    drop(st);
+
+    let mut response = Response::new(Full::new(Bytes::from(payload.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-amzn-requestid", v);
+    }
+    response
+}
+
+fn take_failure(st: &mut State, operation: &str) -> Option<InjectedFailure> {
+    let index = st.failures.iter().position(|(op, _)| op == operation)?;
+    st.failures.remove(index).map(|(_, failure)| failure)
+}
+
+fn dispatch(
+    st: &mut State,
+    operation: &str,
+    input: &Map<String, Value>,
+) -> Result<Value, ApiError> {
+    match operation {
+        "ListFileShares" => list_file_shares(st, input),
+        "DescribeNFSFileShares" => describe_file_shares(st, input, ShareKind::Nfs),
+        "DescribeSMBFileShares" => describe_file_shares(st, input, ShareKind::Smb),
+        "RefreshCache" => refresh_cache(st, input),
+        _ => Err(ApiError::unknown_operation()),
+    }
+}
+
+// ---- input decoding: a wrong JSON type is a SerializationException, as in the real
+// ---- service; `null` counts as absent.
+
+fn opt_string(input: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match input.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::serialization(format!("{key} must be a string"))),
+    }
+}
+
+fn opt_i64(input: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
+    match input.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::serialization(format!("{key} must be an integer"))),
+    }
+}
+
+fn opt_bool(input: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match input.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::serialization(format!("{key} must be a boolean"))),
+    }
+}
+
+fn opt_string_list(input: &Map<String, Value>, key: &str) -> Result<Option<Vec<String>>, ApiError> {
+    match input.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::serialization(format!("{key} must be a list of strings"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(ApiError::serialization(format!("{key} must be a list"))),
+    }
+}
+
+fn list_repr(items: &[String]) -> String {
+    format!("[{}]", items.join(", "))
+}
+
+// ---- operations ----
+
+/// `ListFileShares {GatewayARN?, Limit?, Marker?}`.
+fn list_file_shares(st: &mut State, input: &Map<String, Value>) -> Result<Value, ApiError> {
+    let gateway = opt_string(input, "GatewayARN")?;
+    let limit = opt_i64(input, "Limit")?;
+    let marker = opt_string(input, "Marker")?;
+
+    if let Some(limit) = limit {
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            let bound = if limit < 1 {
+                "greater than or equal to 1".to_string()
+            } else {
+                format!("less than or equal to {MAX_LIST_LIMIT}")
+            };
+            return Err(ApiError::validation(format!(
+                "Value '{limit}' at 'limit' failed to satisfy constraint: Member must have value {bound}"
+            )));
+        }
+    }
+    if let Some(marker) = &marker {
+        if marker.is_empty() || marker.chars().count() > MAX_MARKER_CHARS {
+            return Err(ApiError::validation(format!(
+                "Value '{marker}' at 'marker' failed to satisfy constraint: \
+                 Member must have length between 1 and {MAX_MARKER_CHARS}"
+            )));
+        }
+    }
+    if let Some(gateway) = &gateway {
+        if !st.gateway_exists(gateway) {
+            return Err(ApiError::gateway_not_found(gateway));
+        }
+    }
+    let after = match &marker {
+        None => None,
+        Some(m) => Some(st.decode_marker(m).ok_or_else(|| {
+            ApiError::invalid_request(
+                "InvalidParameters",
+                "The specified marker is not valid.",
+                vec![("marker", m.clone())],
+            )
+        })?),
+    };
+
+    let page_size = match limit {
+        Some(limit) => (limit as usize).min(st.max_page_size),
+        None => st.max_page_size,
+    }
+    .max(1);
+    // Shares are kept in creation order, so a marker ("after seq N") is stable.
+    let mut matching = st.shares.iter().filter(|s| {
+        gateway.as_deref().is_none_or(|g| s.gateway_arn == g) && after.is_none_or(|a| s.seq > a)
+    });
+    let page: Vec<&Share> = matching.by_ref().take(page_size).collect();
+    let more = matching.next().is_some();
+
+    let infos: Vec<Value> = page
+        .iter()
+        .map(|s| {
+            json!({
+                "FileShareType": s.kind.as_str(),
+                "FileShareARN": s.arn,
+                "FileShareId": s.id,
+                "FileShareStatus": "AVAILABLE",
+                "GatewayARN": s.gateway_arn,
+            })
+        })
+        .collect();
+    let mut output = Map::new();
+    if let Some(marker) = marker {
+        output.insert("Marker".into(), Value::String(marker));
+    }
+    if more {
+        if let Some(last) = page.last() {
+            output.insert(
+                "NextMarker".into(),
+                Value::String(st.encode_marker(last.seq)),
+            );
+        }
+    }
+    output.insert("FileShareInfoList".into(), Value::Array(infos));
+    Ok(Value::Object(output))
+}
+
+/// `DescribeNFSFileShares` / `DescribeSMBFileShares {FileShareARNList}`. One unknown ARN
+/// fails the whole call, as in the real service.
+fn describe_file_shares(
+    st: &mut State,
+    input: &Map<String, Value>,
+    kind: ShareKind,
+) -> Result<Value, ApiError> {
+    let arns = opt_string_list(input, "FileShareARNList")?
+        .ok_or_else(|| ApiError::not_null("fileShareARNList"))?;
+    if arns.is_empty() || arns.len() > MAX_DESCRIBE_ARNS {
+        let bound = if arns.is_empty() {
+            "greater than or equal to 1".to_string()
+        } else {
+            format!("less than or equal to {MAX_DESCRIBE_ARNS}")
+        };
+        return Err(ApiError::validation(format!(
+            "Value '{}' at 'fileShareARNList' failed to satisfy constraint: Member must have length {bound}",
+            list_repr(&arns)
+        )));
+    }
+    let mut infos = Vec::with_capacity(arns.len());
+    for arn in &arns {
+        let share = st
+            .share(arn)
+            .ok_or_else(|| ApiError::share_not_found(arn))?;
+        if share.kind != kind {
+            // A share of the other protocol exists: not "gone", so not FileShareNotFound.
+            return Err(ApiError::invalid_request(
+                "InvalidParameters",
+                format!(
+                    "The specified file share is not an {} file share.",
+                    kind.as_str()
+                ),
+                vec![("fileShareArn", arn.clone())],
+            ));
+        }
+        infos.push(share_info(share));
+    }
+    let key = match kind {
+        ShareKind::Nfs => "NFSFileShareInfoList",
+        ShareKind::Smb => "SMBFileShareInfoList",
+    };
+    Ok(json!({ key: infos }))
+}
+
+/// The bucket of `arn:aws:s3:::bucket[/prefix/]`, if it has that form.
+fn bucket_of(location_arn: &str) -> Option<&str> {
+    let rest = location_arn.strip_prefix("arn:aws:s3:::")?;
+    rest.split('/').next().filter(|b| !b.is_empty())
+}
+
+fn share_info(s: &Share) -> Value {
+    let name = bucket_of(&s.location_arn).unwrap_or(&s.id).to_string();
+    let mut info = json!({
+        "FileShareARN": s.arn,
+        "FileShareId": s.id,
+        "FileShareStatus": "AVAILABLE",
+        "GatewayARN": s.gateway_arn,
+        "LocationARN": s.location_arn,
+        "Path": format!("/{name}"),
+        "FileShareName": name,
+        "Role": format!("arn:aws:iam::{ACCOUNT_ID}:role/StorageGatewayBucketAccess"),
+        "DefaultStorageClass": "S3_STANDARD",
+        "ObjectACL": "bucket-owner-full-control",
+        "ReadOnly": false,
+        "GuessMIMETypeEnabled": true,
+        "RequesterPays": false,
+        "KMSEncrypted": false,
+        "EncryptionType": "SseS3",
+        "Tags": [],
+    });
+    if let Value::Object(map) = &mut info {
+        match s.kind {
+            ShareKind::Nfs => {
+                map.insert(
+                    "NFSFileShareDefaults".into(),
+                    json!({"FileMode": "0666", "DirectoryMode": "0777", "GroupId": 65534, "OwnerId": 65534}),
+                );
+                map.insert("ClientList".into(), json!(["0.0.0.0/0"]));
+                map.insert("Squash".into(), json!("RootSquash"));
+            }
+            ShareKind::Smb => {
+                map.insert("Authentication".into(), json!("GuestAccess"));
+                map.insert("SMBACLEnabled".into(), json!(false));
+                map.insert("AccessBasedEnumeration".into(), json!(false));
+                map.insert("CaseSensitivity".into(), json!("ClientSpecified"));
+                map.insert("OplocksEnabled".into(), json!(true));
+            }
+        }
+    }
+    info
+}
+
+/// `RefreshCache {FileShareARN, FolderList?, Recursive?}`.
+///
+/// Checks, in the order the real service applies them:
+/// 1. model constraints (framework level, `ValidationException`): FileShareARN present,
+///    FolderList 1..=50 items, each 1..=1024 characters;
+/// 2. the share exists (`InvalidGatewayRequestException`, `FileShareNotFound`);
+/// 3. no folder but "/" ends with "/": this rule is only in the documentation ("Do not
+///    include / when specifying folder names"), not in the model, so it is the
+///    service's own check and answers `InvalidGatewayRequestException`
+///    (`InvalidParameters`);
+/// 4. fewer than two refreshes in flight on the share (`InvalidGatewayRequestException`).
+fn refresh_cache(st: &mut State, input: &Map<String, Value>) -> Result<Value, ApiError> {
+    let share_arn =
+        opt_string(input, "FileShareARN")?.ok_or_else(|| ApiError::not_null("fileShareARN"))?;
+    let folders = opt_string_list(input, "FolderList")?;
+    let recursive = opt_bool(input, "Recursive")?.unwrap_or(true);
+
+    if let Some(folders) = &folders {
+        if folders.is_empty() || folders.len() > MAX_FOLDERS {
+            let bound = if folders.is_empty() {
+                "greater than or equal to 1".to_string()
+            } else {
+                format!("less than or equal to {MAX_FOLDERS}")
+            };
+            return Err(ApiError::validation(format!(
+                "Value '{}' at 'folderList' failed to satisfy constraint: Member must have length {bound}",
+                list_repr(folders)
+            )));
+        }
+        if let Some(bad) = folders
+            .iter()
+            .find(|f| f.is_empty() || f.chars().count() > MAX_FOLDER_CHARS)
+        {
+            return Err(ApiError::validation(format!(
+                "Value '{}' at 'folderList' failed to satisfy constraint: \
+                 Member must satisfy constraint: [Member must have length between 1 and {MAX_FOLDER_CHARS}]",
+                list_repr(std::slice::from_ref(bad))
+            )));
+        }
+    }
+    if st.share(&share_arn).is_none() {
+        return Err(ApiError::share_not_found(&share_arn));
+    }
+    if let Some(bad) = folders
+        .iter()
+        .flatten()
+        .find(|f| f.as_str() != "/" && f.ends_with('/'))
+    {
+        return Err(ApiError::invalid_request(
+            "InvalidParameters",
+            format!("The folder name '{bad}' is not valid: a folder name must not end with '/'."),
+            vec![("folder", bad.clone())],
+        ));
+    }
+    if st.in_flight_for(&share_arn) >= MAX_REFRESHES_IN_FLIGHT {
+        st.rejected_refreshes += 1;
+        return Err(ApiError::too_many_refreshes(&share_arn));
+    }
+
+    let done_at = Instant::now().checked_add(st.refresh_duration);
+    st.in_flight.push(InFlight {
+        share_arn: share_arn.clone(),
+        done_at,
+    });
+    let notification_id = st.notification_id();
+    st.refreshes.push(RefreshRecord {
+        share_arn: share_arn.clone(),
+        folder_list: folders.unwrap_or_else(|| vec!["/".to_string()]),
+        recursive,
+        notification_id: notification_id.clone(),
+        started_at: SystemTime::now(),
+    });
+    Ok(json!({ "FileShareARN": share_arn, "NotificationId": notification_id }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_reject_garbage() {
+        let st = State::new();
+        let m = st.encode_marker(42);
+        assert_eq!(st.decode_marker(&m), Some(42));
+        assert_eq!(st.decode_marker("garbage"), None);
+        assert_eq!(st.decode_marker(&format!("{:016x}{:016x}", 42, 0)), None);
+        assert_eq!(st.decode_marker(""), None);
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let mut st = State::new();
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| st.short_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        let nids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| st.notification_id()).collect();
+        assert_eq!(nids.len(), 10_000);
+    }
+
+    #[test]
+    fn bucket_is_parsed_from_location() {
+        assert_eq!(bucket_of("arn:aws:s3:::b"), Some("b"));
+        assert_eq!(bucket_of("arn:aws:s3:::b/p/"), Some("b"));
+        assert_eq!(bucket_of("nope"), None);
+    }
+
+    #[test]
+    fn error_body_shapes() {
+        let e = ApiError::share_not_found("x").body();
+        assert_eq!(e["__type"], "InvalidGatewayRequestException");
+        assert_eq!(e["error"]["errorCode"], "FileShareNotFound");
+        assert_eq!(e["error"]["errorDetails"]["fileShareArn"], "x");
+        let v = ApiError::validation("x".into()).body();
+        assert_eq!(v["__type"], "ValidationException");
+        assert!(v.get("error").is_none());
+        assert_eq!(
+            ApiError::unknown_operation().body(),
+            json!({"__type": "UnknownOperationException"})
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! The whole product on this machine: moto (DynamoDB, SQS, S3), the Storage Gateway
+//! stand-in, and the compiled `aggregator` and `refresher` binaries under the Lambda
+//! Runtime API harness. S3 notifications go to an events queue, so the events the
+//! aggregator sees are moto's real event JSON; a small event source mapping feeds the
+//! action queue's messages to the refresher, as Lambda's SQS poller does.
+
+use crate::aws::{
+    lambda_aws_env, lambda_sqs_event, s3_events_of, sdk_config, unique_name, BoxError, Clients,
+};
+use crate::moto::Moto;
+use crate::runtime_api::{Invocation, LambdaProcess, LambdaSpawn};
+use crate::sgw_standin::SgwStandIn;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Where the compiled Lambda binaries are: `S3EA_BIN_DIR`, or the workspace's
+/// `target/debug` (the test script builds them first).
+pub fn binary(name: &str) -> Result<PathBuf, BoxError> {
+    let dir = match std::env::var_os("S3EA_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found: build the Lambda binaries first (cargo build --bins), or set S3EA_BIN_DIR",
+            path.display()
+        )
+        .into())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub refresh_delay_seconds: u32,
+    pub log_level: String,
+    /// Extra environment for both functions.
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            refresh_delay_seconds: 2,
+            log_level: "INFO".to_string(),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+pub struct Stack {
+    pub moto: Moto,
+    pub gateway: SgwStandIn,
+    pub clients: Clients,
+    pub table: String,
+    pub action_queue_url: String,
+    pub action_queue_arn: String,
+    /// S3 notifications of the stack's buckets land here.
+    pub events_queue_url: String,
+    pub aggregator: LambdaProcess,
+    pub refresher: LambdaProcess,
+    pub options: StackOptions,
+}
+
+/// What feeding events to the aggregator did.
+#[derive(Debug, Default, Clone)]
+pub struct FeedReport {
+    pub invocations: usize,
+    pub errors: Vec<String>,
+    /// The aggregator's per-invocation reports.
+    pub responses: Vec<Value>,
+}
+
+impl FeedReport {
+    /// Sum of one numeric field of the aggregator's reports.
+    pub fn total(&self, field: &str) -> u64 {
+        self.responses
+            .iter()
+            .filter_map(|r| r.get(field))
+            .filter_map(Value::as_u64)
+            .sum()
+    }
+}
+
+/// What the event source mapping did with the action queue.
+#[derive(Debug, Default, Clone)]
+pub struct RefreshRun {
+    pub messages: usize,
+    pub invocations: usize,
+    pub batch_item_failures: usize,
+    pub errors: Vec<String>,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Result<Stack, BoxError> {
+        let moto = Moto::start().await?;
+        let gateway = SgwStandIn::start().await?;
+        let clients = Clients::new(&sdk_config(moto.endpoint()).await);
+        let table = unique_name("S3EventAggregator");
+        clients.create_table(&table).await?;
+        let action_queue_url = clients
+            .create_queue(&unique_name("S3EventAggregatorActionQueue"))
+            .await?;
+        let action_queue_arn = clients.queue_arn(&action_queue_url).await?;
+        let events_queue_url = clients.create_queue(&unique_name("s3-events")).await?;
+
+        let mut env = lambda_aws_env(moto.endpoint(), &gateway.endpoint());
+        env.push(("TABLE_NAME".into(), table.clone()));
+        env.push(("LOG_LEVEL".into(), options.log_level.clone()));
+        env.extend(options.extra_env.iter().cloned());
+        let aggregator_bin = binary("aggregator")?;
+        let mut spec = LambdaSpawn::new(&aggregator_bin, "S3EventAggregator");
+        spec.env = env.clone();
+        spec.env
+            .push(("QUEUE_URL".into(), action_queue_url.clone()));
+        spec.env.push((
+            "REFRESH_DELAY_SECONDS".into(),
+            options.refresh_delay_seconds.to_string(),
+        ));
+        let aggregator = LambdaProcess::spawn(spec).await?;
+        let refresher_bin = binary("refresher")?;
+        let mut spec = LambdaSpawn::new(&refresher_bin, "S3StorageGatewayRefresh");
+        spec.env = env;
+        let refresher = LambdaProcess::spawn(spec).await?;
+        Ok(Stack {
+            moto,
+            gateway,
+            clients,
+            table,
+            action_queue_url,
+            action_queue_arn,
+            events_queue_url,
+            aggregator,
+            refresher,
+            options,
+        })
+    }
+
+    /// A new bucket whose notifications go to the stack's events queue.
+    pub async fn create_bucket(&self, prefix: &str) -> Result<String, BoxError> {
+        // Bucket names: lowercase, at most 63 characters.
+        let mut name = unique_name(prefix).to_ascii_lowercase();
+        name.truncate(63);
+        let name = name.trim_end_matches('-').to_string();
+        self.clients
+            .create_bucket_with_events(&name, &self.events_queue_url)
+            .await?;
+        Ok(name)
+    }
+
+    /// Reads the S3 notifications moto queued (at least `expected`), without
+    /// invoking anything.
+    pub async fn collect_s3_events(&self, expected: usize) -> Result<Vec<Value>, BoxError> {
+        let timeout = Duration::from_secs(10 + expected as u64 / 20);
+        let messages = self
+            .clients
+            .drain(&self.events_queue_url, expected, timeout)
+            .await?;
+        let events = s3_events_of(&messages);
+        if events.len() < expected {
+            return Err(
+                format!("expected {expected} S3 notifications, got {}", events.len()).into(),
+            );
+        }
+        Ok(events)
+    }
+
+    /// Invokes the aggregator once per notification, in order, as S3 does.
+    pub async fn invoke_aggregator(&self, events: &[Value]) -> Result<FeedReport, BoxError> {
+        let mut report = FeedReport::default();
+        for event in events {
+            report.invocations += 1;
+            match self.aggregator.invoke(event.clone()).await? {
+                Invocation::Response(value) => report.responses.push(value),
+                Invocation::Error {
+                    error_type,
+                    error_message,
+                } => report.errors.push(format!("{error_type}: {error_message}")),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Collects `expected` S3 notifications and feeds them to the aggregator.
+    pub async fn feed_s3_events(&self, expected: usize) -> Result<FeedReport, BoxError> {
+        let events = self.collect_s3_events(expected).await?;
+        self.invoke_aggregator(&events).await
+    }
+
+    /// The event source mapping: polls the action queue (messages appear once their
+    /// delay has passed) until `expected` messages were handled or `timeout` passed,
+    /// invokes the refresher with batches of up to 10, and deletes every message not
+    /// reported in `batchItemFailures`. Failed messages stay and come back after
+    /// their visibility timeout.
+    pub async fn run_refresher(
+        &self,
+        expected: usize,
+        timeout: Duration,
+    ) -> Result<RefreshRun, BoxError> {
+        let deadline = Instant::now() + timeout;
+        let mut run = RefreshRun::default();
+        while run.messages < expected && Instant::now() < deadline {
+            let messages = self.clients.receive(&self.action_queue_url, 10, 1).await?;
+            if messages.is_empty() {
+                continue;
+            }
+            run.messages += messages.len();
+            run.invocations += 1;
+            let event = lambda_sqs_event(&messages, &self.action_queue_arn);
+            let failed: Vec<String> = match self.refresher.invoke(event).await? {
+                Invocation::Response(value) => value
+                    .get("batchItemFailures")
+                    .and_then(Value::as_array)
+                    .map(|f| {
+                        f.iter()
+                            .filter_map(|i| {
+                                i.get("itemIdentifier")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Invocation::Error {
+                    error_type,
+                    error_message,
+                } => {
+                    run.errors.push(format!("{error_type}: {error_message}"));
+                    messages
+                        .iter()
+                        .filter_map(|m| m.message_id().map(str::to_string))
+                        .collect()
+                }
+            };
+            run.batch_item_failures += failed.len();
+            for m in &messages {
+                if m.message_id()
+                    .is_some_and(|id| failed.iter().any(|f| f == id))
+                {
+                    continue;
+                }
+                if let Some(handle) = m.receipt_handle() {
+                    self.clients
+                        .sqs
+                        .delete_message()
+                        .queue_url(&self.action_queue_url)
+                        .receipt_handle(handle)
+                        .send()
+                        .await?;
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    /// How long to wait for a window's message: the delay plus moto's and our slack.
+    pub fn window_wait(&self) -> Duration {
+        Duration::from_secs(u64::from(self.options.refresh_delay_seconds) + 10)
+    }
+}

@@ -1,0 +1,563 @@
+//! End to end: real S3 events from moto, the compiled aggregator and refresher under
+//! the Lambda Runtime API, DynamoDB and SQS on moto, and the Storage Gateway stand-in.
+//!
+//! Every test owns its table, queues, buckets and stand-in, so they run in parallel
+//! against one moto server.
+
+use integration_tests::aws::BoxError;
+use integration_tests::runtime_api::{Invocation, LambdaProcess, LambdaSpawn};
+use integration_tests::sgw_standin::{InjectedFailure, ShareKind};
+use integration_tests::stack::{binary, Stack, StackOptions};
+use serde_json::{json, Value};
+use shared::s3_event::decode_notification;
+use std::time::Duration;
+
+fn s3_arn(bucket: &str, prefix: &str) -> String {
+    format!(
+        "arn:aws:s3:::{bucket}{}",
+        if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{prefix}")
+        }
+    )
+}
+
+/// Puts `keys` into `bucket` and returns moto's notifications for them (the bucket's
+/// `s3:TestEvent` from its notification set-up is collected too, and returned first).
+async fn put_and_collect(
+    stack: &Stack,
+    bucket: &str,
+    keys: &[String],
+) -> Result<Vec<Value>, BoxError> {
+    for key in keys {
+        stack.clients.put_object(bucket, key).await?;
+    }
+    stack.collect_s3_events(keys.len() + 1).await
+}
+
+fn sorted_refreshed_shares(stack: &Stack) -> Vec<String> {
+    let mut arns: Vec<String> = stack
+        .gateway
+        .refreshes()
+        .into_iter()
+        .map(|r| r.share_arn)
+        .collect();
+    arns.sort();
+    arns
+}
+
+#[tokio::test]
+async fn burst_of_200_events_gives_one_message_and_one_refresh_per_share() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 20,
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("burst").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let root = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    let data = stack
+        .gateway
+        .add_share(&gw, ShareKind::Smb, &s3_arn(&bucket, "data/"));
+    let keys: Vec<String> = (0..200)
+        .map(|i| format!("data/batch-{}/object-{i}.bin", i % 7))
+        .collect();
+    let events = put_and_collect(&stack, &bucket, &keys).await?;
+    assert_eq!(events.len(), 201);
+
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert!(feed.errors.is_empty(), "{:?}", feed.errors);
+    assert_eq!(feed.total("windowsOpened"), 1);
+    assert_eq!(feed.total("windowsJoined"), 199);
+    assert_eq!(feed.total("messagesSent"), 1);
+    assert_eq!(feed.total("skippedTestEvents"), 1);
+
+    let (visible, delayed) = stack.clients.queue_depth(&stack.action_queue_url).await?;
+    assert_eq!(
+        visible + delayed,
+        1,
+        "exactly one refresh message is queued"
+    );
+    let item = stack
+        .clients
+        .bucket_item(&stack.table, &bucket)
+        .await?
+        .ok_or("no window item")?;
+    assert_eq!(item["Generation"].as_n().map_err(|_| "Generation")?, "1");
+    assert_eq!(item["Folders"].as_ss().map_err(|_| "Folders")?.len(), 7);
+
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(run.messages, 1);
+    assert_eq!(run.batch_item_failures, 0);
+    let mut expected = vec![root, data];
+    expected.sort();
+    assert_eq!(sorted_refreshed_shares(&stack), expected);
+    assert_eq!(stack.gateway.calls_to("RefreshCache"), 2);
+    assert!(stack.aggregator.output_contains(&format!(
+        "Refresh for bucket: {bucket} within refresh window, skipping"
+    )));
+    assert!(stack
+        .aggregator
+        .output_contains(&format!("Sending refresh request for bucket: {bucket}")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn three_buckets_give_three_messages_and_three_refreshes() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 8,
+        ..Default::default()
+    })
+    .await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let mut shares = Vec::new();
+    let mut events = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        let bucket = stack.create_bucket(name).await?;
+        shares.push(
+            stack
+                .gateway
+                .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, "")),
+        );
+        let keys: Vec<String> = (0..10).map(|i| format!("{name}/k{i}")).collect();
+        events.extend(put_and_collect(&stack, &bucket, &keys).await?);
+    }
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert!(feed.errors.is_empty(), "{:?}", feed.errors);
+    assert_eq!(feed.total("windowsOpened"), 3);
+    assert_eq!(feed.total("messagesSent"), 3);
+    let run = stack.run_refresher(3, stack.window_wait()).await?;
+    assert_eq!(run.messages, 3);
+    shares.sort();
+    assert_eq!(sorted_refreshed_shares(&stack), shares);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_event_after_the_window_closes_opens_a_new_window() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 1,
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("late").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let share = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+
+    let first = put_and_collect(&stack, &bucket, &["one".to_string()]).await?;
+    let feed = stack.invoke_aggregator(&first).await?;
+    assert_eq!(feed.total("windowsOpened"), 1);
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(run.messages, 1);
+
+    // The window has ended and its refresh ran: the next event needs a new refresh.
+    stack.clients.put_object(&bucket, "two").await?;
+    let second = stack.collect_s3_events(1).await?;
+    let feed = stack.invoke_aggregator(&second).await?;
+    assert_eq!(feed.total("windowsOpened"), 1);
+    assert_eq!(feed.total("windowsJoined"), 0);
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(run.messages, 1);
+
+    let refreshes = stack.gateway.refreshes();
+    assert_eq!(refreshes.len(), 2);
+    assert!(refreshes.iter().all(|r| r.share_arn == share));
+    let item = stack
+        .clients
+        .bucket_item(&stack.table, &bucket)
+        .await?
+        .ok_or("no window item")?;
+    assert_eq!(item["Generation"].as_n().map_err(|_| "Generation")?, "2");
+    assert_eq!(
+        item["RefreshedGeneration"]
+            .as_n()
+            .map_err(|_| "RefreshedGeneration")?,
+        "2"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn gateway_writes_and_test_events_give_nothing() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions::default()).await?;
+    let bucket = stack.create_bucket("quiet").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    let mut events = put_and_collect(&stack, &bucket, &["written-by-gateway".to_string()]).await?;
+    // moto sends no userIdentity; give the real event the gateway's principal.
+    let object_event = events
+        .iter_mut()
+        .find(|e| e.get("Records").is_some())
+        .ok_or("no object event")?;
+    object_event["Records"][0]["userIdentity"] =
+        json!({"principalId": "AWS:AROAEXAMPLE:StorageGateway-sgw-1A2B3C4D"});
+    assert!(events.iter().any(|e| e["Event"] == "s3:TestEvent"));
+
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert!(feed.errors.is_empty(), "{:?}", feed.errors);
+    assert_eq!(feed.total("skippedGatewayWrites"), 1);
+    assert_eq!(feed.total("skippedTestEvents"), 1);
+    assert_eq!(feed.total("messagesSent"), 0);
+    assert_eq!(
+        stack.clients.queue_depth(&stack.action_queue_url).await?,
+        (0, 0)
+    );
+    assert!(
+        stack
+            .clients
+            .bucket_item(&stack.table, &bucket)
+            .await?
+            .is_none(),
+        "no DynamoDB write"
+    );
+    assert_eq!(stack.gateway.calls().len(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn nfs_and_smb_shares_on_two_gateways_are_both_refreshed() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions::default()).await?;
+    let bucket = stack.create_bucket("two-gateways").await?;
+    let gw1 = stack.gateway.add_gateway("gw-1");
+    let gw2 = stack.gateway.add_gateway("gw-2");
+    let nfs = stack
+        .gateway
+        .add_share(&gw1, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    let smb = stack
+        .gateway
+        .add_share(&gw2, ShareKind::Smb, &s3_arn(&bucket, ""));
+    let other = stack.create_bucket("unrelated").await?;
+    stack
+        .gateway
+        .add_share(&gw2, ShareKind::Nfs, &s3_arn(&other, ""));
+
+    let events = put_and_collect(
+        &stack,
+        &bucket,
+        &["a.txt".to_string(), "b/c.txt".to_string()],
+    )
+    .await?;
+    stack.invoke_aggregator(&events).await?;
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(run.batch_item_failures, 0);
+    let mut expected = vec![nfs, smb];
+    expected.sort();
+    assert_eq!(sorted_refreshed_shares(&stack), expected);
+    assert_eq!(stack.gateway.calls_to("DescribeNFSFileShares"), 1);
+    assert_eq!(stack.gateway.calls_to("DescribeSMBFileShares"), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn shares_are_found_across_pages() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions::default()).await?;
+    let bucket = stack.create_bucket("paged").await?;
+    let gateways = [
+        stack.gateway.add_gateway("gw-1"),
+        stack.gateway.add_gateway("gw-2"),
+    ];
+    let mut ours = Vec::new();
+    for i in 0..130 {
+        let kind = if i % 3 == 0 {
+            ShareKind::Smb
+        } else {
+            ShareKind::Nfs
+        };
+        let gw = &gateways[i % 2];
+        // Every 13th share maps our bucket, the rest map other buckets.
+        if i % 13 == 12 {
+            ours.push(stack.gateway.add_share(gw, kind, &s3_arn(&bucket, "")));
+        } else {
+            stack
+                .gateway
+                .add_share(gw, kind, &format!("arn:aws:s3:::other-bucket-{i}"));
+        }
+    }
+    let events = put_and_collect(&stack, &bucket, &["x".to_string()]).await?;
+    stack.invoke_aggregator(&events).await?;
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(run.batch_item_failures, 0);
+    ours.sort();
+    assert_eq!(ours.len(), 10);
+    assert_eq!(sorted_refreshed_shares(&stack), ours);
+    // 130 shares at the stand-in's 100 per page, and describes of at most 10 ARNs.
+    assert_eq!(stack.gateway.calls_to("ListFileShares"), 2);
+    let (smb, nfs): (usize, usize) = (44, 86);
+    assert_eq!(
+        stack.gateway.calls_to("DescribeSMBFileShares"),
+        smb.div_ceil(10)
+    );
+    assert_eq!(
+        stack.gateway.calls_to("DescribeNFSFileShares"),
+        nfs.div_ceil(10)
+    );
+    for call in stack.gateway.calls() {
+        if let Some(list) = call.body.get("FileShareARNList").and_then(Value::as_array) {
+            assert!(!list.is_empty() && list.len() <= 10);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_prefix_share_is_refreshed_only_for_keys_under_its_prefix() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 1,
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("prefixed").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let root = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    let reports = stack
+        .gateway
+        .add_share(&gw, ShareKind::Smb, &s3_arn(&bucket, "reports/"));
+
+    // Window 1: keys outside reports/ (including one that only starts with its name).
+    let events = put_and_collect(
+        &stack,
+        &bucket,
+        &["logs/app.log".to_string(), "reports-old.txt".to_string()],
+    )
+    .await?;
+    stack.invoke_aggregator(&events).await?;
+    stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(sorted_refreshed_shares(&stack), vec![root.clone()]);
+
+    // Window 2: a key under reports/.
+    stack
+        .clients
+        .put_object(&bucket, "reports/2026/q4.csv")
+        .await?;
+    let events = stack.collect_s3_events(1).await?;
+    stack.invoke_aggregator(&events).await?;
+    stack.run_refresher(1, stack.window_wait()).await?;
+    let mut expected = vec![root.clone(), root, reports];
+    expected.sort();
+    assert_eq!(sorted_refreshed_shares(&stack), expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn moto_event_shape_is_decoded_and_normalised() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions::default()).await?;
+    let bucket = stack.create_bucket("shape").await?;
+    let events =
+        put_and_collect(&stack, &bucket, &["dir/sub/file name+x=.txt".to_string()]).await?;
+    let object_event = events
+        .iter()
+        .find(|e| e.get("Records").is_some())
+        .ok_or("no object event")?;
+    // moto's differences from AWS, which the decoder must absorb.
+    let record = &object_event["Records"][0];
+    assert!(record.get("userIdentity").is_none());
+    assert!(!record["eventTime"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with('Z'));
+    assert!(record["s3"]["object"]["key"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("%2F"));
+    let decoded = decode_notification(object_event)?;
+    assert_eq!(decoded.changes.len(), 1);
+    assert_eq!(
+        decoded.changes[0].key.as_deref(),
+        Some("dir/sub/file name+x=.txt")
+    );
+    assert_eq!(decoded.changes[0].folder(), Some("dir/sub/"));
+    assert!(decoded.changes[0].event_time_ms.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn refresher_retries_a_throttled_refresh_through_batch_item_failures() -> Result<(), BoxError>
+{
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 1,
+        ..Default::default()
+    })
+    .await?;
+    // Failed messages come back after the visibility timeout; keep it short here.
+    stack
+        .clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(&stack.action_queue_url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            "1",
+        )
+        .send()
+        .await?;
+    let bucket = stack.create_bucket("throttled").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let share = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    stack
+        .gateway
+        .fail_next("RefreshCache", 1, InjectedFailure::Throttle);
+
+    let events = put_and_collect(&stack, &bucket, &["k".to_string()]).await?;
+    stack.invoke_aggregator(&events).await?;
+    let first = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(
+        first.batch_item_failures, 1,
+        "a throttled refresh is retried, not dropped"
+    );
+    assert!(stack.gateway.refreshes().is_empty());
+    let second = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(second.batch_item_failures, 0);
+    let refreshes = stack.gateway.refreshes();
+    assert_eq!(refreshes.len(), 1);
+    assert_eq!(refreshes[0].share_arn, share);
+    // The throttle kept the share map: one resolution for both attempts.
+    assert_eq!(stack.gateway.calls_to("ListFileShares"), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn refresher_drops_only_messages_that_can_never_work() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions::default()).await?;
+    stack
+        .clients
+        .sqs
+        .send_message()
+        .queue_url(&stack.action_queue_url)
+        .message_body("this is not a refresh request")
+        .send()
+        .await?;
+    let run = stack.run_refresher(1, Duration::from_secs(10)).await?;
+    assert_eq!(run.messages, 1);
+    assert_eq!(
+        run.batch_item_failures, 0,
+        "an unreadable message is not retried"
+    );
+    assert!(stack
+        .refresher
+        .output_contains("Discarding unreadable refresh message"));
+    assert!(stack
+        .refresher
+        .output_contains("this is not a refresh request"));
+    assert_eq!(
+        stack.clients.queue_depth(&stack.action_queue_url).await?,
+        (0, 0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn aggregator_fails_the_invocation_when_dynamodb_fails() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        extra_env: vec![("TABLE_NAME".into(), "NoSuchTable".into())],
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("no-table").await?;
+    let events = put_and_collect(&stack, &bucket, &["k".to_string()]).await?;
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert_eq!(
+        feed.errors.len(),
+        1,
+        "the object event must fail so Lambda retries it"
+    );
+    assert!(
+        feed.errors[0].starts_with("Aggregator.WindowStore"),
+        "{:?}",
+        feed.errors
+    );
+    assert_eq!(
+        stack.clients.queue_depth(&stack.action_queue_url).await?,
+        (0, 0)
+    );
+    // The process stays up for the next invocation.
+    let again = stack.invoke_aggregator(&events[..1]).await?;
+    assert_eq!(again.responses.len(), 1);
+    Ok(())
+}
+
+/// (function, environment, variable named, accepted values).
+type ConfigCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
+async fn init_failure(binary_name: &str, env: &[(&str, &str)]) -> Result<Vec<String>, BoxError> {
+    let path = binary(binary_name)?;
+    let mut spec = LambdaSpawn::new(&path, binary_name);
+    for (k, v) in env {
+        spec = spec.env(*k, *v);
+    }
+    let process = LambdaProcess::spawn(spec).await?;
+    let outcome = process.wait_for_init_error(Duration::from_secs(10)).await?;
+    assert!(
+        outcome.failed(),
+        "{binary_name} must fail at init with {env:?}"
+    );
+    Ok(outcome.output)
+}
+
+#[tokio::test]
+async fn bad_configuration_stops_the_function_at_init_with_one_line() -> Result<(), BoxError> {
+    let queue = (
+        "QUEUE_URL",
+        "https://sqs.us-east-1.amazonaws.com/123456789012/q",
+    );
+    // (function, environment, the variable the line must name, what it must accept)
+    let cases: [ConfigCase; 4] = [
+        ("aggregator", vec![], "QUEUE_URL", "required"),
+        (
+            "aggregator",
+            vec![queue, ("REFRESH_DELAY_SECONDS", "901")],
+            "REFRESH_DELAY_SECONDS",
+            "0 to 900",
+        ),
+        (
+            "aggregator",
+            vec![queue, ("LOG_LEVEL", "chatty")],
+            "LOG_LEVEL",
+            "DEBUG, INFO, WARN",
+        ),
+        (
+            "refresher",
+            vec![("TABLE_NAME", "x")],
+            "TABLE_NAME",
+            "3 to 255",
+        ),
+    ];
+    for (name, env, variable, accepted) in cases {
+        let output = init_failure(name, &env).await?;
+        let lines: Vec<&String> = output.iter().filter(|l| l.contains(variable)).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{name}: one line naming {variable}: {output:?}"
+        );
+        assert!(lines[0].contains(accepted), "{name}: {}", lines[0]);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn aggregator_rejects_a_payload_that_is_not_an_s3_event_and_stays_up() -> Result<(), BoxError>
+{
+    let stack = Stack::start(StackOptions::default()).await?;
+    for bad in [json!({}), json!({"Records": "x"}), json!([1, 2, 3])] {
+        match stack.aggregator.invoke(bad).await? {
+            Invocation::Error { error_type, .. } => {
+                assert_eq!(error_type, "Aggregator.NotAnS3Notification")
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    let ok = stack.aggregator.invoke(json!({"Records": []})).await?;
+    assert!(!ok.is_error());
+    Ok(())
+}

@@ -1,0 +1,882 @@
+//! The Storage Gateway stand-in, exercised through the real `aws-sdk-storagegateway`
+//! client (and, for protocol edge cases, through raw HTTP).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_storagegateway::config::Credentials;
+use aws_sdk_storagegateway::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_storagegateway::operation::describe_nfs_file_shares::DescribeNFSFileSharesError;
+use aws_sdk_storagegateway::operation::list_file_shares::ListFileSharesError;
+use aws_sdk_storagegateway::operation::refresh_cache::RefreshCacheError;
+use aws_sdk_storagegateway::types::{FileShareType, StorageGatewayError};
+use aws_sdk_storagegateway::Client;
+use integration_tests::sgw_standin::{InjectedFailure, SgwStandIn, ShareKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn client_with(standin: &SgwStandIn, retry: Option<RetryConfig>) -> Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(standin.endpoint());
+    if let Some(retry) = retry {
+        loader = loader.retry_config(retry);
+    }
+    Client::new(&loader.load().await)
+}
+
+/// A client with the SDK's default retry policy (3 attempts).
+async fn client(standin: &SgwStandIn) -> Client {
+    client_with(standin, None).await
+}
+
+/// A client that never retries, so each SDK call is exactly one request.
+async fn client_no_retry(standin: &SgwStandIn) -> Client {
+    client_with(standin, Some(RetryConfig::disabled())).await
+}
+
+fn error_code(e: Option<&StorageGatewayError>) -> Option<String> {
+    e.and_then(|e| e.error_code())
+        .map(|c| c.as_str().to_string())
+}
+
+async fn standin() -> SgwStandIn {
+    SgwStandIn::start().await.expect("stand-in starts")
+}
+
+/// The HTTP status of the response behind an SDK error.
+trait RawStatus {
+    fn status_code(&self) -> Option<u16>;
+}
+impl<E> RawStatus for SdkError<E> {
+    fn status_code(&self) -> Option<u16> {
+        self.raw_response().map(|r| r.status().as_u16())
+    }
+}
+
+#[tokio::test]
+async fn lists_130_shares_in_pages_of_100() {
+    let sgw = standin().await;
+    let gw1 = sgw.add_gateway("one");
+    let gw2 = sgw.add_gateway("two");
+    let mut all = HashSet::new();
+    for i in 0..130 {
+        let gw = if i % 2 == 0 { &gw1 } else { &gw2 };
+        let kind = if i % 3 == 0 {
+            ShareKind::Smb
+        } else {
+            ShareKind::Nfs
+        };
+        all.insert(sgw.add_share(gw, kind, &format!("arn:aws:s3:::bucket-{i}")));
+    }
+    let sg = client(&sgw).await;
+
+    let first = sg.list_file_shares().send().await.expect("page 1");
+    assert_eq!(first.file_share_info_list().len(), 100);
+    assert!(first.marker().is_none());
+    let next = first.next_marker().expect("a next marker").to_string();
+
+    let second = sg
+        .list_file_shares()
+        .marker(&next)
+        .send()
+        .await
+        .expect("page 2");
+    assert_eq!(second.file_share_info_list().len(), 30);
+    assert_eq!(second.marker(), Some(next.as_str()));
+    assert!(second.next_marker().is_none());
+
+    let mut seen = HashSet::new();
+    for info in first
+        .file_share_info_list()
+        .iter()
+        .chain(second.file_share_info_list())
+    {
+        let arn = info.file_share_arn().expect("arn").to_string();
+        assert!(seen.insert(arn), "no share listed twice");
+        assert!(info
+            .file_share_id()
+            .is_some_and(|id| id.starts_with("share-")));
+        assert!(matches!(
+            info.file_share_type(),
+            Some(FileShareType::Nfs) | Some(FileShareType::Smb)
+        ));
+        assert_eq!(info.file_share_status(), Some("AVAILABLE"));
+        assert!(
+            info.gateway_arn() == Some(gw1.as_str()) || info.gateway_arn() == Some(gw2.as_str())
+        );
+    }
+    assert_eq!(seen, all);
+    assert_eq!(sgw.calls_to("ListFileShares"), 2);
+
+    // The SDK paginator follows the markers to the end.
+    let items: Vec<_> = sg
+        .list_file_shares()
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .expect("paginate");
+    assert_eq!(items.len(), 130);
+    assert_eq!(sgw.calls_to("ListFileShares"), 4);
+}
+
+#[tokio::test]
+async fn list_honours_limit_gateway_filter_and_max_page_size() {
+    let sgw = standin().await;
+    let gw1 = sgw.add_gateway("one");
+    let gw2 = sgw.add_gateway("two");
+    for i in 0..130 {
+        let gw = if i < 70 { &gw1 } else { &gw2 };
+        sgw.add_share(gw, ShareKind::Nfs, &format!("arn:aws:s3:::b{i}"));
+    }
+    let sg = client(&sgw).await;
+
+    // Limit 50: pages of 50, 50, 30.
+    let mut sizes = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page = sg
+            .list_file_shares()
+            .limit(50)
+            .set_marker(marker.clone())
+            .send()
+            .await
+            .expect("page");
+        sizes.push(page.file_share_info_list().len());
+        marker = page.next_marker().map(str::to_string);
+        if marker.is_none() {
+            break;
+        }
+    }
+    assert_eq!(sizes, vec![50, 50, 30]);
+
+    // A Limit above the configured maximum is capped by it.
+    let page = sg
+        .list_file_shares()
+        .limit(5000)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(page.file_share_info_list().len(), 100);
+    assert!(page.next_marker().is_some());
+
+    // GatewayARN filters.
+    let page = sg
+        .list_file_shares()
+        .gateway_arn(&gw1)
+        .send()
+        .await
+        .expect("list gw1");
+    assert_eq!(page.file_share_info_list().len(), 70);
+    assert!(page
+        .file_share_info_list()
+        .iter()
+        .all(|i| i.gateway_arn() == Some(gw1.as_str())));
+    assert!(page.next_marker().is_none());
+
+    // A smaller configured page size.
+    sgw.set_max_page_size(7);
+    let page = sg
+        .list_file_shares()
+        .gateway_arn(&gw2)
+        .limit(100)
+        .send()
+        .await
+        .expect("list gw2");
+    assert_eq!(page.file_share_info_list().len(), 7);
+    let items: Vec<_> = sg
+        .list_file_shares()
+        .gateway_arn(&gw2)
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .expect("paginate gw2");
+    assert_eq!(items.len(), 60);
+}
+
+#[tokio::test]
+async fn list_marker_survives_removal_between_pages() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let arns: Vec<String> = (0..10)
+        .map(|i| sgw.add_share(&gw, ShareKind::Nfs, &format!("arn:aws:s3:::b{i}")))
+        .collect();
+    let sg = client(&sgw).await;
+    let first = sg.list_file_shares().limit(4).send().await.expect("page 1");
+    assert_eq!(first.file_share_info_list().len(), 4);
+    // Remove the last share of page 1 and one share of page 2.
+    assert!(sgw.remove_share(&arns[3]));
+    assert!(sgw.remove_share(&arns[5]));
+    assert!(!sgw.remove_share(&arns[5]));
+    let rest: Vec<String> = sg
+        .list_file_shares()
+        .limit(100)
+        .marker(first.next_marker().expect("marker"))
+        .send()
+        .await
+        .expect("page 2")
+        .file_share_info_list()
+        .iter()
+        .filter_map(|i| i.file_share_arn().map(str::to_string))
+        .collect();
+    let expected: Vec<String> = [4, 6, 7, 8, 9].iter().map(|&i| arns[i].clone()).collect();
+    assert_eq!(rest, expected);
+}
+
+#[tokio::test]
+async fn list_rejects_bad_input() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::b");
+    let sg = client(&sgw).await;
+
+    let err = sg
+        .list_file_shares()
+        .gateway_arn("arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-00000000")
+        .send()
+        .await
+        .expect_err("unknown gateway");
+    assert_eq!(err.status_code(), Some(400));
+    match err.into_service_error() {
+        ListFileSharesError::InvalidGatewayRequestException(e) => {
+            assert_eq!(error_code(e.error()).as_deref(), Some("GatewayNotFound"));
+            assert_eq!(e.message(), Some("The specified gateway was not found."));
+        }
+        other => panic!("expected InvalidGatewayRequestException, got {other:?}"),
+    }
+
+    let err = sg
+        .list_file_shares()
+        .marker("not-a-marker")
+        .send()
+        .await
+        .expect_err("garbage marker");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+
+    for limit in [0, -1, 10_001] {
+        let err = sg
+            .list_file_shares()
+            .limit(limit)
+            .send()
+            .await
+            .expect_err("bad limit");
+        assert_eq!(err.status_code(), Some(400));
+        assert_eq!(err.code(), Some("ValidationException"), "limit {limit}");
+    }
+    // The boundaries are accepted.
+    sg.list_file_shares()
+        .limit(1)
+        .send()
+        .await
+        .expect("limit 1");
+    sg.list_file_shares()
+        .limit(10_000)
+        .send()
+        .await
+        .expect("limit 10000");
+}
+
+#[tokio::test]
+async fn describe_takes_one_to_ten_arns() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let arns: Vec<String> = (0..11)
+        .map(|i| sgw.add_share(&gw, ShareKind::Nfs, &format!("arn:aws:s3:::b{i}")))
+        .collect();
+    let sg = client(&sgw).await;
+
+    let err = sg
+        .describe_nfs_file_shares()
+        .set_file_share_arn_list(Some(arns.clone()))
+        .send()
+        .await
+        .expect_err("11 ARNs");
+    assert_eq!(err.status_code(), Some(400));
+    assert_eq!(err.code(), Some("ValidationException"));
+    assert!(err.message().is_some_and(|m| m.contains("10")));
+
+    let err = sg
+        .describe_smb_file_shares()
+        .set_file_share_arn_list(Some(arns.clone()))
+        .send()
+        .await
+        .expect_err("11 ARNs (SMB)");
+    assert_eq!(err.code(), Some("ValidationException"));
+
+    let err = sg
+        .describe_nfs_file_shares()
+        .set_file_share_arn_list(Some(Vec::new()))
+        .send()
+        .await
+        .expect_err("0 ARNs");
+    assert_eq!(err.code(), Some("ValidationException"));
+
+    let ok = sg
+        .describe_nfs_file_shares()
+        .set_file_share_arn_list(Some(arns[..10].to_vec()))
+        .send()
+        .await
+        .expect("10 ARNs");
+    let got: Vec<&str> = ok
+        .nfs_file_share_info_list()
+        .iter()
+        .filter_map(|i| i.file_share_arn())
+        .collect();
+    let want: Vec<&str> = arns[..10].iter().map(String::as_str).collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn describe_shapes_parse_in_the_sdk() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let nfs = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::bucket-a");
+    let smb = sgw.add_share(&gw, ShareKind::Smb, "arn:aws:s3:::bucket-b/some/prefix/");
+    let sg = client(&sgw).await;
+
+    let out = sg
+        .describe_nfs_file_shares()
+        .file_share_arn_list(&nfs)
+        .send()
+        .await
+        .expect("describe nfs");
+    let [info] = out.nfs_file_share_info_list() else {
+        panic!("one NFS share expected")
+    };
+    assert_eq!(info.file_share_arn(), Some(nfs.as_str()));
+    assert_eq!(info.gateway_arn(), Some(gw.as_str()));
+    assert_eq!(info.location_arn(), Some("arn:aws:s3:::bucket-a"));
+    assert_eq!(info.path(), Some("/bucket-a"));
+    assert_eq!(info.file_share_status(), Some("AVAILABLE"));
+    assert!(info.file_share_id().is_some_and(|id| nfs.ends_with(id)));
+    assert!(info.role().is_some_and(|r| r.starts_with("arn:aws:iam::")));
+    assert_eq!(info.default_storage_class(), Some("S3_STANDARD"));
+    assert_eq!(
+        info.nfs_file_share_defaults().and_then(|d| d.owner_id()),
+        Some(65534)
+    );
+
+    let out = sg
+        .describe_smb_file_shares()
+        .file_share_arn_list(&smb)
+        .send()
+        .await
+        .expect("describe smb");
+    let [info] = out.smb_file_share_info_list() else {
+        panic!("one SMB share expected")
+    };
+    assert_eq!(info.file_share_arn(), Some(smb.as_str()));
+    assert_eq!(
+        info.location_arn(),
+        Some("arn:aws:s3:::bucket-b/some/prefix/")
+    );
+    assert_eq!(info.path(), Some("/bucket-b"));
+    assert!(info.role().is_some());
+    assert_eq!(info.default_storage_class(), Some("S3_STANDARD"));
+
+    // A share of the other type is rejected, and so is an unknown share.
+    let err = sg
+        .describe_nfs_file_shares()
+        .file_share_arn_list(&smb)
+        .send()
+        .await
+        .expect_err("SMB share via DescribeNFSFileShares");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+
+    assert!(sgw.remove_share(&nfs));
+    let err = sg
+        .describe_nfs_file_shares()
+        .file_share_arn_list(&nfs)
+        .send()
+        .await
+        .expect_err("removed share");
+    match err.into_service_error() {
+        DescribeNFSFileSharesError::InvalidGatewayRequestException(e) => {
+            assert_eq!(error_code(e.error()).as_deref(), Some("FileShareNotFound"));
+            assert_eq!(e.message(), Some("The specified file share was not found."));
+        }
+        other => panic!("expected InvalidGatewayRequestException, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn refresh_allows_two_in_flight_per_share() {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_secs(3600));
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    let b = sgw.add_share(&gw, ShareKind::Smb, "arn:aws:s3:::b");
+    let sg = client(&sgw).await;
+
+    let r1 = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect("1st");
+    let r2 = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .folder_list("x/y")
+        .recursive(false)
+        .send()
+        .await
+        .expect("2nd");
+    assert_eq!(r1.file_share_arn(), Some(a.as_str()));
+    assert_ne!(r1.notification_id(), r2.notification_id());
+    assert!(r1.notification_id().is_some());
+    assert_eq!(sgw.in_flight_refreshes(&a), 2);
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("3rd while two in flight");
+    assert_eq!(err.status_code(), Some(400));
+    match err.into_service_error() {
+        RefreshCacheError::InvalidGatewayRequestException(e) => {
+            assert!(e.message().is_some_and(|m| m.contains("too many requests")));
+        }
+        other => panic!("expected InvalidGatewayRequestException, got {other:?}"),
+    }
+    assert_eq!(sgw.rejected_refreshes(), 1);
+
+    // The limit is per share.
+    sg.refresh_cache()
+        .file_share_arn(&b)
+        .send()
+        .await
+        .expect("other share");
+
+    sgw.complete_refreshes();
+    assert_eq!(sgw.in_flight_refreshes(&a), 0);
+    let r4 = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect("after completion");
+
+    let records = sgw.refreshes();
+    assert_eq!(records.len(), 4);
+    assert_eq!(records[0].share_arn, a);
+    assert_eq!(records[0].folder_list, vec!["/".to_string()]);
+    assert!(records[0].recursive);
+    assert_eq!(records[1].folder_list, vec!["x/y".to_string()]);
+    assert!(!records[1].recursive);
+    assert_eq!(records[2].share_arn, b);
+    assert_eq!(
+        records[3].notification_id,
+        r4.notification_id().expect("id")
+    );
+    let ids: HashSet<_> = records.iter().map(|r| r.notification_id.clone()).collect();
+    assert_eq!(ids.len(), 4);
+    assert!(records
+        .windows(2)
+        .all(|w| w[0].started_at <= w[1].started_at));
+    assert_eq!(sgw.calls_to("RefreshCache"), 5);
+}
+
+#[tokio::test]
+async fn refreshes_complete_after_the_configured_duration() {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_millis(1000));
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    let sg = client(&sgw).await;
+
+    for _ in 0..2 {
+        sg.refresh_cache()
+            .file_share_arn(&a)
+            .send()
+            .await
+            .expect("accepted");
+    }
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("third rejected");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(sgw.in_flight_refreshes(&a), 0);
+    sg.refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect("accepted once the earlier ones completed");
+    assert_eq!(sgw.refreshes().len(), 3);
+    assert_eq!(sgw.rejected_refreshes(), 1);
+}
+
+#[tokio::test]
+async fn refresh_validates_the_folder_list() {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_secs(3600));
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    let sg = client(&sgw).await;
+
+    let folders = |n: usize| (0..n).map(|i| format!("dir{i}")).collect::<Vec<_>>();
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .set_folder_list(Some(folders(51)))
+        .send()
+        .await
+        .expect_err("51 folders");
+    assert_eq!(err.status_code(), Some(400));
+    assert_eq!(err.code(), Some("ValidationException"));
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .set_folder_list(Some(Vec::new()))
+        .send()
+        .await
+        .expect_err("0 folders");
+    assert_eq!(err.code(), Some("ValidationException"));
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .folder_list("x".repeat(1025))
+        .send()
+        .await
+        .expect_err("folder of 1025 characters");
+    assert_eq!(err.code(), Some("ValidationException"));
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .folder_list("ok")
+        .folder_list("trailing/")
+        .send()
+        .await
+        .expect_err("trailing slash");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+
+    assert!(
+        sgw.refreshes().is_empty(),
+        "no rejected call started a refresh"
+    );
+    assert_eq!(sgw.rejected_refreshes(), 0, "validation is not throttling");
+
+    // The boundaries are accepted: 50 folders, 1024 characters, and "/".
+    sg.refresh_cache()
+        .file_share_arn(&a)
+        .set_folder_list(Some(folders(50)))
+        .send()
+        .await
+        .expect("50 folders");
+    sg.refresh_cache()
+        .file_share_arn(&a)
+        .folder_list("/")
+        .folder_list("y".repeat(1024))
+        .send()
+        .await
+        .expect("'/' and 1024 characters");
+    let records = sgw.refreshes();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].folder_list.len(), 50);
+    assert_eq!(records[1].folder_list[0], "/");
+}
+
+#[tokio::test]
+async fn refresh_of_unknown_share_is_rejected() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    assert!(sgw.remove_share(&a));
+    let sg = client(&sgw).await;
+
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("removed share");
+    match err.into_service_error() {
+        RefreshCacheError::InvalidGatewayRequestException(e) => {
+            assert_eq!(error_code(e.error()).as_deref(), Some("FileShareNotFound"));
+        }
+        other => panic!("expected InvalidGatewayRequestException, got {other:?}"),
+    }
+    assert!(sgw.refreshes().is_empty());
+    assert_eq!(sgw.calls_to("RefreshCache"), 1);
+}
+
+#[tokio::test]
+async fn injected_internal_error_reaches_the_sdk_as_5xx() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    let sg = client_no_retry(&sgw).await;
+
+    sgw.fail_next("RefreshCache", 1, InjectedFailure::InternalError);
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("injected 500");
+    assert_eq!(err.status_code(), Some(500));
+    match err.into_service_error() {
+        RefreshCacheError::InternalServerError(e) => {
+            assert_eq!(error_code(e.error()).as_deref(), Some("InternalError"));
+        }
+        other => panic!("expected InternalServerError, got {other:?}"),
+    }
+    assert!(
+        sgw.refreshes().is_empty(),
+        "a failed call starts no refresh"
+    );
+
+    // Only the next call failed.
+    sg.refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect("second call succeeds");
+
+    sgw.fail_next("ListFileShares", 1, InjectedFailure::ServiceUnavailable);
+    let err = sg
+        .list_file_shares()
+        .send()
+        .await
+        .expect_err("injected 503");
+    assert_eq!(err.status_code(), Some(503));
+    assert_eq!(err.code(), Some("ServiceUnavailableError"));
+
+    let calls = sgw.calls();
+    let summary: Vec<(&str, u16, bool)> = calls
+        .iter()
+        .map(|c| (c.operation.as_str(), c.status, c.injected))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("RefreshCache", 500, true),
+            ("RefreshCache", 200, false),
+            ("ListFileShares", 503, true),
+        ]
+    );
+    assert_eq!(calls[0].body["FileShareARN"], a.as_str());
+    assert_eq!(calls[0].error_type.as_deref(), Some("InternalServerError"));
+    assert_eq!(sgw.refreshes().len(), 1);
+}
+
+#[tokio::test]
+async fn sdk_retries_injected_5xx_and_succeeds() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+    // A fast retry policy with the default 3 attempts.
+    let retry = RetryConfig::standard()
+        .with_max_attempts(3)
+        .with_initial_backoff(Duration::from_millis(1))
+        .with_max_backoff(Duration::from_millis(5));
+    let sg = client_with(&sgw, Some(retry)).await;
+
+    sgw.fail_next("RefreshCache", 2, InjectedFailure::InternalError);
+    sg.refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect("third attempt succeeds");
+    assert_eq!(sgw.calls_to("RefreshCache"), 3);
+    assert_eq!(sgw.refreshes().len(), 1);
+
+    // Three failures exhaust the attempts.
+    sgw.complete_refreshes();
+    sgw.fail_next("RefreshCache", 3, InjectedFailure::ServiceUnavailable);
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("all attempts fail");
+    assert_eq!(err.status_code(), Some(503));
+    assert_eq!(sgw.calls_to("RefreshCache"), 6);
+
+    // The throttle answer is a 400 and is not retried.
+    sgw.fail_next("RefreshCache", 1, InjectedFailure::Throttle);
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .send()
+        .await
+        .expect_err("throttled");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+    assert_eq!(sgw.calls_to("RefreshCache"), 7);
+    assert_eq!(sgw.rejected_refreshes(), 1);
+    assert_eq!(sgw.refreshes().len(), 1);
+
+    sgw.reset_calls();
+    assert!(sgw.calls().is_empty());
+    assert!(sgw.refreshes().is_empty());
+    assert_eq!(sgw.rejected_refreshes(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_clients_are_all_served_and_recorded() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    for i in 0..5 {
+        sgw.add_share(&gw, ShareKind::Nfs, &format!("arn:aws:s3:::b{i}"));
+    }
+    let sg = client_no_retry(&sgw).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let sg = sg.clone();
+        tasks.spawn(async move { sg.list_file_shares().send().await });
+    }
+    while let Some(res) = tasks.join_next().await {
+        let out = res.expect("task").expect("list");
+        assert_eq!(out.file_share_info_list().len(), 5);
+    }
+    assert_eq!(sgw.calls_to("ListFileShares"), 32);
+    assert!(sgw.calls().iter().all(|c| c.status == 200));
+}
+
+/// One raw HTTP/1.1 request; returns the status and the parsed JSON body.
+async fn raw_post(
+    sgw: &SgwStandIn,
+    target: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value, String) {
+    let mut stream = tokio::net::TcpStream::connect(sgw.local_addr())
+        .await
+        .expect("connect");
+    let target = target
+        .map(|t| format!("X-Amz-Target: {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-amz-json-1.1\r\n\
+         {target}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let json = serde_json::from_str(body).expect("JSON body");
+    (status, json, head.to_ascii_lowercase())
+}
+
+#[tokio::test]
+async fn protocol_errors_have_the_real_shapes() {
+    let sgw = standin().await;
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
+
+    let (status, body, head) = raw_post(
+        &sgw,
+        Some("StorageGateway_20130630.DescribeGatewayInformation"),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        serde_json::json!({"__type": "UnknownOperationException"})
+    );
+    assert!(head.contains("content-type: application/x-amz-json-1.1"));
+    assert!(head.contains("x-amzn-requestid:"));
+
+    let (status, body, _) = raw_post(&sgw, None, "{}").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["__type"], "UnknownOperationException");
+
+    let (status, body, _) = raw_post(
+        &sgw,
+        Some("StorageGateway_20130630.RefreshCache"),
+        "{not json",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["__type"], "SerializationException");
+
+    let (status, body, _) = raw_post(
+        &sgw,
+        Some("StorageGateway_20130630.RefreshCache"),
+        r#"{"FileShareARN": 7}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["__type"], "SerializationException");
+
+    let (status, body, _) =
+        raw_post(&sgw, Some("StorageGateway_20130630.RefreshCache"), "{}").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["__type"], "ValidationException");
+
+    let (status, body, _) = raw_post(
+        &sgw,
+        Some("StorageGateway_20130630.RefreshCache"),
+        &format!(r#"{{"FileShareARN": "{a}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["FileShareARN"], a.as_str());
+    assert!(body["NotificationId"].is_string());
+
+    let (status, body, _) = raw_post(
+        &sgw,
+        Some("StorageGateway_20130630.DescribeSMBFileShares"),
+        r#"{"FileShareARNList": ["arn:aws:storagegateway:us-east-1:123456789012:share/share-00000000"]}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["__type"], "InvalidGatewayRequestException");
+    assert_eq!(body["message"], "The specified file share was not found.");
+    assert_eq!(body["error"]["errorCode"], "FileShareNotFound");
+    assert!(body["error"]["errorDetails"].is_object());
+
+    // Every request was recorded, in order, malformed ones included.
+    let ops: Vec<(String, u16)> = sgw
+        .calls()
+        .into_iter()
+        .map(|c| (c.operation, c.status))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            ("DescribeGatewayInformation".to_string(), 400),
+            (String::new(), 400),
+            ("RefreshCache".to_string(), 400),
+            ("RefreshCache".to_string(), 400),
+            ("RefreshCache".to_string(), 400),
+            ("RefreshCache".to_string(), 200),
+            ("DescribeSMBFileShares".to_string(), 400),
+        ]
+    );
+    assert_eq!(sgw.calls()[2].body, serde_json::Value::Null);
+}
