@@ -277,6 +277,7 @@ impl AggregatorError {
     }
 }
 
+#[cfg(feature = "aws")]
 impl From<AggregatorError> for lambda_runtime::Diagnostic {
     fn from(error: AggregatorError) -> Self {
         lambda_runtime::Diagnostic {

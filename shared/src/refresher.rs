@@ -255,6 +255,7 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
     }
 }
 
+#[cfg(feature = "aws")]
 impl From<RefresherError> for lambda_runtime::Diagnostic {
     fn from(error: RefresherError) -> Self {
         lambda_runtime::Diagnostic {

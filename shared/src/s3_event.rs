@@ -5,7 +5,7 @@
 //! or the other. We read only the fields we need, treat everything else as optional,
 //! and normalise: keys are form-URL-decoded and times become epoch milliseconds.
 
-use aws_sdk_sqs::primitives::{DateTime, DateTimeFormat};
+use chrono::{DateTime, NaiveDateTime};
 use serde_json::Value;
 use std::fmt;
 use thiserror::Error;
@@ -263,20 +263,18 @@ pub fn decode_key(raw: &str) -> Result<String, KeyDecodeError> {
 /// Parses `eventTime` in either shape: AWS `2018-08-12T18:14:02.149Z`, or moto
 /// `2024-05-01T10:00:00.123456` (no zone, meaning UTC). Returns epoch ms.
 pub fn parse_event_time(text: &str) -> Option<i64> {
-    let has_zone = text.ends_with('Z') || text.ends_with('z') || {
-        // "+00:00" style offset after the time part.
-        let tail = text.get(text.len().saturating_sub(6)..).unwrap_or("");
-        (tail.starts_with('+') || tail.starts_with('-')) && tail.get(3..4) == Some(":")
-    };
-    let normalised;
-    let text = if has_zone {
-        text
-    } else {
-        normalised = format!("{text}Z");
-        &normalised
-    };
-    let parsed = DateTime::from_str(text, DateTimeFormat::DateTime).ok()?;
-    parsed.to_millis().ok()
+    if let Ok(with_zone) = DateTime::parse_from_rfc3339(text) {
+        return Some(with_zone.timestamp_millis());
+    }
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|naive| naive.and_utc().timestamp_millis())
+}
+
+/// Formats epoch ms as S3 does (`2018-08-12T18:14:02.149Z`).
+pub fn format_event_time(epoch_ms: i64) -> Option<String> {
+    DateTime::from_timestamp_millis(epoch_ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }
 
 #[cfg(test)]
@@ -431,6 +429,14 @@ mod tests {
         );
         assert_eq!(parse_event_time("yesterday"), None);
         assert_eq!(parse_event_time(""), None);
+        assert_eq!(
+            parse_event_time("2018-08-12T20:14:02.149+02:00"),
+            Some(1_534_097_642_149)
+        );
+        assert_eq!(
+            format_event_time(1_534_097_642_149).as_deref(),
+            Some("2018-08-12T18:14:02.149Z")
+        );
     }
 
     #[test]

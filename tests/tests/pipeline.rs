@@ -561,3 +561,60 @@ async fn aggregator_rejects_a_payload_that_is_not_an_s3_event_and_stays_up() -> 
     assert!(!ok.is_error());
     Ok(())
 }
+
+#[tokio::test]
+async fn logs_follow_log_level_rust_log_and_the_json_format() -> Result<(), BoxError> {
+    // JSON lines at INFO.
+    let json_stack = Stack::start(StackOptions {
+        extra_env: vec![("AWS_LAMBDA_LOG_FORMAT".into(), "JSON".into())],
+        ..Default::default()
+    })
+    .await?;
+    let bucket = json_stack.create_bucket("json-logs").await?;
+    let events = put_and_collect(&json_stack, &bucket, &["a".to_string(), "b".to_string()]).await?;
+    json_stack.invoke_aggregator(&events).await?;
+    let lines = json_stack.aggregator.output_lines();
+    let skip = lines
+        .iter()
+        .find(|l| l.contains("within refresh window, skipping"))
+        .ok_or("no skip line")?;
+    let parsed: Value = serde_json::from_str(skip)?;
+    assert_eq!(parsed["level"], "INFO");
+    assert_eq!(parsed["bucket"], bucket.as_str());
+    assert!(parsed["message"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("Refresh for bucket"));
+
+    // LOG_LEVEL=warn (any case) hides the INFO decisions; RUST_LOG overrides LOG_LEVEL.
+    for (extra, expect_info) in [
+        (vec![("LOG_LEVEL", "warn")], false),
+        (
+            vec![
+                ("LOG_LEVEL", "warn"),
+                ("RUST_LOG", "aggregator=info,shared=info"),
+            ],
+            true,
+        ),
+    ] {
+        let mut options = StackOptions::default();
+        options.extra_env = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        options.log_level = "WARN".into();
+        let stack = Stack::start(options).await?;
+        let bucket = stack.create_bucket("levels").await?;
+        let events = put_and_collect(&stack, &bucket, &["a".to_string(), "b".to_string()]).await?;
+        let feed = stack.invoke_aggregator(&events).await?;
+        assert_eq!(feed.total("windowsJoined"), 1);
+        assert_eq!(
+            stack
+                .aggregator
+                .output_contains("within refresh window, skipping"),
+            expect_info,
+            "{extra:?}"
+        );
+    }
+    Ok(())
+}

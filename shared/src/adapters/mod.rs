@@ -1,4 +1,5 @@
 //! Adapters for the ports: the AWS SDK, and in-memory models for tests.
 
 pub mod memory;
+#[cfg(feature = "aws")]
 pub mod sdk;
