@@ -2,6 +2,7 @@
 
 use crate::clock::Clock;
 use crate::error::{QueueError, StoreError};
+use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
 use crate::ports::{RefreshQueue, WindowStore};
 use crate::refresh_message::{RefreshMessage, BODY_VERSION};
 use crate::s3_event::{decode_notification, NotANotification, SkipReason};
@@ -9,6 +10,7 @@ use crate::window::{ChangeSet, WindowView};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
@@ -62,13 +64,19 @@ struct BucketBatch {
     changes: ChangeSet,
     first_event_ms: Option<i64>,
     events: usize,
+    /// The first few decoded keys, for the decision's log line.
+    keys: Vec<String>,
 }
+
+/// How many keys a decision's log line names.
+const LOGGED_KEYS: usize = 5;
 
 pub struct Aggregator<S, Q, C> {
     store: S,
     queue: Q,
     clock: C,
     delay_seconds: u32,
+    metrics: Arc<dyn MetricsSink>,
 }
 
 impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
@@ -78,7 +86,14 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             queue,
             clock,
             delay_seconds,
+            metrics: Arc::new(StdoutSink),
         }
+    }
+
+    /// Sends the EMF metric lines somewhere else than stdout.
+    pub fn with_metrics_sink(mut self, sink: Arc<dyn MetricsSink>) -> Self {
+        self.metrics = sink;
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -104,10 +119,13 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             undecodable_keys: decoded.undecodable_keys.len(),
             ..Default::default()
         };
+        let mut metrics = InvocationMetrics::default();
         for skipped in &decoded.skipped {
             match &skipped.reason {
                 SkipReason::GatewayWrite { .. } => {
                     report.skipped_gateway_writes += 1;
+                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_RECEIVED, 1);
+                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_SKIPPED_GATEWAY, 1);
                     info!(
                         bucket = skipped.bucket.as_deref().unwrap_or(""),
                         record = skipped.index,
@@ -124,6 +142,8 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 }
                 SkipReason::Malformed { .. } => {
                     report.skipped_malformed += 1;
+                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_RECEIVED, 1);
+                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_SKIPPED_MALFORMED, 1);
                     warn!(record = skipped.index, "Skipping {}", skipped.reason);
                 }
             }
@@ -137,6 +157,14 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
         for change in &decoded.changes {
             let batch = buckets.entry(change.bucket.as_str()).or_default();
             batch.events += 1;
+            metrics.count(Some(&change.bucket), name::EVENTS_RECEIVED, 1);
+            if let Some(key) = change
+                .key
+                .as_ref()
+                .filter(|_| batch.keys.len() < LOGGED_KEYS)
+            {
+                batch.keys.push(key.clone());
+            }
             match change.folder() {
                 Some(folder) => batch.changes.add_folder(folder),
                 None => batch.changes.whole_bucket = true,
@@ -147,16 +175,28 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
         }
 
         let mut first_error = None;
+        let now = self.clock.now_ms();
         for (bucket, batch) in &buckets {
+            let b = Some(*bucket);
+            if let Some(first) = batch.first_event_ms {
+                metrics.max_ms(b, name::OLDEST_EVENT_AGE, now - first);
+            }
             match self.process_bucket(bucket, batch).await {
                 Ok(BucketOutcome::Opened) => {
                     report.windows_opened += 1;
                     report.messages_sent += 1;
+                    metrics.count(b, name::WINDOWS_OPENED, 1);
+                    metrics.count(b, name::MESSAGES_SENT, 1);
                 }
-                Ok(BucketOutcome::Joined) => report.windows_joined += 1,
+                Ok(BucketOutcome::Joined) => {
+                    report.windows_joined += 1;
+                    metrics.count(b, name::EVENTS_COALESCED, batch.events);
+                }
                 Ok(BucketOutcome::JoinedAndSent) => {
                     report.windows_joined += 1;
                     report.messages_sent += 1;
+                    metrics.count(b, name::EVENTS_COALESCED, batch.events);
+                    metrics.count(b, name::MESSAGES_SENT, 1);
                 }
                 Err(e) => {
                     error!(bucket, error = %e, "Failed to record events; the invocation will be retried");
@@ -164,6 +204,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 }
             }
         }
+        metrics.emit(self.metrics.as_ref(), "aggregator", self.clock.now_ms());
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),
@@ -193,7 +234,8 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 .map_err(store_err)?
             {
                 if view.message_sent {
-                    info!(bucket, events = batch.events, generation = view.generation, window_ends_at = view.ends_at_ms,
+                    info!(bucket, keys = ?batch.keys, events = batch.events, event_time = timestamp,
+                        generation = view.generation, window_ends_at = view.ends_at_ms, outcome = "joined",
                         "Refresh for bucket: {bucket} within refresh window, skipping. S3 Event timestamp: {timestamp}");
                     return Ok(BucketOutcome::Joined);
                 }
@@ -202,7 +244,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                     generation = view.generation,
                     "Window is open but its refresh message is not known to be sent; sending it"
                 );
-                self.send(bucket, &view, timestamp).await?;
+                self.send(bucket, batch, &view, timestamp).await?;
                 return Ok(BucketOutcome::JoinedAndSent);
             }
             if let Some(view) = self
@@ -211,7 +253,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 .await
                 .map_err(store_err)?
             {
-                self.send(bucket, &view, timestamp).await?;
+                self.send(bucket, batch, &view, timestamp).await?;
                 return Ok(BucketOutcome::Opened);
             }
             // Another invocation opened a window between our two writes: join it.
@@ -224,6 +266,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
     async fn send(
         &self,
         bucket: &str,
+        batch: &BucketBatch,
         view: &WindowView,
         timestamp_ms: i64,
     ) -> Result<(), AggregatorError> {
@@ -243,7 +286,9 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 bucket: bucket.to_string(),
                 source,
             })?;
-        info!(bucket, generation = view.generation, message_id = %message_id, delay_seconds = self.delay_seconds,
+        info!(bucket, keys = ?batch.keys, events = batch.events, event_time = timestamp_ms,
+            generation = view.generation, window_ends_at = view.ends_at_ms, outcome = "sent",
+            message_id = %message_id, delay_seconds = self.delay_seconds,
             "Sending refresh request for bucket: {bucket}, timestamp: {timestamp_ms}");
         // The message is on the queue either way; a failed mark only means a later
         // event of this window sends a duplicate, which the refresher tolerates.

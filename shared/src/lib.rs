@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod ports;
 pub mod refresh_message;
 pub mod refresher;

@@ -4,7 +4,7 @@
 use crate::error::{GatewayError, QueueError, StoreError};
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
-use crate::window::{ChangeSet, CloseOutcome, WindowView};
+use crate::window::{ChangeSet, CloseOutcome, RefreshLog, WindowView};
 use std::future::Future;
 
 /// The per-bucket window items (DynamoDB). Each method is one conditional write,
@@ -42,12 +42,12 @@ pub trait WindowStore: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<CloseOutcome, StoreError>> + Send;
 
-    /// Records that every refresh of `generation` started.
-    fn mark_refreshed(
+    /// Records what a message's refreshes started and, for a window, that they all
+    /// started (the rule [`crate::window::record_refresh`]).
+    fn record_refresh(
         &self,
         bucket: &str,
-        generation: u64,
-        now_ms: i64,
+        log: &RefreshLog,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 

@@ -4,13 +4,15 @@
 use crate::aggregator::truncate;
 use crate::clock::Clock;
 use crate::error::{GatewayError, Retry, StoreError};
+use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
 use crate::ports::{FileGateway, WindowStore};
 use crate::refresh_message::{decode_sqs_record, IncomingRefresh};
 use crate::shares::{parse_location_arn, plan_refreshes, FileShare, ShareKind};
-use crate::window::{CloseOutcome, RefreshScope};
+use crate::window::{CloseOutcome, RefreshLog, RefreshScope, StartedRefresh};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse};
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
@@ -60,6 +62,7 @@ pub struct Refresher<S, G, C> {
     gateway: G,
     clock: C,
     cache: Mutex<Option<ShareCache>>,
+    metrics: Arc<dyn MetricsSink>,
 }
 
 impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
@@ -69,7 +72,14 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             gateway,
             clock,
             cache: Mutex::new(None),
+            metrics: Arc::new(StdoutSink),
         }
+    }
+
+    /// Sends the EMF metric lines somewhere else than stdout.
+    pub fn with_metrics_sink(mut self, sink: Arc<dyn MetricsSink>) -> Self {
+        self.metrics = sink;
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -90,12 +100,14 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
                 RefresherError::NotAnSqsEvent(truncate(&payload.to_string(), 2048).to_string())
             })?;
         let mut response = SqsBatchResponse::default();
+        let mut metrics = InvocationMetrics::default();
         for record in records {
             let request = match decode_sqs_record(record) {
                 Ok(request) => request,
                 Err(bad) => {
                     // Retrying cannot make this message readable.
                     error!(error = %bad, "Discarding unreadable refresh message");
+                    metrics.count(None, name::MESSAGES_UNREADABLE, 1);
                     continue;
                 }
             };
@@ -103,7 +115,7 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
                 warn!(bucket = %request.bucket, message_id = %request.message_id, body = %truncate(body, 1024),
                     "Message body is not ours; refreshing the whole bucket");
             }
-            match self.process(&request).await {
+            match self.process(&request, &mut metrics).await {
                 Ok(RecordOutcome::Duplicate) => {
                     info!(bucket = %request.bucket, generation = ?request.generation, "Window already refreshed; duplicate message");
                 }
@@ -112,18 +124,24 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
                 Err(e) => {
                     warn!(bucket = %request.bucket, message_id = %request.message_id, error = %e,
                         "Refresh failed; the message will be redelivered");
+                    metrics.count(Some(&request.bucket), name::MESSAGES_FAILED, 1);
                     let mut failure = BatchItemFailure::default();
                     failure.item_identifier = request.message_id.clone();
                     response.batch_item_failures.push(failure);
                 }
             }
         }
+        metrics.emit(self.metrics.as_ref(), "refresher", self.clock.now_ms());
         Ok(response)
     }
 
     /// Closes the window and starts a refresh on every share that the window's
     /// changes concern.
-    pub async fn process(&self, request: &IncomingRefresh) -> Result<RecordOutcome, RecordError> {
+    pub async fn process(
+        &self,
+        request: &IncomingRefresh,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<RecordOutcome, RecordError> {
         let bucket = request.bucket.as_str();
         let scope = match request.generation {
             Some(generation) => match self
@@ -138,15 +156,19 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             None => RefreshScope::WholeBucket,
         };
 
-        let mut refreshed: Vec<String> = Vec::new();
+        let mut log = RefreshLog {
+            generation: request.generation,
+            started_at_ms: self.clock.now_ms(),
+            refreshes: Vec::new(),
+        };
         let mut resolved_fresh = false;
         loop {
             let shares = self.shares(resolved_fresh).await?;
             let plans: Vec<_> = plan_refreshes(&shares, bucket, &scope)
                 .into_iter()
-                .filter(|p| !refreshed.contains(&p.share_arn))
+                .filter(|p| !log.refreshes.iter().any(|r| r.share_arn == p.share_arn))
                 .collect();
-            if plans.is_empty() && refreshed.is_empty() {
+            if plans.is_empty() && log.refreshes.is_empty() {
                 warn!(
                     bucket,
                     ?scope,
@@ -157,17 +179,35 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             for plan in &plans {
                 match self.gateway.refresh_cache(plan).await {
                     Ok(notification_id) => {
+                        let now = self.clock.now_ms();
+                        let age = request.timestamp_ms.map(|t| now - t);
                         info!(bucket, share = %plan.share_arn, folders = ?plan.folders, recursive = plan.recursive,
-                            notification_id = %notification_id, "Refreshing cache of share {} for bucket: {bucket}", plan.share_arn);
-                        refreshed.push(plan.share_arn.clone());
+                            notification_id = %notification_id, event_age_ms = ?age,
+                            "Refreshing cache of share {} for bucket: {bucket}", plan.share_arn);
+                        metrics.count(Some(bucket), name::REFRESHES_REQUESTED, 1);
+                        if let Some(age) = age {
+                            metrics.max_ms(Some(bucket), name::OLDEST_EVENT_AGE, age);
+                        }
+                        log.refreshes.push(StartedRefresh {
+                            share_arn: plan.share_arn.clone(),
+                            notification_id,
+                            folders: plan.folders.clone(),
+                            recursive: plan.recursive,
+                        });
                     }
                     Err(GatewayError::ShareNotFound { share_arn, message }) => {
                         warn!(bucket, share = %share_arn, %message, "File share is gone; resolving shares again");
+                        metrics.count(Some(bucket), name::SHARES_NOT_FOUND, 1);
                         *self.cache.lock().await = None;
                         share_gone = true;
                         break;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        if matches!(e, GatewayError::Busy { .. }) {
+                            metrics.count(Some(bucket), name::REFRESHES_THROTTLED, 1);
+                        }
+                        return Err(e.into());
+                    }
                 }
             }
             if !share_gone {
@@ -179,17 +219,14 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             resolved_fresh = true;
         }
 
-        if let Some(generation) = request.generation {
-            // Only a shortcut for duplicates: without it a duplicate refreshes again.
-            if let Err(e) = self
-                .store
-                .mark_refreshed(bucket, generation, self.clock.now_ms())
-                .await
-            {
-                warn!(bucket, generation, error = %e, "Could not record the refresh");
-            }
+        // The log is for operators, and the mark only a shortcut for duplicates:
+        // neither is worth a redelivery.
+        if let Err(e) = self.store.record_refresh(bucket, &log).await {
+            warn!(bucket, generation = ?request.generation, error = %e, "Could not record the refresh");
         }
-        Ok(RecordOutcome::Refreshed { shares: refreshed })
+        Ok(RecordOutcome::Refreshed {
+            shares: log.refreshes.into_iter().map(|r| r.share_arn).collect(),
+        })
     }
 
     /// Every NFS and SMB share in the account, from the cache when it is fresh.

@@ -55,6 +55,26 @@ pub struct WindowItem {
     pub folders: BTreeSet<String>,
     pub whole_bucket: bool,
     pub last_event_at_ms: i64,
+    /// The latest refresh the refresher recorded, for operators.
+    pub last_refresh: Option<RefreshLog>,
+}
+
+/// What one refresher run started, kept on the bucket's item so an operator can match
+/// it with the gateway's "Storage Gateway Refresh Cache Event" in EventBridge.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshLog {
+    /// The window refreshed, if the message named one.
+    pub generation: Option<u64>,
+    pub started_at_ms: i64,
+    pub refreshes: Vec<StartedRefresh>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedRefresh {
+    pub share_arn: String,
+    pub notification_id: String,
+    pub folders: Vec<String>,
+    pub recursive: bool,
 }
 
 impl WindowItem {
@@ -168,11 +188,25 @@ pub fn close(item: &mut Option<WindowItem>, generation: u64) -> CloseOutcome {
     }
 }
 
-/// Record that every refresh for `generation` started. Never moves backwards.
-pub fn mark_refreshed(item: &mut Option<WindowItem>, generation: u64) {
-    if let Some(current) = item.as_mut() {
-        if current.generation >= generation {
-            current.refreshed_generation = current.refreshed_generation.max(generation);
+/// Record the refreshes of a message: the log always, and for a window, that every
+/// refresh of it started (never moving backwards). A log for a window that a
+/// duplicate already recorded is dropped.
+pub fn record_refresh(item: &mut Option<WindowItem>, bucket: &str, log: &RefreshLog) {
+    match log.generation {
+        Some(generation) => {
+            if let Some(current) = item.as_mut() {
+                if current.generation >= generation && current.refreshed_generation < generation {
+                    current.refreshed_generation = generation;
+                    current.last_refresh = Some(log.clone());
+                }
+            }
+        }
+        None => {
+            let current = item.get_or_insert_with(|| WindowItem {
+                bucket: bucket.to_string(),
+                ..Default::default()
+            });
+            current.last_refresh = Some(log.clone());
         }
     }
 }
@@ -180,6 +214,14 @@ pub fn mark_refreshed(item: &mut Option<WindowItem>, generation: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn log(generation: u64) -> RefreshLog {
+        RefreshLog {
+            generation: Some(generation),
+            started_at_ms: generation as i64,
+            refreshes: vec![],
+        }
+    }
 
     fn folders(list: &[&str]) -> ChangeSet {
         let mut c = ChangeSet::default();
@@ -250,7 +292,7 @@ mod tests {
         assert!(matches!(close(&mut item, 1), CloseOutcome::Refresh(_)));
         // Redelivery before the refresh finished: refresh again.
         assert!(matches!(close(&mut item, 1), CloseOutcome::Refresh(_)));
-        mark_refreshed(&mut item, 1);
+        record_refresh(&mut item, "b", &log(1));
         assert_eq!(close(&mut item, 1), CloseOutcome::AlreadyRefreshed);
         open(&mut item, "b", &folders(&["z/"]), 20, 10);
         assert_eq!(close(&mut item, 1), CloseOutcome::Superseded);
@@ -274,8 +316,13 @@ mod tests {
         mark_sent(&mut item, 2);
         mark_sent(&mut item, 1);
         assert_eq!(item.as_ref().unwrap().sent_generation, 2);
-        mark_refreshed(&mut item, 2);
-        mark_refreshed(&mut item, 1);
+        record_refresh(&mut item, "b", &log(2));
+        record_refresh(&mut item, "b", &log(1));
         assert_eq!(item.as_ref().unwrap().refreshed_generation, 2);
+        assert_eq!(item.as_ref().unwrap().last_refresh, Some(log(2)));
+        // A message without a window still leaves its log.
+        let mut fresh = None;
+        record_refresh(&mut fresh, "b", &RefreshLog::default());
+        assert_eq!(fresh.unwrap().last_refresh, Some(RefreshLog::default()));
     }
 }

@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 use shared::aggregator::Aggregator;
 use shared::clock::Clock;
 use shared::error::{GatewayError, QueueError, Retry, StoreError};
+use shared::metrics::NullSink;
 use shared::ports::{
     DescribedShare, FileGateway, RefreshQueue, SharePage, ShareSummary, WindowStore,
 };
@@ -34,7 +35,7 @@ use shared::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use shared::refresher::Refresher;
 use shared::s3_event::format_event_time;
 use shared::shares::{RefreshPlan, ShareKind};
-use shared::window::{self, ChangeSet, CloseOutcome, WindowItem, WindowView};
+use shared::window::{self, ChangeSet, CloseOutcome, RefreshLog, WindowItem, WindowView};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -360,14 +361,9 @@ impl WindowStore for SimStore {
         .await
     }
 
-    async fn mark_refreshed(
-        &self,
-        bucket: &str,
-        generation: u64,
-        _now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.apply("mark_refreshed", bucket, |item, _| {
-            window::mark_refreshed(item, generation)
+    async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
+        self.apply("record_refresh", bucket, |item, _| {
+            window::record_refresh(item, bucket, log)
         })
         .await
     }
@@ -655,7 +651,8 @@ impl Sim {
             SimQueue(port.clone(), 900),
             SimClock(port.clone()),
             self.delay_seconds,
-        );
+        )
+        .with_metrics_sink(Arc::new(NullSink));
         Container {
             busy: false,
             port,
@@ -670,7 +667,8 @@ impl Sim {
             SimStore(port.clone()),
             SimGateway(port.clone()),
             SimClock(port.clone()),
-        );
+        )
+        .with_metrics_sink(Arc::new(NullSink));
         Container {
             busy: false,
             port,

@@ -597,13 +597,15 @@ async fn logs_follow_log_level_rust_log_and_the_json_format() -> Result<(), BoxE
             true,
         ),
     ] {
-        let mut options = StackOptions::default();
-        options.extra_env = extra
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        options.log_level = "WARN".into();
-        let stack = Stack::start(options).await?;
+        let stack = Stack::start(StackOptions {
+            extra_env: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log_level: "WARN".into(),
+            ..Default::default()
+        })
+        .await?;
         let bucket = stack.create_bucket("levels").await?;
         let events = put_and_collect(&stack, &bucket, &["a".to_string(), "b".to_string()]).await?;
         let feed = stack.invoke_aggregator(&events).await?;
@@ -616,5 +618,129 @@ async fn logs_follow_log_level_rust_log_and_the_json_format() -> Result<(), BoxE
             "{extra:?}"
         );
     }
+    Ok(())
+}
+
+/// The EMF lines a function printed, each checked against the EMF specification.
+fn emf_lines(process: &LambdaProcess) -> Vec<Value> {
+    process
+        .output_lines()
+        .iter()
+        .filter(|l| l.starts_with("{\"_aws\""))
+        .map(|l| {
+            shared::metrics::check_emf_line(l)
+                .unwrap_or_else(|e| panic!("invalid EMF line ({e}): {l}"))
+        })
+        .collect()
+}
+
+fn metric_sum(lines: &[Value], function: &str, bucket: Option<&str>, name: &str) -> f64 {
+    lines
+        .iter()
+        .filter(|l| l["Function"] == function && l.get("Bucket").and_then(Value::as_str) == bucket)
+        .filter_map(|l| l.get(name).and_then(Value::as_f64))
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 2,
+        ..Default::default()
+    })
+    .await?;
+    stack
+        .clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(&stack.action_queue_url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            "1",
+        )
+        .send()
+        .await?;
+    let bucket = stack.create_bucket("metrics").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let share = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    let keys: Vec<String> = (0..5).map(|i| format!("m/{i}")).collect();
+    let mut events = put_and_collect(&stack, &bucket, &keys).await?;
+    let gateway_write = events
+        .iter()
+        .position(|e| e.get("Records").is_some())
+        .ok_or("no object event")?;
+    events[gateway_write]["Records"][0]["userIdentity"] =
+        json!({"principalId": "x:StorageGateway-sgw-1"});
+    events.push(json!({"Records": [{"s3": {"bucket": {"name": bucket}}}]}));
+    stack.invoke_aggregator(&events).await?;
+    stack
+        .gateway
+        .fail_next("RefreshCache", 1, InjectedFailure::Throttle);
+    let first = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(first.batch_item_failures, 1);
+    stack.run_refresher(1, stack.window_wait()).await?;
+
+    let agg = emf_lines(&stack.aggregator);
+    let b = Some(bucket.as_str());
+    assert_eq!(metric_sum(&agg, "aggregator", None, "EventsReceived"), 6.0);
+    assert_eq!(metric_sum(&agg, "aggregator", b, "EventsReceived"), 6.0);
+    assert_eq!(
+        metric_sum(&agg, "aggregator", b, "EventsSkippedGatewayWrite"),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&agg, "aggregator", b, "EventsSkippedMalformed"),
+        1.0
+    );
+    assert_eq!(metric_sum(&agg, "aggregator", b, "WindowsOpened"), 1.0);
+    assert_eq!(metric_sum(&agg, "aggregator", b, "EventsCoalesced"), 3.0);
+    assert_eq!(metric_sum(&agg, "aggregator", b, "MessagesSent"), 1.0);
+    assert!(agg
+        .iter()
+        .all(|l| l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "S3EventAggregator"));
+
+    let refresher = emf_lines(&stack.refresher);
+    assert_eq!(
+        metric_sum(&refresher, "refresher", b, "RefreshesThrottled"),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&refresher, "refresher", b, "MessagesFailed"),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&refresher, "refresher", b, "RefreshesRequested"),
+        1.0
+    );
+    let age = metric_sum(&refresher, "refresher", b, "OldestEventAgeMs");
+    assert!(
+        age >= 2_000.0,
+        "event to RefreshCache takes at least the window: {age}"
+    );
+
+    // The refresh is recorded on the bucket's item, with its notification id.
+    let item = stack
+        .clients
+        .bucket_item(&stack.table, &bucket)
+        .await?
+        .ok_or("no item")?;
+    let last = item
+        .get("LastRefresh")
+        .and_then(|v| v.as_m().ok())
+        .ok_or("no LastRefresh")?;
+    let refreshes = last["Refreshes"].as_l().map_err(|_| "Refreshes")?;
+    assert_eq!(refreshes.len(), 1);
+    let entry = refreshes[0].as_m().map_err(|_| "entry")?;
+    assert_eq!(entry["ShareARN"].as_s().map_err(|_| "ShareARN")?, &share);
+    let accepted = stack.gateway.refreshes();
+    assert_eq!(
+        entry["NotificationId"]
+            .as_s()
+            .map_err(|_| "NotificationId")?,
+        &accepted[0].notification_id
+    );
+    assert_eq!(last["Generation"].as_n().map_err(|_| "Generation")?, "1");
     Ok(())
 }

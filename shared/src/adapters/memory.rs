@@ -7,7 +7,7 @@ use crate::ports::{
 };
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
-use crate::window::{self, ChangeSet, CloseOutcome, WindowItem, WindowView};
+use crate::window::{self, ChangeSet, CloseOutcome, RefreshLog, WindowItem, WindowView};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -76,13 +76,8 @@ impl WindowStore for MemoryWindowStore {
         Ok(self.with_item(bucket, |item| window::close(item, generation)))
     }
 
-    async fn mark_refreshed(
-        &self,
-        bucket: &str,
-        generation: u64,
-        _now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.with_item(bucket, |item| window::mark_refreshed(item, generation));
+    async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
+        self.with_item(bucket, |item| window::record_refresh(item, bucket, log));
         Ok(())
     }
 }

@@ -7,7 +7,9 @@ use crate::ports::{
 };
 use crate::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use crate::shares::{RefreshPlan, ShareKind};
-use crate::window::{self, ChangeSet, CloseOutcome, WindowItem, WindowView};
+use crate::window::{
+    self, ChangeSet, CloseOutcome, RefreshLog, StartedRefresh, WindowItem, WindowView,
+};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_storagegateway::types::FileShareType;
@@ -78,6 +80,9 @@ pub mod attr {
     pub const FOLDERS: &str = "Folders";
     pub const WHOLE_BUCKET: &str = "WholeBucket";
     pub const LAST_EVENT_AT: &str = "LastEventAt";
+    /// A map: `Generation`, `StartedAt`, `Refreshes` (a list of maps with `ShareARN`,
+    /// `NotificationId`, `FolderList`, `Recursive`).
+    pub const LAST_REFRESH: &str = "LastRefresh";
 }
 
 // The conditions of `crate::window`, as DynamoDB expressions.
@@ -129,6 +134,88 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
             .copied()
             .unwrap_or(false),
         last_event_at_ms: num(attr::LAST_EVENT_AT),
+        last_refresh: item
+            .get(attr::LAST_REFRESH)
+            .and_then(|v| v.as_m().ok())
+            .map(decode_refresh_log),
+    }
+}
+
+fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
+    let refreshes = log
+        .refreshes
+        .iter()
+        .map(|r| {
+            AttributeValue::M(HashMap::from([
+                (
+                    "ShareARN".to_string(),
+                    AttributeValue::S(r.share_arn.clone()),
+                ),
+                (
+                    "NotificationId".to_string(),
+                    AttributeValue::S(r.notification_id.clone()),
+                ),
+                (
+                    "FolderList".to_string(),
+                    AttributeValue::L(
+                        r.folders
+                            .iter()
+                            .map(|f| AttributeValue::S(f.clone()))
+                            .collect(),
+                    ),
+                ),
+                ("Recursive".to_string(), AttributeValue::Bool(r.recursive)),
+            ]))
+        })
+        .collect();
+    let mut map = HashMap::from([
+        ("StartedAt".to_string(), n(log.started_at_ms)),
+        ("Refreshes".to_string(), AttributeValue::L(refreshes)),
+    ]);
+    if let Some(g) = log.generation {
+        map.insert("Generation".to_string(), n(g));
+    }
+    AttributeValue::M(map)
+}
+
+fn decode_refresh_log(map: &HashMap<String, AttributeValue>) -> RefreshLog {
+    let text = |m: &HashMap<String, AttributeValue>, k: &str| {
+        m.get(k)
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let number = |k: &str| {
+        map.get(k)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    RefreshLog {
+        generation: number("Generation").and_then(|g| u64::try_from(g).ok()),
+        started_at_ms: number("StartedAt").unwrap_or(0),
+        refreshes: map
+            .get("Refreshes")
+            .and_then(|v| v.as_l().ok())
+            .map(|list| {
+                list.iter()
+                    .filter_map(|r| r.as_m().ok())
+                    .map(|r| StartedRefresh {
+                        share_arn: text(r, "ShareARN"),
+                        notification_id: text(r, "NotificationId"),
+                        folders: r
+                            .get("FolderList")
+                            .and_then(|v| v.as_l().ok())
+                            .map(|l| l.iter().filter_map(|f| f.as_s().ok().cloned()).collect())
+                            .unwrap_or_default(),
+                        recursive: r
+                            .get("Recursive")
+                            .and_then(|v| v.as_bool().ok())
+                            .copied()
+                            .unwrap_or(true),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -289,20 +376,30 @@ impl WindowStore for DynamoWindowStore {
         }
     }
 
-    async fn mark_refreshed(
-        &self,
-        bucket: &str,
-        generation: u64,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let request = self
+    async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
+        let mut request = self
             .update(bucket)
-            .update_expression(format!("SET {} = :g, {} = :now", attr::REFRESHED, attr::REFRESHED_AT))
-            .condition_expression(
-                "Generation >= :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
-            )
-            .expression_attribute_values(":g", n(generation))
-            .expression_attribute_values(":now", n(now_ms));
+            .expression_attribute_values(":log", encode_refresh_log(log))
+            .expression_attribute_values(":now", n(log.started_at_ms));
+        request = match log.generation {
+            Some(generation) => request
+                .update_expression(format!(
+                    "SET {} = :g, {} = :now, {} = :log",
+                    attr::REFRESHED,
+                    attr::REFRESHED_AT,
+                    attr::LAST_REFRESH
+                ))
+                .condition_expression(
+                    "Generation >= :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
+                )
+                .expression_attribute_values(":g", n(generation)),
+            None => request.update_expression(format!(
+                "SET {} = :now, {} = :log",
+                attr::REFRESHED_AT,
+                attr::LAST_REFRESH
+            )),
+        };
+        // A failed condition: a duplicate delivery already recorded this window.
         self.conditional(bucket, request).await.map(|_| ())
     }
 }

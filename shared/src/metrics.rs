@@ -1,0 +1,324 @@
+//! Metrics as CloudWatch Embedded Metric Format (EMF) lines on stdout: CloudWatch
+//! Logs turns them into metrics, so counting costs no API call.
+//!
+//! Each invocation writes one line with the function's totals (dimension `Function`)
+//! and, for the metrics worth seeing per bucket, one line per bucket (dimensions
+//! `Function`, `Bucket`). Buckets are few per deployment, so the cardinality stays low.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+pub const NAMESPACE: &str = "S3EventAggregator";
+
+/// Metric names, as they appear in CloudWatch.
+pub mod name {
+    pub const EVENTS_RECEIVED: &str = "EventsReceived";
+    pub const EVENTS_SKIPPED_GATEWAY: &str = "EventsSkippedGatewayWrite";
+    pub const EVENTS_SKIPPED_MALFORMED: &str = "EventsSkippedMalformed";
+    pub const WINDOWS_OPENED: &str = "WindowsOpened";
+    pub const EVENTS_COALESCED: &str = "EventsCoalesced";
+    pub const MESSAGES_SENT: &str = "MessagesSent";
+    pub const REFRESHES_REQUESTED: &str = "RefreshesRequested";
+    pub const REFRESHES_THROTTLED: &str = "RefreshesThrottled";
+    pub const SHARES_NOT_FOUND: &str = "SharesNotFound";
+    pub const MESSAGES_FAILED: &str = "MessagesFailed";
+    pub const MESSAGES_UNREADABLE: &str = "MessagesUnreadable";
+    pub const OLDEST_EVENT_AGE: &str = "OldestEventAgeMs";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Unit {
+    Count,
+    Milliseconds,
+}
+
+/// Values of one line: counts add up, ages keep the largest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricSet {
+    values: BTreeMap<&'static str, (Unit, f64)>,
+}
+
+impl MetricSet {
+    pub fn count(&mut self, name: &'static str, n: usize) {
+        let entry = self.values.entry(name).or_insert((Unit::Count, 0.0));
+        entry.1 += n as f64;
+    }
+
+    pub fn max_ms(&mut self, name: &'static str, ms: i64) {
+        let entry = self.values.entry(name).or_insert((Unit::Milliseconds, 0.0));
+        entry.1 = entry.1.max(ms.max(0) as f64);
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.get(name).map(|(_, v)| *v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct MetricDefinition<'a> {
+    name: &'a str,
+    unit: Unit,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct MetricDirective<'a> {
+    namespace: &'a str,
+    dimensions: Vec<Vec<&'a str>>,
+    metrics: Vec<MetricDefinition<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Metadata<'a> {
+    timestamp: i64,
+    cloud_watch_metrics: Vec<MetricDirective<'a>>,
+}
+
+#[derive(Serialize)]
+struct EmfLine<'a> {
+    #[serde(rename = "_aws")]
+    aws: Metadata<'a>,
+    #[serde(rename = "Function")]
+    function: &'a str,
+    #[serde(rename = "Bucket", skip_serializing_if = "Option::is_none")]
+    bucket: Option<&'a str>,
+    #[serde(flatten)]
+    values: BTreeMap<&'a str, f64>,
+}
+
+/// One EMF line, or `None` when there is nothing to report.
+pub fn emf_line(
+    function: &str,
+    bucket: Option<&str>,
+    timestamp_ms: i64,
+    metrics: &MetricSet,
+) -> Option<String> {
+    if metrics.is_empty() {
+        return None;
+    }
+    let mut dimensions = vec!["Function"];
+    if bucket.is_some() {
+        dimensions.push("Bucket");
+    }
+    let line = EmfLine {
+        aws: Metadata {
+            timestamp: timestamp_ms,
+            cloud_watch_metrics: vec![MetricDirective {
+                namespace: NAMESPACE,
+                dimensions: vec![dimensions],
+                metrics: metrics
+                    .values
+                    .iter()
+                    .map(|(name, (unit, _))| MetricDefinition { name, unit: *unit })
+                    .collect(),
+            }],
+        },
+        function,
+        bucket,
+        values: metrics
+            .values
+            .iter()
+            .map(|(name, (_, v))| (*name, *v))
+            .collect(),
+    };
+    serde_json::to_string(&line).ok()
+}
+
+/// Where EMF lines go.
+pub trait MetricsSink: Send + Sync {
+    fn emit(&self, line: &str);
+}
+
+/// Standard output, where Lambda's log agent picks EMF lines up.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdoutSink;
+
+impl MetricsSink for StdoutSink {
+    fn emit(&self, line: &str) {
+        println!("{line}");
+    }
+}
+
+/// Keeps the lines, for tests.
+#[derive(Debug, Default)]
+pub struct MemorySink(Mutex<Vec<String>>);
+
+impl MemorySink {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl MetricsSink for MemorySink {
+    fn emit(&self, line: &str) {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.push(line.to_string());
+        }
+    }
+}
+
+/// Discards the lines (the simulation).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+
+impl MetricsSink for NullSink {
+    fn emit(&self, _: &str) {}
+}
+
+/// One invocation's metrics: the function's totals, and per bucket.
+#[derive(Debug, Default)]
+pub struct InvocationMetrics {
+    pub total: MetricSet,
+    pub per_bucket: BTreeMap<String, MetricSet>,
+}
+
+impl InvocationMetrics {
+    pub fn count(&mut self, bucket: Option<&str>, name: &'static str, n: usize) {
+        self.total.count(name, n);
+        if let Some(b) = bucket {
+            self.per_bucket
+                .entry(b.to_string())
+                .or_default()
+                .count(name, n);
+        }
+    }
+
+    pub fn max_ms(&mut self, bucket: Option<&str>, name: &'static str, ms: i64) {
+        self.total.max_ms(name, ms);
+        if let Some(b) = bucket {
+            self.per_bucket
+                .entry(b.to_string())
+                .or_default()
+                .max_ms(name, ms);
+        }
+    }
+
+    /// Writes the function line, then one line per bucket.
+    pub fn emit(&self, sink: &dyn MetricsSink, function: &str, timestamp_ms: i64) {
+        if let Some(line) = emf_line(function, None, timestamp_ms, &self.total) {
+            sink.emit(&line);
+        }
+        for (bucket, set) in &self.per_bucket {
+            if let Some(line) = emf_line(function, Some(bucket), timestamp_ms, set) {
+                sink.emit(&line);
+            }
+        }
+    }
+}
+
+/// Checks a line against the EMF specification's required structure and returns it
+/// parsed: `_aws.Timestamp` (a number), `_aws.CloudWatchMetrics[]` with `Namespace`
+/// (a string), `Dimensions` (arrays of at most 30 names, each a string member of the
+/// line) and `Metrics` (1 to 100 `{Name, Unit?}`, each a number member of the line).
+pub fn check_emf_line(line: &str) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let aws = v.get("_aws").ok_or("no _aws")?;
+    if !aws.get("Timestamp").is_some_and(Value::is_i64) {
+        return Err("_aws.Timestamp is not an integer".into());
+    }
+    let directives = aws
+        .get("CloudWatchMetrics")
+        .and_then(Value::as_array)
+        .filter(|d| !d.is_empty())
+        .ok_or("_aws.CloudWatchMetrics is not a non-empty array")?;
+    for d in directives {
+        if d.get("Namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return Err("Namespace missing".into());
+        }
+        for set in d
+            .get("Dimensions")
+            .and_then(Value::as_array)
+            .ok_or("Dimensions missing")?
+        {
+            let set = set.as_array().ok_or("a dimension set is not an array")?;
+            if set.len() > 30 {
+                return Err("more than 30 dimensions".into());
+            }
+            for dim in set {
+                let dim = dim.as_str().ok_or("a dimension is not a string")?;
+                if !v.get(dim).is_some_and(Value::is_string) {
+                    return Err(format!("dimension {dim} is not a string member"));
+                }
+            }
+        }
+        let metrics = d
+            .get("Metrics")
+            .and_then(Value::as_array)
+            .filter(|m| !m.is_empty() && m.len() <= 100)
+            .ok_or("Metrics is not an array of 1 to 100")?;
+        for m in metrics {
+            let name = m
+                .get("Name")
+                .and_then(Value::as_str)
+                .ok_or("a metric has no Name")?;
+            if !v.get(name).is_some_and(Value::is_number) {
+                return Err(format!("metric {name} is not a number member"));
+            }
+            if let Some(unit) = m.get("Unit") {
+                if !matches!(unit.as_str(), Some("Count" | "Milliseconds")) {
+                    return Err(format!("metric {name} has an unexpected unit {unit}"));
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn assert_valid_emf(line: &str) {
+        if let Err(e) = check_emf_line(line) {
+            panic!("{e}: {line}");
+        }
+    }
+
+    #[test]
+    fn lines_follow_the_emf_specification() {
+        let mut m = InvocationMetrics::default();
+        m.count(Some("b1"), name::EVENTS_RECEIVED, 3);
+        m.count(Some("b2"), name::EVENTS_RECEIVED, 2);
+        m.count(None, name::EVENTS_SKIPPED_MALFORMED, 1);
+        m.max_ms(Some("b1"), name::OLDEST_EVENT_AGE, 1200);
+        m.max_ms(Some("b1"), name::OLDEST_EVENT_AGE, 900);
+        let sink = MemorySink::default();
+        m.emit(&sink, "aggregator", 1_700_000_000_000);
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 3);
+        for line in &lines {
+            assert_valid_emf(line);
+        }
+        let total: Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(total["EventsReceived"], 5.0);
+        assert_eq!(total["Function"], "aggregator");
+        assert!(total.get("Bucket").is_none());
+        let b1: Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(b1["Bucket"], "b1");
+        assert_eq!(b1["OldestEventAgeMs"], 1200.0);
+        assert_eq!(
+            b1["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0],
+            serde_json::json!(["Function", "Bucket"])
+        );
+    }
+
+    #[test]
+    fn nothing_to_report_writes_nothing() {
+        let sink = MemorySink::default();
+        InvocationMetrics::default().emit(&sink, "refresher", 0);
+        assert!(sink.lines().is_empty());
+    }
+}
