@@ -39,6 +39,10 @@ pub struct StackOptions {
     pub log_level: String,
     /// Extra environment for both functions.
     pub extra_env: Vec<(String, String)>,
+    /// Name the table and queues as the deployment scripts do for this prefix
+    /// (`PREFIX`, `PREFIXActionQueue`, `PREFIXActionDLQ`, `PREFIXAggregatorDLQ`), so
+    /// the scripts can be run against this stack. Unique names when `None`.
+    pub prefix: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -47,6 +51,7 @@ impl Default for StackOptions {
             refresh_delay_seconds: 2,
             log_level: "INFO".to_string(),
             extra_env: Vec::new(),
+            prefix: None,
         }
     }
 }
@@ -99,11 +104,20 @@ impl Stack {
         let moto = Moto::start().await?;
         let gateway = SgwStandIn::start().await?;
         let clients = Clients::new(&sdk_config(moto.endpoint()).await);
-        let table = unique_name("S3EventAggregator");
+        let (table, action_queue) = match &options.prefix {
+            Some(prefix) => {
+                for dlq in ["ActionDLQ", "AggregatorDLQ"] {
+                    clients.create_queue(&format!("{prefix}{dlq}")).await?;
+                }
+                (prefix.clone(), format!("{prefix}ActionQueue"))
+            }
+            None => (
+                unique_name("S3EventAggregator"),
+                unique_name("S3EventAggregatorActionQueue"),
+            ),
+        };
         clients.create_table(&table).await?;
-        let action_queue_url = clients
-            .create_queue(&unique_name("S3EventAggregatorActionQueue"))
-            .await?;
+        let action_queue_url = clients.create_queue(&action_queue).await?;
         let action_queue_arn = clients.queue_arn(&action_queue_url).await?;
         let events_queue_url = clients.create_queue(&unique_name("s3-events")).await?;
 

@@ -26,7 +26,7 @@ async fn run() -> Result<(), BoxError> {
     let stack = Stack::start(StackOptions {
         refresh_delay_seconds: DELAY_SECONDS,
         log_level: "WARN".to_string(),
-        extra_env: Vec::new(),
+        ..Default::default()
     })
     .await?;
     println!("  moto:              {}", stack.moto.endpoint());
