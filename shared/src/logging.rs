@@ -5,10 +5,11 @@ use crate::config::{ConfigError, LogLevel};
 use tracing_subscriber::EnvFilter;
 
 /// Our crates log at `level`; everything else (SDK, HTTP) only at WARN and above,
-/// unless `RUST_LOG` says otherwise.
+/// unless `RUST_LOG` says otherwise. The runtime's per-invocation span (with the
+/// request id) is kept at INFO so every line carries it.
 fn default_filter(level: LogLevel) -> String {
     let l = level.directive();
-    format!("warn,shared={l},aggregator={l},refresher={l}")
+    format!("warn,lambda_runtime=info,shared={l},aggregator={l},refresher={l}")
 }
 
 fn json_format(lookup: &dyn Fn(&str) -> Option<String>) -> bool {

@@ -585,6 +585,12 @@ async fn logs_follow_log_level_rust_log_and_the_json_format() -> Result<(), BoxE
         .as_str()
         .unwrap_or_default()
         .starts_with("Refresh for bucket"));
+    assert!(
+        parsed["span"]["requestId"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "the request id sits in the span: {skip}"
+    );
 
     // LOG_LEVEL=warn (any case) hides the INFO decisions; RUST_LOG overrides LOG_LEVEL.
     for (extra, expect_info) in [
