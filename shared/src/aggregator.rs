@@ -179,7 +179,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
         for (bucket, batch) in &buckets {
             let b = Some(*bucket);
             if let Some(first) = batch.first_event_ms {
-                metrics.max_ms(b, name::OLDEST_EVENT_AGE, now - first);
+                metrics.max_ms(b, name::OLDEST_EVENT_AGE, now.saturating_sub(first));
             }
             match self.process_bucket(bucket, batch).await {
                 Ok(BucketOutcome::Opened) => {

@@ -180,7 +180,7 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
                 match self.gateway.refresh_cache(plan).await {
                     Ok(notification_id) => {
                         let now = self.clock.now_ms();
-                        let age = request.timestamp_ms.map(|t| now - t);
+                        let age = request.timestamp_ms.map(|t| now.saturating_sub(t));
                         info!(bucket, share = %plan.share_arn, folders = ?plan.folders, recursive = plan.recursive,
                             notification_id = %notification_id, event_age_ms = ?age,
                             "Refreshing cache of share {} for bucket: {bucket}", plan.share_arn);
