@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, skipping what is already there:
-# moto server and the AWS CLI (PyPI); with --all also cargo-lambda (PyPI) and the
-# Debian package for the shell linter. Safe to run any number of times.
+# moto server and the AWS CLI (PyPI); with --all also cargo-lambda and the IAM linter
+# parliament (PyPI), and the Debian package for the shell linter. Safe to run any
+# number of times.
 set -euo pipefail
 
 usage() { echo "usage: $0 [--all]"; }
@@ -30,6 +31,7 @@ pip_install moto_server 'moto[server]'
 pip_install aws awscli
 if $all; then
   pip_install cargo-lambda cargo-lambda
+  pip_install parliament parliament
   if command -v shellcheck >/dev/null 2>&1; then
     echo "==> shellcheck: present"
   else

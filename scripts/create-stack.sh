@@ -1,0 +1,542 @@
+#!/usr/bin/env bash
+# Creates or updates the whole stack in one AWS account and region, and attaches the
+# given buckets. Safe to run again: every step converges on the state described below.
+set -euo pipefail
+
+# shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/stack.sh"
+
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--delay SECONDS] [--log-level LEVEL] [--arch arm64|x86_64] [--region REGION] BUCKET..."
+
+# Function settings (the same as [package.metadata.lambda.deploy] in the crates).
+AGGREGATOR_TIMEOUT=30
+AGGREGATOR_MEMORY=128
+REFRESHER_TIMEOUT=60
+REFRESHER_MEMORY=128
+# SQS: the action queue's visibility timeout must be at least 6 times the timeout of
+# the function it feeds; a message that fails this many times goes to the DLQ.
+ACTION_VISIBILITY_TIMEOUT=$((6 * REFRESHER_TIMEOUT))
+ACTION_MAX_RECEIVE_COUNT=10
+DLQ_RETENTION_SECONDS=1209600 # 14 days, the SQS maximum
+ACTION_RETENTION_SECONDS=345600 # 4 days
+# The refresher: at most two invocations at a time (see docs/deploy.md).
+REFRESHER_CONCURRENCY=2
+REFRESHER_BATCH_SIZE=10
+# The aggregator's asynchronous invocations: Lambda retries a failed event twice and
+# keeps it for up to 6 hours, then sends it to the aggregator DLQ.
+AGGREGATOR_RETRIES=2
+AGGREGATOR_MAX_EVENT_AGE=21600
+LOG_RETENTION_DAYS=30
+
+help() {
+  cat <<EOF
+$USAGE
+
+Creates, or brings up to date, the s3-event-aggregator stack in the AWS account and
+region of the AWS CLI configuration, then attaches each BUCKET: the aggregator may be
+invoked by that bucket, and the bucket's notification configuration gains our entry
+(every other entry stays as it is). Running it again converges; it creates nothing twice.
+
+Options (each overrides the environment variable in brackets):
+  --prefix NAME        name prefix of every resource [S3EA_PREFIX] (default $DEFAULT_PREFIX)
+  --delay SECONDS      aggregator REFRESH_DELAY_SECONDS, 0 to 900 [REFRESH_DELAY_SECONDS]
+                       (default: the function's current value, else 30)
+  --log-level LEVEL    LOG_LEVEL of both functions: DEBUG, INFO, WARN, ERROR [LOG_LEVEL]
+                       (default: each function's current value, else INFO)
+  --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
+  --region REGION      AWS region [AWS_REGION, AWS_DEFAULT_REGION, then the CLI config]
+  -h, --help           this help
+BUCKET... may also come from S3EA_BUCKETS (space-separated) when no BUCKET is given.
+
+Other environment variables:
+  S3EA_BILLING_MODE    DynamoDB capacity: on-demand (default) or provisioned
+  S3EA_READ_CAPACITY, S3EA_WRITE_CAPACITY   provisioned capacity units (default 1 and 5)
+  S3EA_DEPLOY_TOOL     cargo-lambda (default: cargo lambda deploy) or aws-cli
+                       (aws lambda create-function / update-function-code)
+  AWS_ACCOUNT_ID       skip the STS look-up of the account
+  AWS_PROFILE, AWS_ENDPOINT_URL and the other AWS CLI variables are honoured.
+
+Resources, with the default prefix: DynamoDB table S3EventAggregator; SQS queues
+S3EventAggregatorActionQueue, S3EventAggregatorActionDLQ, S3EventAggregatorAggregatorDLQ;
+IAM roles and policies S3EventAggregator{Aggregator,Refresher}{Role,Policy}; Lambda
+functions S3EventAggregator and S3EventAggregatorRefresher with their log groups; the
+SQS event source mapping of the refresher. See docs/deploy.md.
+EOF
+}
+
+# ---------------------------------------------------------------------------------
+# Arguments
+
+PREFIX_ARG=${S3EA_PREFIX:-$DEFAULT_PREFIX}
+DELAY_ARG=${REFRESH_DELAY_SECONDS:-}
+LOG_LEVEL_ARG=${LOG_LEVEL:-}
+ARCH=${S3EA_ARCH:-arm64}
+REGION_FLAG=
+BUCKETS=()
+
+need_value() { [ "$1" -ge 2 ] || usage_error "$2 needs a value"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h | --help) help; exit 0 ;;
+    --prefix) need_value $# "$1"; PREFIX_ARG=$2; shift 2 ;;
+    --prefix=*) PREFIX_ARG=${1#*=}; shift ;;
+    --delay) need_value $# "$1"; DELAY_ARG=$2; shift 2 ;;
+    --delay=*) DELAY_ARG=${1#*=}; shift ;;
+    --log-level) need_value $# "$1"; LOG_LEVEL_ARG=$2; shift 2 ;;
+    --log-level=*) LOG_LEVEL_ARG=${1#*=}; shift ;;
+    --arch) need_value $# "$1"; ARCH=$2; shift 2 ;;
+    --arch=*) ARCH=${1#*=}; shift ;;
+    --region) need_value $# "$1"; REGION_FLAG=$2; shift 2 ;;
+    --region=*) REGION_FLAG=${1#*=}; shift ;;
+    --) shift; BUCKETS+=("$@"); break ;;
+    -*) usage_error "unknown option $1" ;;
+    *) BUCKETS+=("$1"); shift ;;
+  esac
+done
+if [ "${#BUCKETS[@]}" -eq 0 ] && [ -n "${S3EA_BUCKETS:-}" ]; then
+  read -r -a BUCKETS <<<"$S3EA_BUCKETS"
+fi
+[ "${#BUCKETS[@]}" -gt 0 ] || usage_error "missing BUCKET"
+
+check_prefix "$PREFIX_ARG"
+for bucket in "${BUCKETS[@]}"; do check_bucket "$bucket"; done
+if [ -n "$DELAY_ARG" ]; then
+  case $DELAY_ARG in
+    *[!0-9]*) usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 900" ;;
+  esac
+  DELAY_ARG=$((10#$DELAY_ARG))
+  [ "$DELAY_ARG" -le 900 ] || usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 900"
+fi
+if [ -n "$LOG_LEVEL_ARG" ]; then
+  LOG_LEVEL_ARG=$(printf '%s' "$LOG_LEVEL_ARG" | tr '[:lower:]' '[:upper:]')
+  case $LOG_LEVEL_ARG in
+    DEBUG | INFO | WARN | WARNING | ERROR) ;;
+    *) usage_error "invalid --log-level '$LOG_LEVEL_ARG': DEBUG, INFO, WARN (or WARNING) or ERROR" ;;
+  esac
+fi
+case $ARCH in
+  arm64) BUILD_ARCH_FLAG=--arm64 RUST_TARGET=aarch64-unknown-linux-gnu ;;
+  x86_64) BUILD_ARCH_FLAG=--x86-64 RUST_TARGET=x86_64-unknown-linux-gnu ;;
+  *) usage_error "invalid --arch '$ARCH': arm64 or x86_64" ;;
+esac
+BILLING_MODE=${S3EA_BILLING_MODE:-on-demand}
+case $BILLING_MODE in
+  on-demand | PAY_PER_REQUEST) BILLING_MODE=PAY_PER_REQUEST ;;
+  provisioned | PROVISIONED) BILLING_MODE=PROVISIONED ;;
+  *) usage_error "invalid S3EA_BILLING_MODE '$BILLING_MODE': on-demand or provisioned" ;;
+esac
+READ_CAPACITY=${S3EA_READ_CAPACITY:-1}
+WRITE_CAPACITY=${S3EA_WRITE_CAPACITY:-5}
+DEPLOY_TOOL=${S3EA_DEPLOY_TOOL:-cargo-lambda}
+case $DEPLOY_TOOL in
+  cargo-lambda | aws-cli) ;;
+  *) usage_error "invalid S3EA_DEPLOY_TOOL '$DEPLOY_TOOL': cargo-lambda or aws-cli" ;;
+esac
+
+set_names "$PREFIX_ARG"
+
+# ---------------------------------------------------------------------------------
+# Tools and target
+
+command -v aws >/dev/null 2>&1 || die "the AWS CLI is not installed (pip install awscli)"
+command -v cargo >/dev/null 2>&1 || die "cargo is not installed (https://rustup.rs)"
+cargo lambda --version >/dev/null 2>&1 || die "cargo-lambda is not installed (pip install cargo-lambda)"
+resolve_target "$REGION_FLAG"
+step "Checking the buckets: ${BUCKETS[*]}"
+for bucket in "${BUCKETS[@]}"; do require_bucket "$bucket"; done
+
+# ---------------------------------------------------------------------------------
+# Build
+
+LAMBDA_DIR=${CARGO_TARGET_DIR:-$S3EA_ROOT/target}/lambda
+build_functions() {
+  if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx "$RUST_TARGET"; then
+    step "Adding the Rust target $RUST_TARGET"
+    rustup target add "$RUST_TARGET"
+  fi
+  step "Building: cargo lambda build --release $BUILD_ARCH_FLAG --output-format zip -p aggregator -p refresher"
+  (cd "$S3EA_ROOT" && cargo lambda build --release "$BUILD_ARCH_FLAG" --output-format zip \
+    --package aggregator --package refresher)
+  local bin
+  for bin in aggregator refresher; do
+    [ -s "$LAMBDA_DIR/$bin/bootstrap.zip" ] || die "the build did not produce $LAMBDA_DIR/$bin/bootstrap.zip"
+  done
+}
+build_functions
+
+# ---------------------------------------------------------------------------------
+# DynamoDB
+
+ensure_table() {
+  step "DynamoDB table $TABLE_NAME"
+  if aws_maybe 'ResourceNotFoundException' dynamodb describe-table --table-name "$TABLE_NAME" \
+    --query "Table.[KeySchema[0].AttributeName, KeySchema[0].KeyType, length(KeySchema), AttributeDefinitions[?AttributeName=='BucketName'].AttributeType | [0], BillingModeSummary.BillingMode]" \
+    --output text; then
+    local key type count attr mode
+    read -r key type count attr mode <<<"$AWS_OUT"
+    if [ "$key $type $count $attr" != "BucketName HASH 1 S" ]; then
+      die "table $TABLE_NAME exists with another key schema; it needs the hash key BucketName (S) only"
+    fi
+    [ "$mode" != None ] || mode=PROVISIONED # tables that were never switched report no mode
+    if [ "$mode" = "$BILLING_MODE" ]; then
+      info "exists (hash key BucketName, $mode)"
+    else
+      info "exists with $mode: switching to $BILLING_MODE"
+      if [ "$BILLING_MODE" = PROVISIONED ]; then
+        aws_maybe 'LimitExceeded' dynamodb update-table --table-name "$TABLE_NAME" --billing-mode PROVISIONED \
+          --provisioned-throughput "ReadCapacityUnits=$READ_CAPACITY,WriteCapacityUnits=$WRITE_CAPACITY" ||
+          warn "DynamoDB refused the switch for now (one switch per 24 hours): table left as $mode"
+      else
+        aws_maybe 'LimitExceeded' dynamodb update-table --table-name "$TABLE_NAME" --billing-mode PAY_PER_REQUEST ||
+          warn "DynamoDB refused the switch for now (one switch per 24 hours): table left as $mode"
+      fi
+    fi
+  else
+    info "creating (hash key BucketName, $BILLING_MODE)"
+    local capacity=()
+    if [ "$BILLING_MODE" = PROVISIONED ]; then
+      capacity=(--provisioned-throughput "ReadCapacityUnits=$READ_CAPACITY,WriteCapacityUnits=$WRITE_CAPACITY")
+    fi
+    aws_cli dynamodb create-table --table-name "$TABLE_NAME" \
+      --attribute-definitions AttributeName=BucketName,AttributeType=S \
+      --key-schema AttributeName=BucketName,KeyType=HASH \
+      --billing-mode "$BILLING_MODE" "${capacity[@]}" >/dev/null
+  fi
+  aws_cli dynamodb wait table-exists --table-name "$TABLE_NAME"
+}
+
+# ---------------------------------------------------------------------------------
+# SQS
+
+# ensure_queue NAME ATTRIBUTES_JSON: creates the queue, or sets the attributes of the
+# existing one. Sets QUEUE_URL_OUT.
+ensure_queue() {
+  local name=$1 attributes=$2 tries=0
+  step "SQS queue $name"
+  if aws_maybe 'NonExistentQueue|QueueDoesNotExist' sqs get-queue-url --queue-name "$name" --query QueueUrl --output text; then
+    QUEUE_URL_OUT=$AWS_OUT
+    info "exists: setting its attributes"
+    aws_cli sqs set-queue-attributes --queue-url "$QUEUE_URL_OUT" --attributes "$attributes"
+    return
+  fi
+  info "creating"
+  # SQS refuses a name for 60 seconds after a queue of that name was deleted.
+  until aws_maybe 'QueueDeletedRecently' sqs create-queue --queue-name "$name" --attributes "$attributes" \
+    --query QueueUrl --output text; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 15 ] || die "queue $name: SQS still refuses the name of a recently deleted queue"
+    info "a queue of this name was deleted less than 60 s ago; retrying in 5 s"
+    sleep 5
+  done
+  QUEUE_URL_OUT=$AWS_OUT
+}
+
+ensure_queues() {
+  local sse='"SqsManagedSseEnabled":"true"' redrive
+  ensure_queue "$ACTION_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
+  URL_ACTION_DLQ=$QUEUE_URL_OUT
+  redrive="{\\\"deadLetterTargetArn\\\":\\\"$ACTION_DLQ_ARN\\\",\\\"maxReceiveCount\\\":$ACTION_MAX_RECEIVE_COUNT}"
+  ensure_queue "$ACTION_QUEUE" "{$sse,\"VisibilityTimeout\":\"$ACTION_VISIBILITY_TIMEOUT\",\"MessageRetentionPeriod\":\"$ACTION_RETENTION_SECONDS\",\"RedrivePolicy\":\"$redrive\"}"
+  URL_ACTION_QUEUE=$QUEUE_URL_OUT
+  ensure_queue "$AGGREGATOR_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
+  URL_AGGREGATOR_DLQ=$QUEUE_URL_OUT
+}
+
+# ---------------------------------------------------------------------------------
+# IAM
+
+# Documents are compared without their white space: the templates have no spaces
+# inside their strings, and IAM returns a document with its keys in their order.
+same_document() {
+  [ "$(printf '%s' "$1" | tr -d '[:space:]')" = "$(printf '%s' "$2" | tr -d '[:space:]')" ]
+}
+
+ensure_role() {
+  local role=$1 trust
+  trust=$(render_policy "$S3EA_ROOT/iam/lambda-trust.json" "")
+  step "IAM role $role"
+  if aws_maybe 'NoSuchEntity' iam get-role --role-name "$role" --query Role.AssumeRolePolicyDocument --output json; then
+    if same_document "$AWS_OUT" "$trust"; then
+      info "exists, trust policy up to date"
+    else
+      info "exists: updating its trust policy"
+      aws_cli iam update-assume-role-policy --role-name "$role" --policy-document "$trust"
+    fi
+  else
+    info "creating (trusted by lambda.amazonaws.com)"
+    aws_cli iam create-role --role-name "$role" --assume-role-policy-document "$trust" \
+      --description "s3-event-aggregator ($PREFIX): execution role" >/dev/null
+  fi
+}
+
+# ensure_policy NAME ARN TEMPLATE FUNCTION ROLE: the customer managed policy with the
+# rendered template as its default version, attached to the role.
+ensure_policy() {
+  local name=$1 arn=$2 template=$3 function=$4 role=$5 document current versions oldest
+  document=$(render_policy "$S3EA_ROOT/iam/$template" "$function")
+  step "IAM policy $name (iam/$template)"
+  if aws_maybe 'NoSuchEntity' iam get-policy --policy-arn "$arn" --query Policy.DefaultVersionId --output text; then
+    current=$(aws_cli iam get-policy-version --policy-arn "$arn" --version-id "$AWS_OUT" \
+      --query PolicyVersion.Document --output json)
+    if same_document "$current" "$document"; then
+      info "exists, document up to date"
+    else
+      # A policy keeps at most 5 versions: drop the oldest non-default one first.
+      versions=$(aws_cli iam list-policy-versions --policy-arn "$arn" --query 'length(Versions)' --output text)
+      if [ "$versions" -ge 5 ]; then
+        # shellcheck disable=SC2016 # JMESPath literals
+        oldest=$(aws_cli iam list-policy-versions --policy-arn "$arn" \
+          --query 'sort_by(Versions[?IsDefaultVersion == `false`], &CreateDate)[0].VersionId' --output text)
+        info "deleting its oldest version $oldest"
+        aws_cli iam delete-policy-version --policy-arn "$arn" --version-id "$oldest"
+      fi
+      info "exists: adding the new document as the default version"
+      aws_cli iam create-policy-version --policy-arn "$arn" --policy-document "$document" --set-as-default >/dev/null
+    fi
+  else
+    info "creating"
+    aws_cli iam create-policy --policy-name "$name" --policy-document "$document" \
+      --description "s3-event-aggregator ($PREFIX): $function" >/dev/null
+  fi
+  info "attaching to role $role"
+  aws_cli iam attach-role-policy --role-name "$role" --policy-arn "$arn"
+}
+
+# ---------------------------------------------------------------------------------
+# CloudWatch Logs: the functions' log groups, created here so that they have a
+# retention period (Lambda would create them without one) and so that delete-stack
+# can remove them.
+
+ensure_log_group() {
+  local group=/aws/lambda/$1 found
+  step "Log group $group (retention $LOG_RETENTION_DAYS days)"
+  found=$(aws_cli logs describe-log-groups --log-group-name-prefix "$group" \
+    --query "length(logGroups[?logGroupName == '$group'])" --output text)
+  if [ "$found" = 0 ]; then
+    info "creating"
+    aws_cli logs create-log-group --log-group-name "$group"
+  else
+    info "exists"
+  fi
+  aws_cli logs put-retention-policy --log-group-name "$group" --retention-in-days "$LOG_RETENTION_DAYS"
+}
+
+# ---------------------------------------------------------------------------------
+# Lambda functions
+
+# current_env FUNCTION VARIABLE: the variable's value on the existing function, or
+# nothing.
+current_env() {
+  local value
+  value=$(aws_cli lambda get-function-configuration --function-name "$1" \
+    --query "Environment.Variables.$2" --output text)
+  [ "$value" = None ] || printf '%s' "$value"
+}
+
+wait_function_ready() {
+  aws_cli lambda wait function-active --function-name "$1"
+  aws_cli lambda wait function-updated --function-name "$1"
+}
+
+# environment_json KEY=VALUE...: the --environment argument, as JSON (values may hold
+# commas, which the shorthand syntax would split).
+environment_json() {
+  local kv value json='{"Variables":{' separator=
+  for kv in "$@"; do
+    value=$(printf '%s' "${kv#*=}" | sed 's/[\\"]/\\&/g')
+    json="$json$separator\"${kv%%=*}\":\"$value\""
+    separator=,
+  done
+  printf '%s}}' "$json"
+}
+
+# deploy_function NAME BINARY ROLE_ARN TIMEOUT MEMORY KEY=VALUE...
+deploy_function() {
+  local name=$1 binary=$2 role=$3 timeout=$4 memory=$5 exists=false current_arch
+  shift 5
+  local env_vars=("$@") zip="$LAMBDA_DIR/$binary/bootstrap.zip"
+  step "Lambda function $name (binary $binary, $ARCH, ${timeout}s, ${memory} MB, $DEPLOY_TOOL)"
+  info "environment: ${env_vars[*]}"
+  if function_exists "$name"; then
+    exists=true
+    wait_function_ready "$name"
+    current_arch=$(aws_cli lambda get-function-configuration --function-name "$name" \
+      --query 'Architectures[0]' --output text)
+    if [ "$current_arch" != "$ARCH" ]; then
+      # `cargo lambda deploy` updates the code of an existing function but not its
+      # architecture; switch both at once here.
+      info "switching the architecture from $current_arch to $ARCH"
+      aws_cli lambda update-function-code --function-name "$name" --architectures "$ARCH" \
+        --zip-file "fileb://$zip" >/dev/null
+      wait_function_ready "$name"
+    fi
+  fi
+
+  if [ "$DEPLOY_TOOL" = cargo-lambda ]; then
+    local args=(lambda deploy --binary-name "$binary" --iam-role "$role" --timeout "$timeout"
+      --memory "$memory" --region "$REGION" --output-format json)
+    if [ -n "${AWS_ENDPOINT_URL:-}" ]; then args+=(--endpoint-url "$AWS_ENDPOINT_URL"); fi
+    local kv
+    for kv in "${env_vars[@]}"; do args+=(--env-var "$kv"); done
+    (cd "$S3EA_ROOT" && retry_for_iam "cargo lambda deploy $name" cargo "${args[@]}" "$name") | sed 's/^/    /'
+  else
+    local variables
+    if $exists; then
+      # Like cargo lambda deploy with merge_env: keep the variables that are not ours.
+      local keys key value
+      # shellcheck disable=SC2016 # JMESPath literal
+      keys=$(aws_cli lambda get-function-configuration --function-name "$name" \
+        --query 'keys(Environment.Variables || `{}`)' --output text)
+      for key in $keys; do
+        case $key in
+          QUEUE_URL | REFRESH_DELAY_SECONDS | LOG_LEVEL | TABLE_NAME) ;;
+          *)
+            value=$(aws_cli lambda get-function-configuration --function-name "$name" \
+              --query "Environment.Variables.\"$key\"" --output text)
+            env_vars+=("$key=$value")
+            info "keeping the variable $key"
+            ;;
+        esac
+      done
+    fi
+    variables=$(environment_json "${env_vars[@]}")
+    if $exists; then
+      info "updating its configuration"
+      retry_for_iam "update-function-configuration $name" aws_cli lambda update-function-configuration \
+        --function-name "$name" --role "$role" --runtime provided.al2023 --handler bootstrap \
+        --timeout "$timeout" --memory-size "$memory" --environment "$variables" >/dev/null
+      wait_function_ready "$name"
+      info "updating its code"
+      aws_cli lambda update-function-code --function-name "$name" --architectures "$ARCH" \
+        --zip-file "fileb://$zip" >/dev/null
+    else
+      info "creating"
+      retry_for_iam "create-function $name" aws_cli lambda create-function --function-name "$name" \
+        --runtime provided.al2023 --handler bootstrap --architectures "$ARCH" --role "$role" \
+        --timeout "$timeout" --memory-size "$memory" --environment "$variables" \
+        --zip-file "fileb://$zip" >/dev/null
+    fi
+  fi
+  wait_function_ready "$name"
+}
+
+# The configured value: the option or variable, else the function's current value,
+# else the default.
+setting() { # FUNCTION VARIABLE GIVEN DEFAULT
+  local value=$3
+  if [ -z "$value" ] && function_exists "$1"; then value=$(current_env "$1" "$2"); fi
+  printf '%s' "${value:-$4}"
+}
+
+deploy_functions() {
+  local delay aggregator_level refresher_level
+  delay=$(setting "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS "$DELAY_ARG" 30)
+  aggregator_level=$(setting "$AGGREGATOR_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
+  refresher_level=$(setting "$REFRESHER_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
+  deploy_function "$AGGREGATOR_FUNCTION" aggregator "$AGGREGATOR_ROLE_ARN" "$AGGREGATOR_TIMEOUT" \
+    "$AGGREGATOR_MEMORY" "QUEUE_URL=$URL_ACTION_QUEUE" "REFRESH_DELAY_SECONDS=$delay" \
+    "LOG_LEVEL=$aggregator_level" "TABLE_NAME=$TABLE_NAME"
+  deploy_function "$REFRESHER_FUNCTION" refresher "$REFRESHER_ROLE_ARN" "$REFRESHER_TIMEOUT" \
+    "$REFRESHER_MEMORY" "LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME"
+}
+
+ensure_concurrency() {
+  step "Reserved concurrency: $REFRESHER_FUNCTION $REFRESHER_CONCURRENCY, $AGGREGATOR_FUNCTION unreserved"
+  if ! aws_maybe 'ReservedConcurrentExecutions|UnreservedConcurrentExecution|below its minimum' \
+    lambda put-function-concurrency --function-name "$REFRESHER_FUNCTION" \
+    --reserved-concurrent-executions "$REFRESHER_CONCURRENCY"; then
+    warn "the account's concurrency quota is too small to reserve $REFRESHER_CONCURRENCY for $REFRESHER_FUNCTION; the event source mapping still caps it at $REFRESHER_CONCURRENCY"
+  fi
+}
+
+ensure_async_config() {
+  step "Asynchronous invocation of $AGGREGATOR_FUNCTION: $AGGREGATOR_RETRIES retries, events kept ${AGGREGATOR_MAX_EVENT_AGE}s, then to $AGGREGATOR_DLQ"
+  retry_for_iam "put-function-event-invoke-config $AGGREGATOR_FUNCTION" aws_cli lambda put-function-event-invoke-config \
+    --function-name "$AGGREGATOR_FUNCTION" --maximum-retry-attempts "$AGGREGATOR_RETRIES" \
+    --maximum-event-age-in-seconds "$AGGREGATOR_MAX_EVENT_AGE" \
+    --destination-config "{\"OnFailure\":{\"Destination\":\"$AGGREGATOR_DLQ_ARN\"}}" >/dev/null
+}
+
+# wait_mapping_settled UUID: until the mapping is not being created or updated.
+wait_mapping_settled() {
+  local state tries=0
+  while :; do
+    state=$(aws_cli lambda get-event-source-mapping --uuid "$1" --query State --output text)
+    case $state in
+      Creating | Updating | Enabling | Disabling) ;;
+      *) return 0 ;;
+    esac
+    tries=$((tries + 1))
+    [ "$tries" -lt 60 ] || die "event source mapping $1 stays in state $state"
+    sleep 2
+  done
+}
+
+ensure_event_source_mapping() {
+  local uuids uuid extra
+  step "Event source mapping $ACTION_QUEUE -> $REFRESHER_FUNCTION (batch $REFRESHER_BATCH_SIZE, ReportBatchItemFailures, at most $REFRESHER_CONCURRENCY concurrent)"
+  uuids=$(aws_cli lambda list-event-source-mappings --function-name "$REFRESHER_FUNCTION" \
+    --event-source-arn "$ACTION_QUEUE_ARN" --query "EventSourceMappings[?State != 'Deleting'].UUID" --output text)
+  [ "$uuids" != None ] || uuids=
+  read -r uuid extra <<<"$uuids" || true
+  if [ -n "${extra:-}" ]; then
+    for extra in $extra; do
+      info "deleting the duplicate mapping $extra"
+      aws_cli lambda delete-event-source-mapping --uuid "$extra" >/dev/null
+    done
+  fi
+  if [ -n "${uuid:-}" ]; then
+    info "exists ($uuid): updating it"
+    wait_mapping_settled "$uuid"
+    retry_for_iam "update-event-source-mapping" aws_cli lambda update-event-source-mapping --uuid "$uuid" \
+      --enabled --batch-size "$REFRESHER_BATCH_SIZE" --function-response-types ReportBatchItemFailures \
+      --scaling-config "MaximumConcurrency=$REFRESHER_CONCURRENCY" >/dev/null
+  else
+    info "creating"
+    retry_for_iam "create-event-source-mapping" aws_cli lambda create-event-source-mapping \
+      --function-name "$REFRESHER_FUNCTION" --event-source-arn "$ACTION_QUEUE_ARN" \
+      --enabled --batch-size "$REFRESHER_BATCH_SIZE" --function-response-types ReportBatchItemFailures \
+      --scaling-config "MaximumConcurrency=$REFRESHER_CONCURRENCY" --query UUID --output text >"$S3EA_TMP/uuid"
+    uuid=$(cat "$S3EA_TMP/uuid")
+  fi
+  MAPPING_UUID=$uuid
+}
+
+# ---------------------------------------------------------------------------------
+# Run
+
+ensure_table
+ensure_queues
+ensure_role "$AGGREGATOR_ROLE"
+ensure_policy "$AGGREGATOR_POLICY" "$AGGREGATOR_POLICY_ARN" aggregator-policy.json "$AGGREGATOR_FUNCTION" "$AGGREGATOR_ROLE"
+ensure_role "$REFRESHER_ROLE"
+ensure_policy "$REFRESHER_POLICY" "$REFRESHER_POLICY_ARN" refresher-policy.json "$REFRESHER_FUNCTION" "$REFRESHER_ROLE"
+ensure_log_group "$AGGREGATOR_FUNCTION"
+ensure_log_group "$REFRESHER_FUNCTION"
+deploy_functions
+ensure_concurrency
+ensure_async_config
+ensure_event_source_mapping
+for bucket in "${BUCKETS[@]}"; do attach_bucket "$bucket"; done
+
+load_function_policy
+step "Done. The stack (prefix $PREFIX, account $ACCOUNT_ID, region $REGION):"
+cat <<EOF
+    table            $TABLE_ARN
+    action queue     $ACTION_QUEUE_ARN
+                     $URL_ACTION_QUEUE
+    action DLQ       $ACTION_DLQ_ARN
+                     $URL_ACTION_DLQ
+    aggregator DLQ   $AGGREGATOR_DLQ_ARN
+                     $URL_AGGREGATOR_DLQ
+    aggregator       $AGGREGATOR_ARN
+      role           $AGGREGATOR_ROLE_ARN
+      policy         $AGGREGATOR_POLICY_ARN
+      log group      arn:aws:logs:$REGION:$ACCOUNT_ID:log-group:/aws/lambda/$AGGREGATOR_FUNCTION
+    refresher        $REFRESHER_ARN
+      role           $REFRESHER_ROLE_ARN
+      policy         $REFRESHER_POLICY_ARN
+      log group      arn:aws:logs:$REGION:$ACCOUNT_ID:log-group:/aws/lambda/$REFRESHER_FUNCTION
+      event source   $MAPPING_UUID ($ACTION_QUEUE -> $REFRESHER_FUNCTION)
+EOF
+attached_buckets | sed 's/^/    bucket           arn:aws:s3:::/'

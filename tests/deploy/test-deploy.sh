@@ -1,0 +1,473 @@
+#!/usr/bin/env bash
+# The deployment test: runs scripts/create-stack.sh, attach-bucket.sh, detach-bucket.sh
+# and delete-stack.sh with the real AWS CLI against a moto server, and checks every
+# resource they make, through the AWS APIs.
+#
+# It starts its own moto server on a free loopback port, or uses MOTO_ENDPOINT when it
+# is set (then the names get a unique prefix, so that other users of that server are
+# not disturbed). The first run builds the functions for arm64 in release mode (about
+# 10 minutes on 2 cores); later runs reuse the build. The last line is
+# "N passed, M failed".
+#
+# Test code may use python3 (moto needs it anyway); the scripts under test may not.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+# ---------------------------------------------------------------------------------
+# Assertions
+
+PASSED=0
+FAILED=0
+summary() { echo "$PASSED passed, $FAILED failed"; }
+phase() { printf '==> %s  [%ss]\n' "$1" "$SECONDS"; }
+fail() {
+  FAILED=$((FAILED + 1))
+  printf 'FAIL  %s\n' "$1" >&2
+  if [ $# -gt 1 ]; then printf '      %s\n' "${@:2}" >&2; fi
+  summary
+  exit 1
+}
+pass() {
+  PASSED=$((PASSED + 1))
+  printf 'ok    %s\n' "$1"
+}
+# check_eq WHAT EXPECTED ACTUAL
+check_eq() {
+  if [ "$2" = "$3" ]; then pass "$1: $3"; else fail "$1" "expected: $2" "actual:   $3"; fi
+}
+# check_ge WHAT MIN ACTUAL
+check_ge() {
+  if [ "$3" -ge "$2" ]; then pass "$1: $3 >= $2"; else fail "$1" "expected at least $2, got $3"; fi
+}
+# check_run WHAT EXPECTED_STATUS CMD...: runs CMD with its output in a log file.
+check_run() {
+  local what=$1 expected=$2 status=0 log
+  shift 2
+  log="$WORK/run-$((PASSED + FAILED)).log"
+  "$@" >"$log" 2>&1 || status=$?
+  if [ "$status" = "$expected" ]; then
+    pass "$what: exit $status"
+  else
+    echo "---- output of: $*" >&2
+    tail -n 40 "$log" >&2
+    fail "$what" "expected exit $expected, got $status (full output: $log)"
+  fi
+  LAST_LOG=$log
+}
+# check_log_has WHAT PATTERN: the last check_run output contains PATTERN (grep -E).
+check_log_has() {
+  if grep -Eq -- "$2" "$LAST_LOG"; then pass "$1"; else fail "$1" "no line matches /$2/ in $LAST_LOG"; fi
+}
+
+# ---------------------------------------------------------------------------------
+# moto and the AWS CLI environment
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/deploy-test.XXXXXX")
+MOTO_PID=
+FINISHED=false
+cleanup() {
+  if [ -n "$MOTO_PID" ]; then kill "$MOTO_PID" 2>/dev/null || true; fi
+  if $FINISHED && [ "$FAILED" = 0 ]; then rm -rf "$WORK"; else echo "logs kept in $WORK" >&2; fi
+}
+trap cleanup EXIT
+
+# Only the variables set here reach the AWS CLI and the scripts: no profile, no
+# configuration file, no real credentials.
+unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_REGION \
+  S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL AWS_ACCOUNT_ID \
+  REFRESH_DELAY_SECONDS LOG_LEVEL
+export AWS_CONFIG_FILE="$WORK/aws-config" AWS_SHARED_CREDENTIALS_FILE="$WORK/aws-credentials"
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=eu-west-1
+REGION=$AWS_DEFAULT_REGION
+
+for tool in aws moto_server python3 cargo; do
+  command -v "$tool" >/dev/null 2>&1 || fail "tool $tool is on PATH" "install it: scripts/install-deps.sh --all"
+done
+
+if [ -n "${MOTO_ENDPOINT:-}" ]; then
+  echo "==> Using the moto server at $MOTO_ENDPOINT"
+  SUFFIX=$(date +%s)$$
+  PREFIX_OPT=(--prefix "S3EATest$SUFFIX")
+  PREFIX="S3EATest$SUFFIX"
+  BUCKET_SUFFIX="-$SUFFIX"
+else
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+  echo "==> Starting moto server on 127.0.0.1:$port (log: $WORK/moto.log)"
+  moto_server -H 127.0.0.1 -p "$port" >"$WORK/moto.log" 2>&1 &
+  MOTO_PID=$!
+  MOTO_ENDPOINT="http://127.0.0.1:$port"
+  tries=0
+  until python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/moto-api/', timeout=1)" "$MOTO_ENDPOINT" 2>/dev/null; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 60 ] || ! kill -0 "$MOTO_PID" 2>/dev/null; then
+      cat "$WORK/moto.log" >&2
+      fail "moto server starts"
+    fi
+    sleep 0.5
+  done
+  # The default prefix: the names of the contract.
+  PREFIX_OPT=()
+  PREFIX=S3EventAggregator
+  BUCKET_SUFFIX=
+fi
+export AWS_ENDPOINT_URL=$MOTO_ENDPOINT
+
+awsm() { aws --endpoint-url "$AWS_ENDPOINT_URL" --region "$REGION" "$@"; }
+ACCOUNT=$(awsm sts get-caller-identity --query Account --output text)
+
+# The names that the scripts must use (docs/deploy.md).
+TABLE=$PREFIX
+ACTION_QUEUE=${PREFIX}ActionQueue
+ACTION_DLQ=${PREFIX}ActionDLQ
+AGGREGATOR_DLQ=${PREFIX}AggregatorDLQ
+AGGREGATOR=$PREFIX
+REFRESHER=${PREFIX}Refresher
+AGGREGATOR_ROLE=${PREFIX}AggregatorRole
+REFRESHER_ROLE=${PREFIX}RefresherRole
+AGGREGATOR_POLICY=${PREFIX}AggregatorPolicy
+REFRESHER_POLICY=${PREFIX}RefresherPolicy
+NOTIFICATION_ID=${PREFIX}ObjectEvents
+SQS_ARN=arn:aws:sqs:$REGION:$ACCOUNT
+AGGREGATOR_ARN=arn:aws:lambda:$REGION:$ACCOUNT:function:$AGGREGATOR
+ONE=s3ea-test-one$BUCKET_SUFFIX
+TWO=s3ea-test-two$BUCKET_SUFFIX
+THREE=s3ea-test-three$BUCKET_SUFFIX
+if [ "${#PREFIX_OPT[@]}" -eq 0 ]; then
+  check_eq "default names: table and action queue of the contract" \
+    "S3EventAggregator S3EventAggregatorActionQueue" "$TABLE $ACTION_QUEUE"
+fi
+
+# ---------------------------------------------------------------------------------
+# Readers
+
+# The aggregator's resource policy, as "Sid|Principal|Action|SourceArn|SourceAccount"
+# lines, sorted.
+permissions() {
+  local policy
+  policy=$(awsm lambda get-policy --function-name "$AGGREGATOR" --query Policy --output text 2>/dev/null) || return 0
+  printf '%s' "$policy" | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["Statement"]:
+    c = s.get("Condition", {})
+    print("|".join([s.get("Sid", ""), json.dumps(s.get("Principal"), sort_keys=True), s.get("Action", ""),
+        c.get("ArnLike", {}).get("AWS:SourceArn", ""), c.get("StringEquals", {}).get("AWS:SourceAccount", "")]))
+' | sort
+}
+permission_line() {
+  printf 'S3Invoke-%s|{"Service": "s3.amazonaws.com"}|lambda:InvokeFunction|arn:aws:s3:::%s|%s' "$1" "$1" "$ACCOUNT"
+}
+count_lines() { if [ -z "$1" ]; then echo 0; else printf '%s\n' "$1" | wc -l | tr -d ' '; fi; }
+# Our entries in a bucket's notification configuration, as "Id|FunctionArn|Events".
+our_entries() {
+  awsm s3api get-bucket-notification-configuration --bucket "$1" --output text \
+    --query "LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'].[Id, LambdaFunctionArn, join(',', Events)]" |
+    tr '\t' '|' | grep -v '^None$' || true
+}
+# Everything in a bucket's notification configuration except our entry, as compact JSON.
+foreign_entries() {
+  awsm s3api get-bucket-notification-configuration --bucket "$1" --output json \
+    --query "{Queue: QueueConfigurations, Topic: TopicConfigurations, Lambda: LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID']}" |
+    tr -d '[:space:]' # no value here has a space
+}
+queue_attribute() { # QUEUE ATTRIBUTE
+  local url
+  url=$(awsm sqs get-queue-url --queue-name "$1" --query QueueUrl --output text)
+  awsm sqs get-queue-attributes --queue-url "$url" --attribute-names "$2" --query "Attributes.$2" --output text
+}
+function_field() { awsm lambda get-function-configuration --function-name "$1" --query "$2" --output text; }
+# The rendered policy document that the scripts must have deployed, without white space.
+expected_policy() { # TEMPLATE FUNCTION
+  sed -e "s/REGION/$REGION/g" -e "s/ACCOUNT_ID/$ACCOUNT/g" -e "s/TABLE_NAME/$TABLE/g" \
+    -e "s/ACTION_QUEUE/$ACTION_QUEUE/g" -e "s/AGGREGATOR_DLQ/$AGGREGATOR_DLQ/g" \
+    -e "s/FUNCTION_NAME/$2/g" "$ROOT/iam/$1" | tr -d '[:space:]'
+}
+deployed_policy() { # POLICY_NAME
+  local arn=arn:aws:iam::$ACCOUNT:policy/$1 version
+  version=$(awsm iam get-policy --policy-arn "$arn" --query Policy.DefaultVersionId --output text)
+  awsm iam get-policy-version --policy-arn "$arn" --version-id "$version" --query PolicyVersion.Document --output json |
+    tr -d '[:space:]'
+}
+count_prefixed() { # what: roles policies queues functions loggroups
+  case $1 in
+    roles) awsm iam list-roles --query "length(Roles[?starts_with(RoleName, '$PREFIX')])" --output text ;;
+    policies) awsm iam list-policies --scope Local --query "length(Policies[?starts_with(PolicyName, '$PREFIX')])" --output text ;;
+    queues) awsm sqs list-queues --queue-name-prefix "$PREFIX" --query "length(QueueUrls || \`[]\`)" --output text ;;
+    functions) awsm lambda list-functions --query "length(Functions[?starts_with(FunctionName, '$PREFIX')])" --output text ;;
+    loggroups) awsm logs describe-log-groups --log-group-name-prefix "/aws/lambda/$PREFIX" --query 'length(logGroups)' --output text ;;
+    tables) awsm dynamodb list-tables --query "length(TableNames[?@ == '$TABLE'])" --output text ;;
+    mappings) awsm lambda list-event-source-mappings --event-source-arn "$SQS_ARN:$ACTION_QUEUE" --query 'length(EventSourceMappings)' --output text ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------
+phase "Command line"
+for script in create-stack attach-bucket detach-bucket delete-stack; do
+  check_run "$script.sh --help" 0 "scripts/$script.sh" --help
+  check_log_has "$script.sh --help prints the usage line" "^usage: scripts/$script.sh"
+  check_run "$script.sh --no-such-option" 2 "scripts/$script.sh" --no-such-option bucket-x
+  check_log_has "$script.sh --no-such-option prints the usage line" "^usage: scripts/$script.sh"
+done
+check_run "create-stack.sh without BUCKET" 2 scripts/create-stack.sh
+check_run "attach-bucket.sh without BUCKET" 2 scripts/attach-bucket.sh
+check_run "detach-bucket.sh without BUCKET" 2 scripts/detach-bucket.sh
+check_run "create-stack.sh --prefix without a value" 2 scripts/create-stack.sh bucket-x --prefix
+check_run "create-stack.sh --delay 901" 2 scripts/create-stack.sh --delay 901 bucket-x
+check_run "create-stack.sh --log-level LOUD" 2 scripts/create-stack.sh --log-level LOUD bucket-x
+check_run "create-stack.sh --arch sparc" 2 scripts/create-stack.sh --arch sparc bucket-x
+check_run "attach-bucket.sh with two buckets" 2 scripts/attach-bucket.sh bucket-x bucket-y
+
+# The IAM propagation retry (scripts/lib/stack.sh), with a stand-in for the step: it
+# fails twice the way Lambda does with a role that IAM has not propagated yet.
+flaky_step() {
+  local count
+  count=$(($(cat "$WORK/attempts") + 1))
+  echo "$count" >"$WORK/attempts"
+  if [ "$count" -lt "$1" ]; then
+    echo "An error occurred (InvalidParameterValueException) when calling the CreateFunction operation: The role defined for the function cannot be assumed by Lambda." >&2
+    return 255
+  fi
+  echo "ran"
+}
+retry_case() { # FAIL_UNTIL: runs flaky_step under retry_for_iam in a subshell
+  echo 0 >"$WORK/attempts"
+  (
+    # shellcheck source=/dev/null # its names would shadow the test's own (SC2031)
+    . scripts/lib/stack.sh
+    retry_for_iam "test step" "$@"
+  )
+}
+check_run "retry_for_iam: a step that fails twice with 'cannot be assumed by Lambda'" 0 retry_case flaky_step 3
+check_eq "retry_for_iam: attempts" 3 "$(cat "$WORK/attempts")"
+check_log_has "retry_for_iam says why it waits" "IAM change not visible to Lambda yet \\(attempt 2\\)"
+other_error() { echo 1 >"$WORK/attempts"; echo "An error occurred (ResourceConflictException): exists" >&2; return 255; }
+check_run "retry_for_iam: any other error fails at once" 1 retry_case other_error
+check_eq "retry_for_iam: attempts after another error" 1 "$(cat "$WORK/attempts")"
+
+# ---------------------------------------------------------------------------------
+phase "1. Buckets, and a foreign notification configuration on $ONE"
+for bucket in "$ONE" "$TWO" "$THREE"; do
+  awsm s3api create-bucket --bucket "$bucket" --create-bucket-configuration "LocationConstraint=$REGION" >/dev/null
+done
+FOREIGN_QUEUE_URL=$(awsm sqs create-queue --queue-name "foreign-events$BUCKET_SUFFIX" --query QueueUrl --output text)
+FOREIGN_QUEUE_ARN=$(awsm sqs get-queue-attributes --queue-url "$FOREIGN_QUEUE_URL" --attribute-names QueueArn --query Attributes.QueueArn --output text)
+# A queue entry and another team's Lambda entry; their event types do not overlap ours.
+awsm s3api put-bucket-notification-configuration --bucket "$ONE" --notification-configuration "{
+  \"QueueConfigurations\": [{\"Id\": \"foreign-queue\", \"QueueArn\": \"$FOREIGN_QUEUE_ARN\",
+    \"Events\": [\"s3:ObjectRestore:Completed\"],
+    \"Filter\": {\"Key\": {\"FilterRules\": [{\"Name\": \"prefix\", \"Value\": \"archive/\"}]}}}],
+  \"LambdaFunctionConfigurations\": [{\"Id\": \"foreign-lambda\",
+    \"LambdaFunctionArn\": \"arn:aws:lambda:$REGION:$ACCOUNT:function:SomeoneElsesFunction\",
+    \"Events\": [\"s3:ObjectTagging:*\"]}]}"
+FOREIGN=$(foreign_entries "$ONE")
+check_run "create-stack.sh with a bucket that does not exist" 1 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "s3ea-missing$BUCKET_SUFFIX"
+check_log_has "it names the missing bucket" "bucket s3ea-missing$BUCKET_SUFFIX does not exist"
+awsm s3api create-bucket --bucket "s3ea-elsewhere$BUCKET_SUFFIX" --region us-west-2 \
+  --create-bucket-configuration LocationConstraint=us-west-2 >/dev/null
+check_run "create-stack.sh with a bucket in another region" 1 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" "s3ea-elsewhere$BUCKET_SUFFIX"
+check_log_has "it names the regions" "is in us-west-2, the stack in $REGION"
+check_eq "nothing created by the failed runs (tables named $TABLE)" 0 "$(count_prefixed tables)"
+check_eq "foreign entries (queue, lambda) on $ONE before create" "1	1" \
+  "$(awsm s3api get-bucket-notification-configuration --bucket "$ONE" --query '[length(QueueConfigurations), length(LambdaFunctionConfigurations)]' --output text)"
+
+# ---------------------------------------------------------------------------------
+phase "2. create-stack.sh with two buckets (deploy tool: cargo lambda deploy)"
+start=$(date +%s)
+check_run "create-stack.sh --delay 45 --log-level debug $ONE $TWO" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --delay 45 --log-level debug "$ONE" "$TWO"
+echo "      (create took $(($(date +%s) - start)) s; output: $LAST_LOG)"
+check_log_has "create prints the account and region" "Target: account $ACCOUNT, region $REGION"
+check_log_has "create prints the ARN summary" "aggregator +$AGGREGATOR_ARN"
+check_log_has "create deployed with cargo lambda deploy" "cargo-lambda\\)"
+
+# ---------------------------------------------------------------------------------
+phase "3. The resources"
+ZIP_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/lambda
+
+# Everything but the buckets: table, queues, IAM, functions, mapping, log groups.
+check_resources() { # DELAY LOG_LEVEL
+  local timeout
+
+  # DynamoDB
+  check_eq "table $TABLE key schema" "BucketName	HASH" \
+    "$(awsm dynamodb describe-table --table-name "$TABLE" --query 'Table.KeySchema[0].[AttributeName, KeyType]' --output text)"
+  check_eq "table $TABLE key type and billing mode" "S	PAY_PER_REQUEST	ACTIVE" \
+    "$(awsm dynamodb describe-table --table-name "$TABLE" --query 'Table.[AttributeDefinitions[0].AttributeType, BillingModeSummary.BillingMode, TableStatus]' --output text)"
+
+  # SQS
+  timeout=$(function_field "$REFRESHER" Timeout)
+  check_ge "queue $ACTION_QUEUE visibility timeout vs 6 x refresher timeout ($timeout s)" \
+    $((6 * timeout)) "$(queue_attribute "$ACTION_QUEUE" VisibilityTimeout)"
+  check_eq "queue $ACTION_QUEUE redrive policy" "$SQS_ARN:$ACTION_DLQ maxReceiveCount=10" \
+    "$(queue_attribute "$ACTION_QUEUE" RedrivePolicy | python3 -c 'import json, sys; p = json.load(sys.stdin); print(p["deadLetterTargetArn"], "maxReceiveCount=%s" % p["maxReceiveCount"])')"
+  for queue in "$ACTION_QUEUE" "$ACTION_DLQ" "$AGGREGATOR_DLQ"; do
+    check_eq "queue $queue SSE (SqsManagedSseEnabled)" true "$(queue_attribute "$queue" SqsManagedSseEnabled)"
+  done
+  check_eq "queue $ACTION_DLQ retention" 1209600 "$(queue_attribute "$ACTION_DLQ" MessageRetentionPeriod)"
+  check_eq "queue $AGGREGATOR_DLQ retention" 1209600 "$(queue_attribute "$AGGREGATOR_DLQ" MessageRetentionPeriod)"
+
+  # IAM
+  for role in "$AGGREGATOR_ROLE" "$REFRESHER_ROLE"; do
+    check_eq "role $role trust policy" "$(tr -d '[:space:]' <"$ROOT/iam/lambda-trust.json")" \
+      "$(awsm iam get-role --role-name "$role" --query Role.AssumeRolePolicyDocument --output json | tr -d '[:space:]')"
+  done
+  check_eq "role $AGGREGATOR_ROLE attached policies" "$AGGREGATOR_POLICY" \
+    "$(awsm iam list-attached-role-policies --role-name "$AGGREGATOR_ROLE" --query 'AttachedPolicies[].PolicyName' --output text)"
+  check_eq "role $REFRESHER_ROLE attached policies" "$REFRESHER_POLICY" \
+    "$(awsm iam list-attached-role-policies --role-name "$REFRESHER_ROLE" --query 'AttachedPolicies[].PolicyName' --output text)"
+  check_eq "policy $AGGREGATOR_POLICY document = iam/aggregator-policy.json rendered" \
+    "$(expected_policy aggregator-policy.json "$AGGREGATOR")" "$(deployed_policy "$AGGREGATOR_POLICY")"
+  check_eq "policy $REFRESHER_POLICY document = iam/refresher-policy.json rendered" \
+    "$(expected_policy refresher-policy.json "$REFRESHER")" "$(deployed_policy "$REFRESHER_POLICY")"
+
+  check_functions "$1" "$2"
+  check_eq "function $REFRESHER reserved concurrency" 2 \
+    "$(awsm lambda get-function-concurrency --function-name "$REFRESHER" --query ReservedConcurrentExecutions --output text)"
+  check_eq "function $AGGREGATOR reserved concurrency (none: unreserved)" None \
+    "$(awsm lambda get-function-concurrency --function-name "$AGGREGATOR" --query ReservedConcurrentExecutions --output text)"
+  check_eq "function $AGGREGATOR async retries, max event age, on-failure destination" \
+    "2	21600	$SQS_ARN:$AGGREGATOR_DLQ" \
+    "$(awsm lambda get-function-event-invoke-config --function-name "$AGGREGATOR" --query '[MaximumRetryAttempts, MaximumEventAgeInSeconds, DestinationConfig.OnFailure.Destination]' --output text)"
+  check_eq "event source mappings of $REFRESHER" 1 "$(count_prefixed mappings)"
+  check_eq "event source mapping: queue, function, batch, response types, max concurrency, state" \
+    "$SQS_ARN:$ACTION_QUEUE	arn:aws:lambda:$REGION:$ACCOUNT:function:$REFRESHER	10	ReportBatchItemFailures	2	Enabled" \
+    "$(awsm lambda list-event-source-mappings --function-name "$REFRESHER" --query "EventSourceMappings[0].[EventSourceArn, FunctionArn, BatchSize, join(',', FunctionResponseTypes), ScalingConfig.MaximumConcurrency, State]" --output text)"
+  for group in "$AGGREGATOR" "$REFRESHER"; do
+    check_eq "log group /aws/lambda/$group retention" 30 \
+      "$(awsm logs describe-log-groups --log-group-name-prefix "/aws/lambda/$group" --query "logGroups[?logGroupName == '/aws/lambda/$group'] | [0].retentionInDays" --output text)"
+  done
+}
+
+# The functions' configuration, code and environment.
+check_functions() { # DELAY LOG_LEVEL
+  local delay=$1 level=$2 url
+  url=$(awsm sqs get-queue-url --queue-name "$ACTION_QUEUE" --query QueueUrl --output text)
+  check_eq "function $AGGREGATOR runtime, handler, architecture, timeout, memory, role" \
+    "provided.al2023	bootstrap	arm64	30	128	arn:aws:iam::$ACCOUNT:role/$AGGREGATOR_ROLE" \
+    "$(function_field "$AGGREGATOR" '[Runtime, Handler, Architectures[0], Timeout, MemorySize, Role]')"
+  check_eq "function $REFRESHER runtime, handler, architecture, timeout, memory, role" \
+    "provided.al2023	bootstrap	arm64	60	128	arn:aws:iam::$ACCOUNT:role/$REFRESHER_ROLE" \
+    "$(function_field "$REFRESHER" '[Runtime, Handler, Architectures[0], Timeout, MemorySize, Role]')"
+  check_eq "function $AGGREGATOR environment" \
+    "$(printf '%s\n' "LOG_LEVEL=$level" "QUEUE_URL=$url" "REFRESH_DELAY_SECONDS=$delay" "TABLE_NAME=$TABLE" \
+      ${AGGREGATOR_EXTRA_ENV:+"$AGGREGATOR_EXTRA_ENV"} | sort | tr '\n' ' ' | sed 's/ $//')" \
+    "$(awsm lambda get-function-configuration --function-name "$AGGREGATOR" --query 'Environment.Variables' --output json | python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted(json.load(sys.stdin).items())))')"
+  check_eq "function $REFRESHER environment" "LOG_LEVEL=$level TABLE_NAME=$TABLE" \
+    "$(awsm lambda get-function-configuration --function-name "$REFRESHER" --query 'Environment.Variables' --output json | python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted(json.load(sys.stdin).items())))')"
+  for pair in "$AGGREGATOR:aggregator" "$REFRESHER:refresher"; do
+    check_eq "function ${pair%%:*} code size = size of $ZIP_DIR/${pair#*:}/bootstrap.zip" \
+      "$(wc -c <"$ZIP_DIR/${pair#*:}/bootstrap.zip" | tr -d ' ')" "$(function_field "${pair%%:*}" CodeSize)"
+  done
+}
+
+# Per bucket: one permission with both source conditions, and our one entry; and
+# nothing for any other bucket.
+check_buckets() { # BUCKET...
+  local bucket perms
+  perms=$(permissions)
+  check_eq "permission statements on $AGGREGATOR" "$#" "$(count_lines "$perms")"
+  for bucket in "$@"; do
+    check_eq "permission for $bucket (s3.amazonaws.com, SourceArn, SourceAccount)" \
+      "$(permission_line "$bucket")" "$(printf '%s\n' "$perms" | grep -F "S3Invoke-$bucket|" || true)"
+    check_eq "notification entry on $bucket" \
+      "$NOTIFICATION_ID|$AGGREGATOR_ARN|s3:ObjectCreated:*,s3:ObjectRemoved:*" "$(our_entries "$bucket")"
+  done
+}
+
+check_foreign_intact() {
+  check_eq "foreign entries on $ONE unchanged ($1)" "$FOREIGN" "$(foreign_entries "$ONE")"
+}
+
+AGGREGATOR_EXTRA_ENV=
+check_resources 45 DEBUG
+check_buckets "$ONE" "$TWO"
+check_foreign_intact "after create"
+# A variable that the operator adds by hand (with a comma in its value) must survive
+# the next runs of create-stack.sh, on both deploy paths.
+AGGREGATOR_EXTRA_ENV="RUST_LOG=info,shared=debug"
+awsm lambda update-function-configuration --function-name "$AGGREGATOR" --environment "{\"Variables\": {
+  \"QUEUE_URL\": \"$(awsm sqs get-queue-url --queue-name "$ACTION_QUEUE" --query QueueUrl --output text)\",
+  \"REFRESH_DELAY_SECONDS\": \"45\", \"LOG_LEVEL\": \"DEBUG\", \"TABLE_NAME\": \"$TABLE\",
+  \"RUST_LOG\": \"info,shared=debug\"}}" >/dev/null
+check_eq "our entry on $THREE before attach" "" "$(our_entries "$THREE")"
+
+check_counts() {
+  check_eq "roles with prefix $PREFIX ($1)" 2 "$(count_prefixed roles)"
+  check_eq "customer managed policies with prefix $PREFIX ($1)" 2 "$(count_prefixed policies)"
+  for policy in "$AGGREGATOR_POLICY" "$REFRESHER_POLICY"; do
+    check_eq "versions of policy $policy ($1)" 1 \
+      "$(awsm iam list-policy-versions --policy-arn "arn:aws:iam::$ACCOUNT:policy/$policy" --query 'length(Versions)' --output text)"
+  done
+  check_eq "queues with prefix $PREFIX ($1)" 3 "$(count_prefixed queues)"
+  check_eq "functions with prefix $PREFIX ($1)" 2 "$(count_prefixed functions)"
+  check_eq "log groups /aws/lambda/$PREFIX* ($1)" 2 "$(count_prefixed loggroups)"
+  check_eq "tables named $TABLE ($1)" 1 "$(count_prefixed tables)"
+  check_eq "event source mappings on $ACTION_QUEUE ($1)" 1 "$(count_prefixed mappings)"
+}
+check_counts "after create"
+
+# ---------------------------------------------------------------------------------
+phase "4. create-stack.sh again (deploy tool: aws lambda create-function/update-function-*): nothing duplicated"
+check_run "create-stack.sh $ONE $TWO, again, with S3EA_DEPLOY_TOOL=aws-cli" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "second create finds the table" "exists \\(hash key BucketName"
+check_log_has "second create finds the mapping" "exists \\([-0-9a-f]+\\): updating it"
+check_log_has "second create keeps the permissions" "permission S3Invoke-$ONE: present"
+check_counts "after the second create"
+# Without --delay and --log-level, the functions keep their values.
+check_resources 45 DEBUG
+check_buckets "$ONE" "$TWO"
+check_foreign_intact "after the second create"
+check_run "create-stack.sh a third time, with cargo lambda deploy" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_counts "after the third create"
+check_functions 45 DEBUG
+check_buckets "$ONE" "$TWO"
+
+# ---------------------------------------------------------------------------------
+phase "5. attach-bucket.sh $THREE"
+check_run "attach-bucket.sh $THREE" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
+check_run "attach-bucket.sh $THREE again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
+check_buckets "$ONE" "$THREE" "$TWO"
+check_foreign_intact "after attach"
+
+# ---------------------------------------------------------------------------------
+phase "6. detach-bucket.sh $ONE (the bucket with the foreign entries)"
+check_run "detach-bucket.sh $ONE" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$ONE"
+check_eq "our entry on $ONE after detach" "" "$(our_entries "$ONE")"
+check_foreign_intact "after detach"
+check_run "detach-bucket.sh $ONE again" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$ONE"
+check_log_has "second detach finds nothing to remove" "notification $NOTIFICATION_ID: absent"
+check_buckets "$THREE" "$TWO"
+
+# ---------------------------------------------------------------------------------
+phase "7. delete-stack.sh (finds $TWO and $THREE from the permissions)"
+check_run "delete-stack.sh" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
+check_log_has "delete found $TWO" "==> Bucket $TWO"
+check_log_has "delete found $THREE" "==> Bucket $THREE"
+
+# ---------------------------------------------------------------------------------
+phase "8. Nothing of ours remains; the foreign entries survive"
+for what in roles policies queues functions loggroups tables mappings; do
+  check_eq "$what of the stack after delete" 0 "$(count_prefixed "$what")"
+done
+check_eq "event source mappings of $REFRESHER after delete" 0 \
+  "$(awsm lambda list-event-source-mappings --query "length(EventSourceMappings[?ends_with(FunctionArn, ':function:$REFRESHER')])" --output text)"
+for bucket in "$ONE" "$TWO" "$THREE"; do
+  check_eq "our entry on $bucket after delete" "" "$(our_entries "$bucket")"
+  check_eq "bucket $bucket still exists" 0 "$(awsm s3api head-bucket --bucket "$bucket" >/dev/null 2>&1; echo $?)"
+done
+check_foreign_intact "after delete"
+check_eq "foreign queue still exists" "$FOREIGN_QUEUE_URL" \
+  "$(awsm sqs get-queue-url --queue-name "foreign-events$BUCKET_SUFFIX" --query QueueUrl --output text)"
+
+# ---------------------------------------------------------------------------------
+phase "9. delete-stack.sh again"
+check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}" "$ONE"
+check_log_has "second delete finds the function absent" "==> Lambda function $AGGREGATOR"
+check_foreign_intact "after the second delete"
+
+FINISHED=true
+summary
