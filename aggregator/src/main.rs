@@ -25,7 +25,10 @@ async fn main() -> Result<(), Error> {
     );
     let aggregator = &aggregator;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
-        aggregator.handle(&event.payload).await
+        aggregator
+            .handle(&event.payload)
+            .await
+            .map(|report| report.into_response())
     }))
     .await
 }

@@ -3,7 +3,7 @@
 
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 use serde_json::Value;
-use shared::adapters::sdk::{load_aws_config, DynamoWindowStore, SdkFileGateway};
+use shared::adapters::sdk::{load_aws_config, DynamoWindowStore, SdkFileGateway, SqsRequeue};
 use shared::clock::SystemClock;
 use shared::config::{from_process_env, RefresherConfig};
 use shared::logging;
@@ -21,6 +21,8 @@ async fn main() -> Result<(), Error> {
     let refresher = Refresher::new(
         DynamoWindowStore::from_config(&aws, &config.common.table_name),
         SdkFileGateway::from_config(&aws),
+        // Windows longer than SQS's 900-second delay go back to the queue they came from.
+        SqsRequeue::from_config(&aws),
         SystemClock,
     );
     let refresher = &refresher;

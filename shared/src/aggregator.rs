@@ -2,15 +2,17 @@
 
 use crate::clock::Clock;
 use crate::error::{QueueError, StoreError};
+use crate::ingest::{decode_invocation, InvocationKind};
 use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
 use crate::ports::{RefreshQueue, WindowStore};
 use crate::refresh_message::{RefreshMessage, BODY_VERSION};
-use crate::s3_event::{decode_notification, NotANotification, SkipReason};
-use crate::window::{ChangeSet, WindowView};
+use crate::refresher::MAX_SQS_DELAY_SECONDS;
+use crate::s3_event::{DecodedNotification, NotANotification, SkipReason};
+use crate::window::{ChangeSet, OpenExpectation, WindowItem};
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 use tracing::{error, info, warn};
 
@@ -46,17 +48,68 @@ pub struct AggregatorReport {
     pub windows_opened: usize,
     pub windows_joined: usize,
     pub messages_sent: usize,
+    /// DynamoDB write requests (conditional updates) this invocation made.
+    pub window_writes: usize,
+    /// Events that needed no call at all: a window this container recorded covers them.
+    pub coalesced_in_container: usize,
+    /// EventBridge events that change no listing (restores, tags, ...).
+    pub skipped_not_listing_changes: usize,
+    /// How the events arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<InvocationKind>,
+    /// SQS-delivered batches: the messages to redeliver.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub batch_item_failures: Vec<String>,
+}
+
+impl AggregatorReport {
+    /// What the function returns to Lambda: for an SQS event source, the partial batch
+    /// response (only the messages whose events could not be recorded come back);
+    /// otherwise this report.
+    pub fn into_response(self) -> Value {
+        if self.ingest == Some(InvocationKind::Sqs) {
+            let failures: Vec<Value> = self
+                .batch_item_failures
+                .iter()
+                .map(|id| serde_json::json!({ "itemIdentifier": id }))
+                .collect();
+            return serde_json::json!({ "batchItemFailures": failures });
+        }
+        serde_json::to_value(&self).unwrap_or(Value::Null)
+    }
 }
 
 /// What happened to one bucket's share of the invocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BucketOutcome {
+    /// Sent the next window's message and opened that window.
     Opened,
+    /// Joined the open window (or found that it already records these changes).
     Joined,
-    /// Joined a window whose message was not known to be sent (its opener crashed or
-    /// failed between its two calls), so this invocation sent it.
-    JoinedAndSent,
+    /// A window this container recorded covers these changes: no call at all.
+    CoalescedInContainer,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct BucketResult {
+    outcome: BucketOutcome,
+    generation: u64,
+    ends_at_ms: i64,
+    /// DynamoDB write requests and SQS sends this bucket cost.
+    writes: usize,
+    sends: usize,
+}
+
+/// How long before a window's end this container stops trusting its own record of
+/// the window. The refresher closes a window only once its clock passes the end, so a
+/// window this container saw open cannot have been closed before `end - margin` as
+/// long as two Lambda clocks differ by less than the margin (Lambda hosts keep time
+/// with the Amazon Time Sync Service, well within a millisecond).
+pub const DEFAULT_CLOCK_MARGIN_MS: i64 = 1_000;
+
+/// How many buckets a container remembers windows for; past this it forgets them all
+/// (which costs only writes).
+const MAX_KNOWN_WINDOWS: usize = 10_000;
 
 /// Per-bucket input of one invocation.
 #[derive(Debug, Default)]
@@ -77,6 +130,9 @@ pub struct Aggregator<S, Q, C> {
     clock: C,
     delay_seconds: u32,
     metrics: Arc<dyn MetricsSink>,
+    /// The latest state of each bucket's item that this container wrote or read.
+    known: Mutex<HashMap<String, WindowItem>>,
+    clock_margin_ms: i64,
 }
 
 impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
@@ -87,12 +143,20 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             clock,
             delay_seconds,
             metrics: Arc::new(StdoutSink),
+            known: Mutex::new(HashMap::new()),
+            clock_margin_ms: DEFAULT_CLOCK_MARGIN_MS,
         }
     }
 
     /// Sends the EMF metric lines somewhere else than stdout.
     pub fn with_metrics_sink(mut self, sink: Arc<dyn MetricsSink>) -> Self {
         self.metrics = sink;
+        self
+    }
+
+    /// The most two clocks may differ by (see [`DEFAULT_CLOCK_MARGIN_MS`]).
+    pub fn with_clock_margin_ms(mut self, margin_ms: i64) -> Self {
+        self.clock_margin_ms = margin_ms;
         self
     }
 
@@ -110,51 +174,49 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
     /// invocation so that Lambda retries it. A retry is safe: joining a window twice
     /// changes nothing, and an unsent window gets its message.
     pub async fn handle(&self, payload: &Value) -> Result<AggregatorReport, AggregatorError> {
-        let decoded = decode_notification(payload).inspect_err(|e| {
+        let invocation = decode_invocation(payload).inspect_err(|e| {
             error!(error = %e, payload = %truncate(&payload.to_string(), 2048), "Rejecting event");
         })?;
         let mut report = AggregatorReport {
-            records: decoded.changes.len() + decoded.skipped.len(),
-            changes: decoded.changes.len(),
-            undecodable_keys: decoded.undecodable_keys.len(),
+            ingest: Some(invocation.kind),
             ..Default::default()
         };
         let mut metrics = InvocationMetrics::default();
-        for skipped in &decoded.skipped {
-            match &skipped.reason {
-                SkipReason::GatewayWrite { .. } => {
-                    report.skipped_gateway_writes += 1;
-                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_RECEIVED, 1);
-                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_SKIPPED_GATEWAY, 1);
-                    info!(
-                        bucket = skipped.bucket.as_deref().unwrap_or(""),
-                        record = skipped.index,
-                        "Skipping {}",
-                        skipped.reason
-                    );
-                }
-                SkipReason::TestEvent => {
-                    report.skipped_test_events += 1;
-                    info!(
-                        bucket = skipped.bucket.as_deref().unwrap_or(""),
-                        "Skipping {}", skipped.reason
-                    );
-                }
-                SkipReason::Malformed { .. } => {
+        for unit in &invocation.units {
+            match &unit.outcome {
+                Err(e) => {
+                    // Retrying cannot make this record readable: log it whole, count it.
+                    report.records += 1;
                     report.skipped_malformed += 1;
-                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_RECEIVED, 1);
-                    metrics.count(skipped.bucket.as_deref(), name::EVENTS_SKIPPED_MALFORMED, 1);
-                    warn!(record = skipped.index, "Skipping {}", skipped.reason);
+                    metrics.count(None, name::EVENTS_SKIPPED_MALFORMED, 1);
+                    error!(record = unit.index, message_id = unit.message_id.as_deref().unwrap_or(""),
+                        error = %e, "Dropping a record that can never be processed");
+                }
+                Ok(events) => {
+                    let decoded = &events.notification;
+                    report.records +=
+                        decoded.changes.len() + decoded.skipped.len() + events.ignored.len();
+                    report.changes += decoded.changes.len();
+                    report.undecodable_keys += decoded.undecodable_keys.len();
+                    report.skipped_not_listing_changes += events.ignored.len();
+                    for ignored in &events.ignored {
+                        info!(
+                            bucket = ignored.bucket.as_deref().unwrap_or(""),
+                            "Skipping {ignored}"
+                        );
+                    }
+                    Self::log_skips(
+                        unit.message_id.as_deref(),
+                        decoded,
+                        &mut report,
+                        &mut metrics,
+                    );
                 }
             }
         }
-        for bad in &decoded.undecodable_keys {
-            warn!(record = bad.index, raw_key = %bad.raw_key, error = %bad.error,
-                "Key cannot be decoded; its bucket's shares will be refreshed in full");
-        }
 
         let mut buckets: BTreeMap<&str, BucketBatch> = BTreeMap::new();
-        for change in &decoded.changes {
+        for (_, change) in invocation.changes() {
             let batch = buckets.entry(change.bucket.as_str()).or_default();
             batch.events += 1;
             metrics.count(Some(&change.bucket), name::EVENTS_RECEIVED, 1);
@@ -167,7 +229,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             }
             match change.folder() {
                 Some(folder) => batch.changes.add_folder(folder),
-                None => batch.changes.whole_bucket = true,
+                None => batch.changes.set_whole_bucket(),
             }
             if let Some(t) = change.event_time_ms {
                 batch.first_event_ms = Some(batch.first_event_ms.map_or(t, |f| f.min(t)));
@@ -182,23 +244,47 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 metrics.max_ms(b, name::OLDEST_EVENT_AGE, now.saturating_sub(first));
             }
             match self.process_bucket(bucket, batch).await {
-                Ok(BucketOutcome::Opened) => {
-                    report.windows_opened += 1;
-                    report.messages_sent += 1;
-                    metrics.count(b, name::WINDOWS_OPENED, 1);
-                    metrics.count(b, name::MESSAGES_SENT, 1);
-                }
-                Ok(BucketOutcome::Joined) => {
-                    report.windows_joined += 1;
-                    metrics.count(b, name::EVENTS_COALESCED, batch.events);
-                }
-                Ok(BucketOutcome::JoinedAndSent) => {
-                    report.windows_joined += 1;
-                    report.messages_sent += 1;
-                    metrics.count(b, name::EVENTS_COALESCED, batch.events);
-                    metrics.count(b, name::MESSAGES_SENT, 1);
+                Ok(result) => {
+                    report.window_writes += result.writes;
+                    report.messages_sent += result.sends;
+                    metrics.count(b, name::WINDOW_WRITES, result.writes);
+                    metrics.count(b, name::MESSAGES_SENT, result.sends);
+                    match result.outcome {
+                        BucketOutcome::Opened => {
+                            report.windows_opened += 1;
+                            metrics.count(b, name::WINDOWS_OPENED, 1);
+                        }
+                        BucketOutcome::Joined | BucketOutcome::CoalescedInContainer => {
+                            let timestamp = batch.first_event_ms.unwrap_or(now);
+                            info!(bucket, keys = ?batch.keys, events = batch.events, event_time = timestamp,
+                                generation = result.generation, window_ends_at = result.ends_at_ms,
+                                outcome = if result.outcome == BucketOutcome::Joined { "joined" } else { "coalesced" },
+                                "Refresh for bucket: {bucket} within refresh window, skipping. S3 Event timestamp: {timestamp}");
+                            report.windows_joined += 1;
+                            metrics.count(b, name::EVENTS_COALESCED, batch.events);
+                            if result.outcome == BucketOutcome::CoalescedInContainer {
+                                report.coalesced_in_container += batch.events;
+                                metrics.count(b, name::EVENTS_COALESCED_LOCALLY, batch.events);
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
+                    if invocation.kind == InvocationKind::Sqs {
+                        // Only the messages that carried this bucket's events are retried.
+                        let units: Vec<_> = invocation.units_for_bucket(bucket).collect();
+                        if units.iter().all(|u| u.message_id.is_some()) {
+                            let ids: Vec<&str> = invocation.sqs_message_ids_for_bucket(bucket);
+                            error!(bucket, error = %e, messages = ids.len(),
+                                "Failed to record events; their messages will be redelivered");
+                            for id in ids {
+                                if !report.batch_item_failures.iter().any(|f| f == id) {
+                                    report.batch_item_failures.push(id.to_string());
+                                }
+                            }
+                            continue;
+                        }
+                    }
                     error!(bucket, error = %e, "Failed to record events; the invocation will be retried");
                     first_error.get_or_insert(e);
                 }
@@ -211,92 +297,208 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
         }
     }
 
+    fn log_skips(
+        message_id: Option<&str>,
+        decoded: &DecodedNotification,
+        report: &mut AggregatorReport,
+        metrics: &mut InvocationMetrics,
+    ) {
+        let message_id = message_id.unwrap_or("");
+        for skipped in &decoded.skipped {
+            let bucket = skipped.bucket.as_deref();
+            match &skipped.reason {
+                SkipReason::GatewayWrite { .. } => {
+                    report.skipped_gateway_writes += 1;
+                    metrics.count(bucket, name::EVENTS_RECEIVED, 1);
+                    metrics.count(bucket, name::EVENTS_SKIPPED_GATEWAY, 1);
+                    info!(
+                        bucket = bucket.unwrap_or(""),
+                        record = skipped.index,
+                        message_id,
+                        "Skipping {}",
+                        skipped.reason
+                    );
+                }
+                SkipReason::TestEvent => {
+                    report.skipped_test_events += 1;
+                    info!(
+                        bucket = bucket.unwrap_or(""),
+                        message_id, "Skipping {}", skipped.reason
+                    );
+                }
+                SkipReason::Malformed { .. } => {
+                    report.skipped_malformed += 1;
+                    metrics.count(bucket, name::EVENTS_RECEIVED, 1);
+                    metrics.count(bucket, name::EVENTS_SKIPPED_MALFORMED, 1);
+                    warn!(
+                        record = skipped.index,
+                        message_id, "Skipping {}", skipped.reason
+                    );
+                }
+            }
+        }
+        for bad in &decoded.undecodable_keys {
+            warn!(record = bad.index, message_id, raw_key = %bad.raw_key, error = %bad.error,
+                "Key cannot be decoded; its bucket's shares will be refreshed in full");
+        }
+    }
+
+    /// Records one bucket's changes: skipped when a window this container recorded
+    /// covers them, else one write that joins the open window, or a send and one
+    /// write that opens the next window.
     async fn process_bucket(
         &self,
         bucket: &str,
         batch: &BucketBatch,
-    ) -> Result<BucketOutcome, AggregatorError> {
+    ) -> Result<BucketResult, AggregatorError> {
         let store_err = |source| AggregatorError::Store {
             bucket: bucket.to_string(),
             source,
         };
         let window_ms = i64::from(self.delay_seconds) * 1000;
+        let mut result = BucketResult {
+            outcome: BucketOutcome::Joined,
+            generation: 0,
+            ends_at_ms: 0,
+            writes: 0,
+            sends: 0,
+        };
+        let now = self.clock.now_ms();
+        // A window known from this container's own write is used without a read while
+        // it surely takes joins; one that is near its end is read again.
+        let mut cached = self.known_window(bucket).filter(|known| {
+            known.is_joinable(now) && now < known.ends_at_ms.saturating_sub(self.clock_margin_ms)
+        });
+        if let Some(known) = &cached {
+            if batch
+                .changes
+                .is_covered_by(&known.folders, known.whole_bucket)
+            {
+                // Safe without a write: the window records these changes and cannot be
+                // closed before its end (see `with_clock_margin_ms`), so its refresh
+                // starts after these events.
+                result.outcome = BucketOutcome::CoalescedInContainer;
+                result.generation = known.generation;
+                result.ends_at_ms = known.ends_at_ms;
+                return Ok(result);
+            }
+        }
         for _ in 0..MAX_WRITE_ROUNDS {
             // Decisions use the time we process the event, not its eventTime: a late
             // event joins only a window whose refresh has not started, whenever it
             // happened.
             let now = self.clock.now_ms();
-            let timestamp = batch.first_event_ms.unwrap_or(now);
-            if let Some(view) = self
-                .store
-                .join(bucket, &batch.changes, now)
-                .await
-                .map_err(store_err)?
-            {
-                if view.message_sent {
-                    info!(bucket, keys = ?batch.keys, events = batch.events, event_time = timestamp,
-                        generation = view.generation, window_ends_at = view.ends_at_ms, outcome = "joined",
-                        "Refresh for bucket: {bucket} within refresh window, skipping. S3 Event timestamp: {timestamp}");
-                    return Ok(BucketOutcome::Joined);
+            let (item, fresh) = match cached.take() {
+                Some(known) => (Some(known), false),
+                None => (self.store.read(bucket).await.map_err(store_err)?, true),
+            };
+            if let Some(current) = item.as_ref().filter(|i| i.is_joinable(now)) {
+                let rest = batch
+                    .changes
+                    .not_covered_by(&current.folders, current.whole_bucket);
+                if fresh && rest.is_empty() {
+                    // Just read: the window was open after these events happened and
+                    // already records their changes.
+                    result.generation = current.generation;
+                    result.ends_at_ms = current.ends_at_ms;
+                    self.remember(current.clone());
+                    return Ok(result);
                 }
-                warn!(
-                    bucket,
-                    generation = view.generation,
-                    "Window is open but its refresh message is not known to be sent; sending it"
-                );
-                self.send(bucket, batch, &view, timestamp).await?;
-                return Ok(BucketOutcome::JoinedAndSent);
+                result.writes += 1;
+                if let Some(joined) = self
+                    .store
+                    .join(bucket, current.generation, &rest, now)
+                    .await
+                    .map_err(store_err)?
+                {
+                    result.generation = joined.generation;
+                    result.ends_at_ms = joined.ends_at_ms;
+                    self.remember(joined);
+                    return Ok(result);
+                }
+                // Closed, full or moved on since we looked: look again.
+                continue;
             }
-            if let Some(view) = self
+            let expected = OpenExpectation::from_item(item.as_ref());
+            let changes = match item.as_ref().filter(|_| expected.carry) {
+                Some(current) => batch
+                    .changes
+                    .not_covered_by(&current.folders, current.whole_bucket),
+                None => batch.changes.clone(),
+            };
+            let message = RefreshMessage {
+                version: BODY_VERSION,
+                bucket: bucket.to_string(),
+                generation: expected.next_generation(),
+                window_opened_at_ms: now,
+                window_ends_at_ms: now.saturating_add(window_ms),
+                timestamp_ms: batch.first_event_ms.unwrap_or(now),
+            };
+            // The message goes first: a window in the table always has its message on
+            // the queue. If the open below fails, this message names a window that
+            // someone else opened (a harmless duplicate) or none (the refresher drops it).
+            self.send(bucket, batch, &message).await?;
+            result.sends += 1;
+            result.writes += 1;
+            if let Some(opened) = self
                 .store
-                .open(bucket, &batch.changes, now, window_ms)
+                .open(bucket, expected, &changes, now, window_ms)
                 .await
                 .map_err(store_err)?
             {
-                self.send(bucket, batch, &view, timestamp).await?;
-                return Ok(BucketOutcome::Opened);
+                result.outcome = BucketOutcome::Opened;
+                result.generation = opened.generation;
+                result.ends_at_ms = opened.ends_at_ms;
+                self.remember(opened);
+                return Ok(result);
             }
-            // Another invocation opened a window between our two writes: join it.
+            // Another invocation opened or changed the window meanwhile: look again.
         }
         Err(AggregatorError::Contention {
             bucket: bucket.to_string(),
         })
     }
 
+    fn known_window(&self, bucket: &str) -> Option<WindowItem> {
+        lock(&self.known).get(bucket).cloned()
+    }
+
+    fn remember(&self, item: WindowItem) {
+        let mut known = lock(&self.known);
+        if known.len() >= MAX_KNOWN_WINDOWS && !known.contains_key(&item.bucket) {
+            known.clear();
+        }
+        known.insert(item.bucket.clone(), item);
+    }
+
     async fn send(
         &self,
         bucket: &str,
         batch: &BucketBatch,
-        view: &WindowView,
-        timestamp_ms: i64,
+        message: &RefreshMessage,
     ) -> Result<(), AggregatorError> {
-        let message = RefreshMessage {
-            version: BODY_VERSION,
-            bucket: bucket.to_string(),
-            generation: view.generation,
-            window_opened_at_ms: view.opened_at_ms,
-            window_ends_at_ms: view.ends_at_ms,
-            timestamp_ms,
-        };
+        // SQS delays at most 900 s; the refresher sends a longer window's message
+        // back until the window ends.
+        let delay_seconds = self.delay_seconds.min(MAX_SQS_DELAY_SECONDS);
         let message_id = self
             .queue
-            .send(&message, self.delay_seconds)
+            .send(message, delay_seconds)
             .await
             .map_err(|source| AggregatorError::Queue {
                 bucket: bucket.to_string(),
                 source,
             })?;
+        let timestamp_ms = message.timestamp_ms;
         info!(bucket, keys = ?batch.keys, events = batch.events, event_time = timestamp_ms,
-            generation = view.generation, window_ends_at = view.ends_at_ms, outcome = "sent",
-            message_id = %message_id, delay_seconds = self.delay_seconds,
+            generation = message.generation, window_ends_at = message.window_ends_at_ms, outcome = "sent",
+            message_id = %message_id, delay_seconds,
             "Sending refresh request for bucket: {bucket}, timestamp: {timestamp_ms}");
-        // The message is on the queue either way; a failed mark only means a later
-        // event of this window sends a duplicate, which the refresher tolerates.
-        if let Err(e) = self.store.mark_sent(bucket, view.generation).await {
-            warn!(bucket, generation = view.generation, error = %e, "Could not record the sent message");
-        }
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn truncate(text: &str, max: usize) -> &str {
@@ -336,6 +538,7 @@ impl From<AggregatorError> for lambda_runtime::Diagnostic {
 mod tests {
     use super::*;
     use crate::adapters::memory::{MemoryQueue, MemoryWindowStore};
+    use crate::ports::WindowStore;
     use serde_json::json;
     use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -386,15 +589,185 @@ mod tests {
             .all(|m| m.delay_seconds == 30 && m.message.generation == 1));
         let item = agg.store().item("bkt1").unwrap();
         assert_eq!(item.folders, ["a/".to_string(), "c/".to_string()].into());
-        // After the window's end a new one opens.
+        // Past its end the window takes joins until the refresher closes it.
         clock.0.fetch_add(30_000, Ordering::Relaxed);
+        let r3 = agg.handle(&event(&[("bkt1", "d")])).await.unwrap();
+        assert_eq!((r3.windows_opened, r3.windows_joined), (0, 1));
+        let closed = crate::ports::WindowStore::close(
+            agg.store(),
+            "bkt1",
+            1,
+            clock.0.load(Ordering::Relaxed),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(closed, crate::window::CloseOutcome::Refresh(_)));
         let r3 = agg.handle(&event(&[("bkt1", "d")])).await.unwrap();
         assert_eq!(r3.windows_opened, 1);
         assert_eq!(agg.queue().sent().last().unwrap().message.generation, 2);
     }
 
     #[tokio::test]
-    async fn unsent_window_gets_its_message_from_the_next_event() {
+    async fn a_warm_container_writes_once_per_folder_per_window() {
+        let clock = TestClock(AtomicI64::new(1_000_000));
+        let agg = Aggregator::new(
+            MemoryWindowStore::default(),
+            MemoryQueue::default(),
+            &clock,
+            30,
+        );
+        for i in 0..1_000 {
+            let folder = if i % 2 == 0 { "a" } else { "b" };
+            agg.handle(&event(&[("bkt1", &format!("{folder}/k{i}"))]))
+                .await
+                .unwrap();
+            clock.0.fetch_add(10, Ordering::Relaxed);
+        }
+        // Open (with folder a) and one join for folder b; one read when cold.
+        assert_eq!(agg.store().writes(), 2);
+        assert_eq!(agg.store().reads(), 1);
+        assert_eq!(agg.queue().sent().len(), 1);
+        // Within the last second of the window the container no longer trusts its
+        // record: it reads, and a read that shows the change recorded needs no write.
+        clock.0.store(1_000_000 + 29_500, Ordering::Relaxed);
+        let r = agg.handle(&event(&[("bkt1", "a/late")])).await.unwrap();
+        assert_eq!((r.window_writes, r.coalesced_in_container), (0, 0));
+        assert_eq!(agg.store().reads(), 2);
+        // The next window: one read, one send, one write.
+        clock.0.store(1_000_000 + 31_000, Ordering::Relaxed);
+        crate::ports::WindowStore::close(agg.store(), "bkt1", 1, 1_031_000)
+            .await
+            .unwrap();
+        let r = agg.handle(&event(&[("bkt1", "c/x")])).await.unwrap();
+        assert_eq!(
+            (r.windows_opened, r.window_writes, r.messages_sent),
+            (1, 1, 1)
+        );
+        let item = agg.store().item("bkt1").unwrap();
+        assert_eq!(item.generation, 2);
+        // Window 1 was closed but its refreshes were never recorded: carried.
+        assert_eq!(
+            item.folders,
+            ["a/".to_string(), "b/".to_string(), "c/".to_string()].into()
+        );
+    }
+
+    /// A store that fails every call for one bucket.
+    struct FailingFor(&'static str, MemoryWindowStore);
+
+    impl WindowStore for FailingFor {
+        async fn read(&self, bucket: &str) -> Result<Option<WindowItem>, StoreError> {
+            self.check(bucket)?;
+            self.1.read(bucket).await
+        }
+        async fn join(
+            &self,
+            bucket: &str,
+            generation: u64,
+            changes: &ChangeSet,
+            now_ms: i64,
+        ) -> Result<Option<WindowItem>, StoreError> {
+            self.check(bucket)?;
+            self.1.join(bucket, generation, changes, now_ms).await
+        }
+        async fn open(
+            &self,
+            bucket: &str,
+            expected: OpenExpectation,
+            changes: &ChangeSet,
+            now_ms: i64,
+            window_ms: i64,
+        ) -> Result<Option<WindowItem>, StoreError> {
+            self.check(bucket)?;
+            self.1
+                .open(bucket, expected, changes, now_ms, window_ms)
+                .await
+        }
+        async fn close(
+            &self,
+            bucket: &str,
+            generation: u64,
+            now_ms: i64,
+        ) -> Result<crate::window::CloseOutcome, StoreError> {
+            self.1.close(bucket, generation, now_ms).await
+        }
+        async fn record_refresh(
+            &self,
+            bucket: &str,
+            log: &crate::window::RefreshLog,
+        ) -> Result<(), StoreError> {
+            self.1.record_refresh(bucket, log).await
+        }
+    }
+
+    impl FailingFor {
+        fn check(&self, bucket: &str) -> Result<(), StoreError> {
+            if bucket == self.0 {
+                return Err(StoreError {
+                    retry: crate::error::Retry::Later,
+                    message: "throttled".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    fn sqs_batch(bodies: &[(&str, Value)]) -> Value {
+        let records: Vec<Value> = bodies
+            .iter()
+            .map(|(id, body)| {
+                json!({"messageId": id, "eventSource": "aws:sqs", "body": body.to_string(),
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest"})
+            })
+            .collect();
+        json!({ "Records": records })
+    }
+
+    #[tokio::test]
+    async fn an_sqs_batch_is_one_write_per_bucket_and_fails_only_its_messages() {
+        let clock = TestClock(AtomicI64::new(0));
+        let agg = Aggregator::new(
+            FailingFor("broken", MemoryWindowStore::default()),
+            MemoryQueue::default(),
+            &clock,
+            30,
+        );
+        let mut bodies: Vec<(String, Value)> = (0..100)
+            .map(|i| {
+                (
+                    format!("m{i}"),
+                    event(&[("bkt1", &format!("f{}/k{i}", i % 3))]),
+                )
+            })
+            .collect();
+        bodies.push(("bad-1".into(), event(&[("broken", "x")])));
+        bodies.push(("garbage".into(), json!("not an event")));
+        bodies.push(("mixed".into(), event(&[("broken", "y"), ("bkt1", "f0/z")])));
+        let refs: Vec<(&str, Value)> = bodies
+            .iter()
+            .map(|(i, b)| (i.as_str(), b.clone()))
+            .collect();
+        let report = agg.handle(&sqs_batch(&refs)).await.unwrap();
+        assert_eq!(
+            report.window_writes, 1,
+            "one open for bkt1, whatever the batch size"
+        );
+        assert_eq!(report.messages_sent, 1);
+        assert_eq!(report.skipped_malformed, 1);
+        assert_eq!(report.batch_item_failures, ["bad-1", "mixed"]);
+        assert_eq!(
+            report.into_response(),
+            json!({"batchItemFailures": [{"itemIdentifier": "bad-1"}, {"itemIdentifier": "mixed"}]})
+        );
+        let item = agg.store().1.item("bkt1").unwrap();
+        assert_eq!(
+            item.folders,
+            ["f0/".to_string(), "f1/".into(), "f2/".into()].into()
+        );
+    }
+
+    #[tokio::test]
+    async fn sns_and_eventbridge_deliveries_open_windows() {
         let clock = TestClock(AtomicI64::new(0));
         let agg = Aggregator::new(
             MemoryWindowStore::default(),
@@ -402,15 +775,37 @@ mod tests {
             &clock,
             30,
         );
-        // An opener that crashed after its write: the window exists, no message.
-        crate::ports::WindowStore::open(agg.store(), "bkt1", &ChangeSet::default(), 0, 30_000)
-            .await
-            .unwrap();
-        let r = agg.handle(&event(&[("bkt1", "k")])).await.unwrap();
-        assert_eq!((r.windows_joined, r.messages_sent), (1, 1));
-        assert_eq!(agg.queue().sent().len(), 1);
-        let r = agg.handle(&event(&[("bkt1", "k")])).await.unwrap();
-        assert_eq!(r.messages_sent, 0);
+        let sns = json!({"Records": [{"EventSource": "aws:sns", "Sns": {"Message": event(&[("viasns", "a/b")]).to_string()}}]});
+        let r = agg.handle(&sns).await.unwrap();
+        assert_eq!((r.windows_opened, r.ingest), (1, Some(InvocationKind::Sns)));
+        let eb = json!({"version": "0", "id": "e", "detail-type": "Object Created", "source": "aws.s3",
+            "time": "2026-01-01T00:00:00Z", "region": "us-east-1", "account": "123456789012", "resources": [],
+            "detail": {"version": "0", "bucket": {"name": "viaeb"}, "object": {"key": "x/y z"}, "reason": "PutObject"}});
+        let r = agg.handle(&eb).await.unwrap();
+        assert_eq!(
+            (r.windows_opened, r.ingest),
+            (1, Some(InvocationKind::EventBridge))
+        );
+        assert_eq!(
+            agg.store().item("viaeb").unwrap().folders,
+            ["x/".to_string()].into()
+        );
+        assert!(r.into_response().get("windowsOpened").is_some());
+    }
+
+    #[tokio::test]
+    async fn long_windows_send_with_at_most_900_seconds() {
+        let clock = TestClock(AtomicI64::new(0));
+        let agg = Aggregator::new(
+            MemoryWindowStore::default(),
+            MemoryQueue::default(),
+            &clock,
+            43_200,
+        );
+        agg.handle(&event(&[("bkt1", "k")])).await.unwrap();
+        let sent = agg.queue().sent();
+        assert_eq!(sent[0].delay_seconds, 900);
+        assert_eq!(sent[0].message.window_ends_at_ms, 43_200_000);
     }
 
     #[tokio::test]

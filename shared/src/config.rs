@@ -8,8 +8,9 @@ use thiserror::Error;
 
 pub const DEFAULT_TABLE_NAME: &str = "S3EventAggregator";
 pub const DEFAULT_REFRESH_DELAY_SECONDS: u32 = 30;
-/// SQS caps `DelaySeconds` at 900.
-pub const MAX_REFRESH_DELAY_SECONDS: u32 = 900;
+/// 12 hours, SQS's longest visibility timeout. SQS delays a message at most 900 s;
+/// the refresher sends a longer window's message back until the window ends.
+pub const MAX_REFRESH_DELAY_SECONDS: u32 = 43_200;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -150,7 +151,8 @@ impl RefresherConfig {
 }
 
 fn parse_delay(value: &str) -> Result<u32, ConfigError> {
-    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 900 (default 30)";
+    const ACCEPTED: &str =
+        "accepted: a whole number of seconds from 0 to 43200 (12 hours; default 30)";
     let invalid = || ConfigError::Invalid {
         name: "REFRESH_DELAY_SECONDS",
         value: value.to_string(),
@@ -258,7 +260,13 @@ mod tests {
 
     #[test]
     fn delay_bounds() {
-        for (value, expected) in [("0", 0), ("900", 900), (" 45 ", 45)] {
+        for (value, expected) in [
+            ("0", 0),
+            ("900", 900),
+            ("901", 901),
+            (" 45 ", 45),
+            ("43200", 43_200),
+        ] {
             let config = AggregatorConfig::from_env(&env(&[
                 ("QUEUE_URL", QUEUE),
                 ("REFRESH_DELAY_SECONDS", value),
@@ -266,7 +274,7 @@ mod tests {
             .unwrap();
             assert_eq!(config.refresh_delay_seconds, expected);
         }
-        for bad in ["901", "-1", "abc", "", "1.5", "99999999999"] {
+        for bad in ["43201", "-1", "abc", "", "1.5", "99999999999"] {
             let err = AggregatorConfig::from_env(&env(&[
                 ("QUEUE_URL", QUEUE),
                 ("REFRESH_DELAY_SECONDS", bad),
@@ -274,7 +282,7 @@ mod tests {
             .unwrap_err();
             let line = err.to_string();
             assert!(line.contains("REFRESH_DELAY_SECONDS"), "{line}");
-            assert!(line.contains("0 to 900"), "{line}");
+            assert!(line.contains("0 to 43200"), "{line}");
         }
     }
 

@@ -12,6 +12,7 @@ pub mod aggregator;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod logging;
 pub mod metrics;
 pub mod ports;

@@ -24,6 +24,12 @@ pub mod name {
     pub const SHARES_NOT_FOUND: &str = "SharesNotFound";
     pub const MESSAGES_FAILED: &str = "MessagesFailed";
     pub const MESSAGES_UNREADABLE: &str = "MessagesUnreadable";
+    /// Refresh messages sent back because their window ends later.
+    pub const MESSAGES_REQUEUED: &str = "MessagesRequeued";
+    /// Events whose change a window recorded by this container already covers:
+    /// no DynamoDB write.
+    pub const EVENTS_COALESCED_LOCALLY: &str = "EventsCoalescedInContainer";
+    pub const WINDOW_WRITES: &str = "WindowWrites";
     pub const OLDEST_EVENT_AGE: &str = "OldestEventAgeMs";
 }
 

@@ -4,35 +4,37 @@
 use crate::error::{GatewayError, QueueError, StoreError};
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
-use crate::window::{ChangeSet, CloseOutcome, RefreshLog, WindowView};
+use crate::window::{ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::future::Future;
 
-/// The per-bucket window items (DynamoDB). Each method is one conditional write,
+/// The per-bucket window items (DynamoDB). Each write is one conditional write,
 /// applying the rule of the same name in [`crate::window`].
 pub trait WindowStore: Send + Sync {
-    /// Adds `changes` to the bucket's open window; `Ok(None)` when no window is open.
+    /// The bucket's item, read consistently (a read, not a write).
+    fn read(
+        &self,
+        bucket: &str,
+    ) -> impl Future<Output = Result<Option<WindowItem>, StoreError>> + Send;
+
+    /// Adds `changes` to window `generation` if it still takes joins; `Ok(None)` if not.
     fn join(
         &self,
         bucket: &str,
+        generation: u64,
         changes: &ChangeSet,
         now_ms: i64,
-    ) -> impl Future<Output = Result<Option<WindowView>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<WindowItem>, StoreError>> + Send;
 
-    /// Opens the bucket's next window; `Ok(None)` when a window is still open.
+    /// Opens the window after `expected`, whose message is already on the queue;
+    /// `Ok(None)` when the item is no longer as expected.
     fn open(
         &self,
         bucket: &str,
+        expected: OpenExpectation,
         changes: &ChangeSet,
         now_ms: i64,
         window_ms: i64,
-    ) -> impl Future<Output = Result<Option<WindowView>, StoreError>> + Send;
-
-    /// Records that the message for `generation` is on the queue.
-    fn mark_sent(
-        &self,
-        bucket: &str,
-        generation: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<WindowItem>, StoreError>> + Send;
 
     /// Closes `generation` so no more events join it, and says what to refresh.
     fn close(
@@ -56,6 +58,19 @@ pub trait RefreshQueue: Send + Sync {
     /// Sends `message` with `DelaySeconds = delay_seconds`; returns the message id.
     fn send(
         &self,
+        message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> impl Future<Output = Result<String, QueueError>> + Send;
+}
+
+/// The refresher's way back onto the action queue, for a window that ends later than
+/// SQS's 900-second delay reaches.
+pub trait Requeue: Send + Sync {
+    /// Sends `message` again, to the queue `source_arn` (the SQS record's
+    /// `eventSourceARN`) when the adapter was not told its queue.
+    fn requeue(
+        &self,
+        source_arn: Option<&str>,
         message: &RefreshMessage,
         delay_seconds: u32,
     ) -> impl Future<Output = Result<String, QueueError>> + Send;

@@ -44,6 +44,10 @@ pub struct IncomingRefresh {
     pub timestamp_ms: Option<i64>,
     /// A body that was present but not our JSON, for the log.
     pub unreadable_body: Option<String>,
+    /// The queue the message came from (`eventSourceARN`).
+    pub source_arn: Option<String>,
+    /// Our body, when it is ours: sent back as it is when the window ends later.
+    pub body: Option<RefreshMessage>,
 }
 
 /// A record that can never be processed.
@@ -96,9 +100,11 @@ pub fn decode_sqs_record(record: &Value) -> Result<IncomingRefresh, BadMessage> 
     Ok(IncomingRefresh {
         message_id,
         bucket,
-        generation: body_for_bucket.map(|m| m.generation),
+        generation: body_for_bucket.as_ref().map(|m| m.generation),
         timestamp_ms,
         unreadable_body,
+        source_arn: message.event_source_arn.clone().filter(|a| !a.is_empty()),
+        body: body_for_bucket,
     })
 }
 
@@ -147,6 +153,11 @@ mod tests {
         assert_eq!(got.generation, Some(7));
         assert_eq!(got.timestamp_ms, Some(1_534_097_642_149));
         assert_eq!(got.message_id, "m-1");
+        assert_eq!(
+            got.source_arn.as_deref(),
+            Some("arn:aws:sqs:us-east-1:123456789012:q")
+        );
+        assert_eq!(got.body.map(|b| b.window_ends_at_ms), Some(2));
     }
 
     #[test]

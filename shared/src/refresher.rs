@@ -3,9 +3,9 @@
 
 use crate::aggregator::truncate;
 use crate::clock::Clock;
-use crate::error::{GatewayError, Retry, StoreError};
+use crate::error::{GatewayError, QueueError, Retry, StoreError};
 use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
-use crate::ports::{FileGateway, WindowStore};
+use crate::ports::{FileGateway, Requeue, WindowStore};
 use crate::refresh_message::{decode_sqs_record, IncomingRefresh};
 use crate::shares::{parse_location_arn, plan_refreshes, FileShare, ShareKind};
 use crate::window::{CloseOutcome, RefreshLog, RefreshScope, StartedRefresh};
@@ -40,6 +40,8 @@ pub enum RecordError {
     Gateway(#[from] GatewayError),
     #[error("file shares kept disappearing while refreshing bucket {0}")]
     SharesUnstable(String),
+    #[error("sending the message back for the rest of its window: {0}")]
+    Requeue(#[from] QueueError),
 }
 
 /// What happened to one message.
@@ -49,6 +51,27 @@ pub enum RecordOutcome {
     Refreshed { shares: Vec<String> },
     /// This window was already refreshed: a duplicate delivery.
     Duplicate,
+    /// The window ends later: the message went back with this delay.
+    Requeued { delay_seconds: u32 },
+    /// A newer window carries this one's changes; its message refreshes them.
+    CarriedForward,
+    /// The message's window was never opened (its opener failed after sending).
+    NeverOpened,
+}
+
+/// SQS caps `DelaySeconds` at 900.
+pub const MAX_SQS_DELAY_SECONDS: u32 = 900;
+
+/// The longest a Lambda invocation lasts: an aggregator that sent a window's message
+/// opens the window within this time or never.
+pub const MAX_OPEN_LAG_MS: i64 = 15 * 60 * 1000;
+
+/// The delay that brings a message back at `ends_at_ms`, in whole seconds rounded
+/// up (so it never comes back early), at most SQS's 900.
+pub fn remaining_delay_seconds(now_ms: i64, ends_at_ms: i64) -> u32 {
+    let remaining_ms = ends_at_ms.saturating_sub(now_ms).max(0);
+    let seconds = remaining_ms.saturating_add(999) / 1000;
+    u32::try_from(seconds).map_or(MAX_SQS_DELAY_SECONDS, |s| s.min(MAX_SQS_DELAY_SECONDS))
 }
 
 #[derive(Debug)]
@@ -57,19 +80,21 @@ struct ShareCache {
     loaded_at_ms: i64,
 }
 
-pub struct Refresher<S, G, C> {
+pub struct Refresher<S, G, Q, C> {
     store: S,
     gateway: G,
+    requeue: Q,
     clock: C,
     cache: Mutex<Option<ShareCache>>,
     metrics: Arc<dyn MetricsSink>,
 }
 
-impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
-    pub fn new(store: S, gateway: G, clock: C) -> Self {
+impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C> {
+    pub fn new(store: S, gateway: G, requeue: Q, clock: C) -> Self {
         Refresher {
             store,
             gateway,
+            requeue,
             clock,
             cache: Mutex::new(None),
             metrics: Arc::new(StdoutSink),
@@ -88,6 +113,10 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
 
     pub fn gateway(&self) -> &G {
         &self.gateway
+    }
+
+    pub fn requeue(&self) -> &Q {
+        &self.requeue
     }
 
     /// Handles one SQS event. Messages are processed one after another, so this
@@ -118,6 +147,19 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             match self.process(&request, &mut metrics).await {
                 Ok(RecordOutcome::Duplicate) => {
                     info!(bucket = %request.bucket, generation = ?request.generation, "Window already refreshed; duplicate message");
+                }
+                Ok(RecordOutcome::Requeued { delay_seconds }) => {
+                    info!(bucket = %request.bucket, generation = ?request.generation, delay_seconds,
+                        "Window ends later; message sent back for the rest of it");
+                    metrics.count(Some(&request.bucket), name::MESSAGES_REQUEUED, 1);
+                }
+                Ok(RecordOutcome::CarriedForward) => {
+                    info!(bucket = %request.bucket, generation = ?request.generation,
+                        "A newer window carries this window's changes; its message refreshes them");
+                }
+                Ok(RecordOutcome::NeverOpened) => {
+                    info!(bucket = %request.bucket, generation = ?request.generation,
+                        "Window was never opened (its opener failed after sending); nothing to refresh");
                 }
                 Ok(RecordOutcome::Refreshed { shares }) if shares.is_empty() => {}
                 Ok(RecordOutcome::Refreshed { .. }) => {}
@@ -151,7 +193,12 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             {
                 CloseOutcome::Refresh(scope) => scope,
                 CloseOutcome::AlreadyRefreshed => return Ok(RecordOutcome::Duplicate),
-                CloseOutcome::Superseded => RefreshScope::WholeBucket,
+                CloseOutcome::TooEarly { ends_at_ms } => {
+                    return self.send_back(request, ends_at_ms).await;
+                }
+                CloseOutcome::CarriedForward { .. } => return Ok(RecordOutcome::CarriedForward),
+                CloseOutcome::NeverOpened { .. } => return self.wait_for_open(request).await,
+                CloseOutcome::ItemMissing => RefreshScope::WholeBucket,
             },
             None => RefreshScope::WholeBucket,
         };
@@ -166,7 +213,13 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
             let shares = self.shares(resolved_fresh).await?;
             let plans: Vec<_> = plan_refreshes(&shares, bucket, &scope)
                 .into_iter()
-                .filter(|p| !log.refreshes.iter().any(|r| r.share_arn == p.share_arn))
+                .filter(|p| {
+                    !log.refreshes.iter().any(|r| {
+                        r.share_arn == p.share_arn
+                            && r.folders == p.folders
+                            && r.recursive == p.recursive
+                    })
+                })
                 .collect();
             if plans.is_empty() && log.refreshes.is_empty() {
                 warn!(
@@ -227,6 +280,50 @@ impl<S: WindowStore, G: FileGateway, C: Clock> Refresher<S, G, C> {
         Ok(RecordOutcome::Refreshed {
             shares: log.refreshes.into_iter().map(|r| r.share_arn).collect(),
         })
+    }
+
+    /// Sends the message back to its queue to come back when its window ends: the
+    /// window is longer than SQS's 900-second delay, or this clock runs ahead.
+    async fn send_back(
+        &self,
+        request: &IncomingRefresh,
+        ends_at_ms: i64,
+    ) -> Result<RecordOutcome, RecordError> {
+        let Some(body) = request.body.as_ref() else {
+            // A generation always comes with our body; without it, refresh nothing yet.
+            return Err(RecordError::Requeue(QueueError {
+                retry: Retry::Later,
+                message: "no body to send back".to_string(),
+            }));
+        };
+        let delay_seconds = remaining_delay_seconds(self.clock.now_ms(), ends_at_ms);
+        self.requeue
+            .requeue(request.source_arn.as_deref(), body, delay_seconds)
+            .await?;
+        Ok(RecordOutcome::Requeued { delay_seconds })
+    }
+
+    /// The message names a window that is not in the table yet. Its opener sends the
+    /// message before the write that opens the window, so a prompt message can overtake
+    /// that write: look again shortly. An opener is gone for good after the longest
+    /// Lambda invocation; then the message is an orphan of a failed invocation (whose
+    /// retry sent a message of its own) and is dropped.
+    async fn wait_for_open(&self, request: &IncomingRefresh) -> Result<RecordOutcome, RecordError> {
+        let now = self.clock.now_ms();
+        let Some(body) = request.body.as_ref() else {
+            return Ok(RecordOutcome::NeverOpened);
+        };
+        let waited_ms = now.saturating_sub(body.window_opened_at_ms);
+        if waited_ms >= MAX_OPEN_LAG_MS {
+            return Ok(RecordOutcome::NeverOpened);
+        }
+        // Look again after about as long as the window has waited so far: one look
+        // for a prompt opener, a handful for an orphan.
+        let delay_seconds = u32::try_from((waited_ms / 1000).clamp(1, 60)).unwrap_or(60);
+        self.requeue
+            .requeue(request.source_arn.as_deref(), body, delay_seconds)
+            .await?;
+        Ok(RecordOutcome::Requeued { delay_seconds })
     }
 
     /// Every NFS and SMB share in the account, from the cache when it is fresh.
@@ -305,9 +402,9 @@ impl From<RefresherError> for lambda_runtime::Diagnostic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::memory::{MemoryGateway, MemoryWindowStore};
+    use crate::adapters::memory::{MemoryGateway, MemoryQueue, MemoryWindowStore};
     use crate::clock::SystemClock;
-    use crate::window::ChangeSet;
+    use crate::window::{ChangeSet, OpenExpectation};
     use serde_json::json;
 
     fn message(id: &str, bucket: &str, generation: Option<u64>) -> Value {
@@ -323,9 +420,16 @@ mod tests {
                "messageAttributes": {"bucket-name": {"stringValue": bucket, "dataType": "String"}}})
     }
 
-    fn refresher() -> Refresher<MemoryWindowStore, MemoryGateway, SystemClock> {
+    type TestRefresher = Refresher<MemoryWindowStore, MemoryGateway, MemoryQueue, SystemClock>;
+
+    fn refresher() -> TestRefresher {
         let gateway = MemoryGateway::new(100);
-        Refresher::new(MemoryWindowStore::default(), gateway, SystemClock)
+        Refresher::new(
+            MemoryWindowStore::default(),
+            gateway,
+            MemoryQueue::default(),
+            SystemClock,
+        )
     }
 
     #[tokio::test]
@@ -333,6 +437,7 @@ mod tests {
         let r = Refresher::new(
             MemoryWindowStore::default(),
             MemoryGateway::new(50),
+            MemoryQueue::default(),
             SystemClock,
         );
         for i in 0..130 {
@@ -402,7 +507,10 @@ mod tests {
             .add_share("s", ShareKind::Smb, "arn:aws:s3:::b1/data/");
         let mut changes = ChangeSet::default();
         changes.add_folder("data/a/");
-        r.store().open("b1", &changes, 0, 30_000).await.unwrap();
+        r.store()
+            .open("b1", OpenExpectation::from_item(None), &changes, 0, 30_000)
+            .await
+            .unwrap();
         let first = r
             .handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
             .await
@@ -429,7 +537,10 @@ mod tests {
             .add_share("data", ShareKind::Nfs, "arn:aws:s3:::b1/data/");
         let mut changes = ChangeSet::default();
         changes.add_folder("logs/");
-        r.store().open("b1", &changes, 0, 30_000).await.unwrap();
+        r.store()
+            .open("b1", OpenExpectation::from_item(None), &changes, 0, 30_000)
+            .await
+            .unwrap();
         r.handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
             .await
             .unwrap();
@@ -465,5 +576,63 @@ mod tests {
             .unwrap();
         assert!(out.batch_item_failures.is_empty());
         assert!(r.gateway().refreshes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_window_that_ends_later_is_sent_back_with_the_rest_of_its_time() {
+        let r = refresher();
+        r.gateway()
+            .add_share("s", ShareKind::Nfs, "arn:aws:s3:::b1");
+        let mut changes = ChangeSet::default();
+        changes.add_folder("a/");
+        let now = SystemClock.now_ms();
+        let window_ms = 3 * 3600 * 1000;
+        r.store()
+            .open(
+                "b1",
+                OpenExpectation::from_item(None),
+                &changes,
+                now,
+                window_ms,
+            )
+            .await
+            .unwrap();
+        let out = r
+            .handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert!(r.gateway().refreshes().is_empty());
+        let sent = r.requeue().sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            (sent[0].delay_seconds, sent[0].message.generation),
+            (900, 1)
+        );
+        let item = r.store().item("b1").unwrap();
+        assert_eq!(item.closed_generation, 0, "not closed before its end");
+        assert_eq!(remaining_delay_seconds(0, 1), 1);
+        assert_eq!(remaining_delay_seconds(0, 120_000), 120);
+        assert_eq!(remaining_delay_seconds(5, 0), 0);
+    }
+
+    #[tokio::test]
+    async fn targeted_refresh_lists_changed_folders_and_ancestors() {
+        let r = refresher();
+        r.gateway()
+            .add_share("s", ShareKind::Nfs, "arn:aws:s3:::b1");
+        let mut changes = ChangeSet::default();
+        changes.add_folder("a/b/");
+        r.store()
+            .open("b1", OpenExpectation::from_item(None), &changes, 0, 1)
+            .await
+            .unwrap();
+        r.handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        let plans = r.gateway().refreshes();
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].folders, ["/", "/a", "/a/b"]);
+        assert!(!plans[0].recursive);
     }
 }

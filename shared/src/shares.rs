@@ -1,6 +1,7 @@
 //! File shares: which shares map a bucket, and what to refresh on each.
 
 use crate::window::RefreshScope;
+use std::collections::BTreeSet;
 use std::fmt;
 use thiserror::Error;
 
@@ -87,32 +88,165 @@ impl FileShare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefreshPlan {
     pub share_arn: String,
-    /// `FolderList`, relative to the share root ("/" is the root itself).
+    /// `FolderList`, relative to the share root: "/" is the root, else "/a/b".
     pub folders: Vec<String>,
     pub recursive: bool,
 }
 
-/// The refreshes that cover `scope` in `bucket`: one per share of the bucket whose
-/// prefix holds at least one changed folder. Each refresh covers the whole share,
-/// recursively, which covers every changed key in it.
+/// `FolderList` takes 1 to 50 folders.
+pub const MAX_FOLDER_LIST: usize = 50;
+
+/// The refreshes that cover `scope` in `bucket`, share by share.
+///
+/// A share whose prefix holds no changed folder gets none. The whole bucket is one
+/// recursive refresh of each share's root. Changed folders are refreshed as narrowly
+/// as [`plan_folders`] can while still making every change visible.
 pub fn plan_refreshes(
     shares: &[FileShare],
     bucket: &str,
     scope: &RefreshScope,
 ) -> Vec<RefreshPlan> {
-    shares
-        .iter()
-        .filter(|share| share.location.bucket == bucket)
-        .filter(|share| match scope {
-            RefreshScope::WholeBucket => true,
-            RefreshScope::Folders(folders) => folders.iter().any(|f| share.covers_folder(f)),
-        })
-        .map(|share| RefreshPlan {
+    let mut plans = Vec::new();
+    for share in shares.iter().filter(|s| s.location.bucket == bucket) {
+        let calls = match scope {
+            RefreshScope::WholeBucket => vec![FolderRefresh {
+                folders: vec![ROOT.to_string()],
+                recursive: true,
+            }],
+            RefreshScope::Folders(folders) => {
+                let relative: BTreeSet<&str> = folders
+                    .iter()
+                    .filter_map(|f| f.strip_prefix(share.location.prefix.as_str()))
+                    .collect();
+                if relative.is_empty() {
+                    continue;
+                }
+                plan_folders(&relative)
+            }
+        };
+        plans.extend(calls.into_iter().map(|c| RefreshPlan {
             share_arn: share.arn.clone(),
-            folders: vec!["/".to_string()],
-            recursive: true,
-        })
+            folders: c.folders,
+            recursive: c.recursive,
+        }));
+    }
+    plans
+}
+
+const ROOT: &str = "/";
+
+/// One `RefreshCache` call's `FolderList` and `Recursive`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderRefresh {
+    pub folders: Vec<String>,
+    pub recursive: bool,
+}
+
+/// The calls that make changes in `changed` (folders relative to a share root, with a
+/// trailing slash; "" is the root) visible through the share.
+///
+/// A non-recursive refresh of a folder re-lists its objects and its direct
+/// subfolders. A new object in a folder that did not exist before shows only if its
+/// folder appears in its parent's listing, and the parent in the grandparent's, up to
+/// the root; a deleted last object likewise makes its folder vanish from the parent.
+/// So the first choice is one non-recursive call on every changed folder and all of
+/// its ancestors: it lists only those folders, never their other subtrees.
+///
+/// When that is more than 50 folders, changed folders are collapsed into common
+/// ancestors (the deepest one first) and refreshed recursively, which covers their
+/// subtrees; a second, non-recursive call lists the ancestors of those, so that the
+/// collapsed folders themselves show up. At worst this is one recursive refresh of the
+/// root. A share takes two refreshes at a time, so two calls fit.
+pub fn plan_folders(changed: &BTreeSet<&str>) -> Vec<FolderRefresh> {
+    let mut listed: BTreeSet<&str> = BTreeSet::new();
+    for folder in changed {
+        listed.insert(folder);
+        listed.extend(ancestors(folder));
+    }
+    if listed.len() <= MAX_FOLDER_LIST {
+        return vec![FolderRefresh {
+            folders: listed.into_iter().map(folder_path).collect(),
+            recursive: false,
+        }];
+    }
+    let mut subtrees = outermost(changed.iter().copied());
+    loop {
+        let above = ancestors_outside(&subtrees);
+        if subtrees.len() <= MAX_FOLDER_LIST && above.len() <= MAX_FOLDER_LIST {
+            let recursive = FolderRefresh {
+                folders: subtrees.into_iter().map(folder_path).collect(),
+                recursive: true,
+            };
+            if above.is_empty() {
+                return vec![recursive];
+            }
+            return vec![
+                FolderRefresh {
+                    folders: above.into_iter().map(folder_path).collect(),
+                    recursive: false,
+                },
+                recursive,
+            ];
+        }
+        // Replace the deepest folder by its parent; the root has none, and a set
+        // that holds the root is the root alone.
+        let Some(deepest) = subtrees.iter().copied().max_by_key(|f| (depth(f), *f)) else {
+            return vec![FolderRefresh {
+                folders: vec![ROOT.to_string()],
+                recursive: true,
+            }];
+        };
+        subtrees.remove(deepest);
+        subtrees.insert(parent(deepest).unwrap_or(""));
+        subtrees = outermost(subtrees.into_iter());
+    }
+}
+
+/// "a/b/" → ["", "a/"]; "" → [].
+fn ancestors(folder: &str) -> impl Iterator<Item = &str> {
+    folder
+        .match_indices('/')
+        .map(move |(i, _)| &folder[..=i])
+        .filter(move |a| a.len() < folder.len())
+        .chain((!folder.is_empty()).then_some(""))
+}
+
+fn parent(folder: &str) -> Option<&str> {
+    if folder.is_empty() {
+        return None;
+    }
+    let trimmed = &folder[..folder.len() - 1];
+    Some(match trimmed.rfind('/') {
+        Some(i) => &folder[..=i],
+        None => "",
+    })
+}
+
+fn depth(folder: &str) -> usize {
+    folder.matches('/').count()
+}
+
+/// The folders of `set` that no other folder of the set contains.
+fn outermost<'a>(set: impl Iterator<Item = &'a str>) -> BTreeSet<&'a str> {
+    let all: BTreeSet<&str> = set.collect();
+    all.iter()
+        .copied()
+        .filter(|f| !ancestors(f).any(|a| all.contains(a)))
         .collect()
+}
+
+/// The ancestors of `subtrees` that none of them contains.
+fn ancestors_outside<'a>(subtrees: &BTreeSet<&'a str>) -> BTreeSet<&'a str> {
+    subtrees
+        .iter()
+        .flat_map(|f| ancestors(f))
+        .filter(|a| !subtrees.contains(a))
+        .collect()
+}
+
+/// "" → "/"; "a/b/" → "/a/b" (FolderList: leading slash, no trailing slash).
+fn folder_path(folder: &str) -> String {
+    format!("/{}", folder.trim_end_matches('/'))
 }
 
 #[cfg(test)]
@@ -180,5 +314,160 @@ mod tests {
         assert_eq!(arns(folders(&["data/"])), ["root", "data"]);
         assert_eq!(arns(RefreshScope::WholeBucket), ["root", "data"]);
         assert!(arns(folders(&[])).is_empty());
+    }
+
+    fn plan(changed: &[&str]) -> Vec<FolderRefresh> {
+        plan_folders(&changed.iter().copied().collect())
+    }
+
+    fn non_recursive(folders: &[&str]) -> FolderRefresh {
+        FolderRefresh {
+            folders: folders.iter().map(|f| f.to_string()).collect(),
+            recursive: false,
+        }
+    }
+
+    #[test]
+    fn changed_folders_and_their_ancestors_non_recursively() {
+        assert_eq!(plan(&[""]), [non_recursive(&["/"])]);
+        assert_eq!(
+            plan(&["a/b/c/"]),
+            [non_recursive(&["/", "/a", "/a/b", "/a/b/c"])]
+        );
+        assert_eq!(
+            plan(&["a/b/", "a/c/", "x/"]),
+            [non_recursive(&["/", "/a", "/a/b", "/a/c", "/x"])]
+        );
+    }
+
+    /// Every changed folder and each of its ancestors is listed by some call, and
+    /// each call fits `FolderList`.
+    fn assert_covers(changed: &BTreeSet<&str>, calls: &[FolderRefresh]) {
+        assert!((1..=2).contains(&calls.len()), "{calls:?}");
+        for call in calls {
+            assert!(
+                (1..=MAX_FOLDER_LIST).contains(&call.folders.len()),
+                "{call:?}"
+            );
+            assert!(call
+                .folders
+                .iter()
+                .all(|f| f == "/" || (f.starts_with('/') && !f.ends_with('/'))));
+        }
+        let listed = |folder: &str| {
+            calls.iter().any(|c| {
+                c.folders.iter().any(|path| {
+                    let named = match path.as_str() {
+                        "/" => String::new(),
+                        p => format!("{}/", &p[1..]),
+                    };
+                    if c.recursive {
+                        folder.starts_with(&named)
+                    } else {
+                        folder == named
+                    }
+                })
+            })
+        };
+        for folder in changed {
+            assert!(listed(folder), "{folder} not listed by {calls:?}");
+            for a in ancestors(folder) {
+                assert!(
+                    listed(a),
+                    "ancestor {a:?} of {folder} not listed by {calls:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn over_fifty_collapse_to_common_ancestors() {
+        // 60 leaves under two parents: fewer, wider subtrees, and the root above them.
+        let leaves: Vec<String> = (0..60).map(|i| format!("p{}/leaf{i:02}/", i % 2)).collect();
+        let changed: BTreeSet<&str> = leaves.iter().map(String::as_str).collect();
+        let calls = plan_folders(&changed);
+        assert_covers(&changed, &calls);
+        assert!(calls[1].recursive && calls[1].folders.iter().all(|f| f != "/"));
+        // 60 folders at the root collapse into the root itself.
+        let top: Vec<String> = (0..60).map(|i| format!("t{i:02}/")).collect();
+        let changed: BTreeSet<&str> = top.iter().map(String::as_str).collect();
+        assert_eq!(
+            plan_folders(&changed),
+            [FolderRefresh {
+                folders: vec!["/".into()],
+                recursive: true
+            }]
+        );
+    }
+
+    #[test]
+    fn every_plan_covers_its_changes() {
+        // A small deterministic generator: sets of up to 120 folders, up to 6 deep.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for _ in 0..300 {
+            let count = 1 + next(120);
+            let owned: Vec<String> = (0..count)
+                .map(|_| (0..next(7)).map(|_| format!("f{}/", next(4))).collect())
+                .collect();
+            let changed: BTreeSet<&str> = owned.iter().map(String::as_str).collect();
+            assert_covers(&changed, &plan_folders(&changed));
+        }
+    }
+
+    #[test]
+    fn deep_chains_collapse_until_both_calls_fit() {
+        // One folder 60 levels deep: 61 folders to list.
+        let deep: String = (0..60).map(|i| format!("d{i}/")).collect();
+        let calls = plan(&[deep.as_str()]);
+        assert_eq!(calls.len(), 2);
+        assert!(calls
+            .iter()
+            .all(|c| !c.folders.is_empty() && c.folders.len() <= MAX_FOLDER_LIST));
+        assert!(!calls[0].recursive && calls[1].recursive);
+        assert_eq!(calls[0].folders[0], "/");
+        // The recursive call covers the changed folder, and the listed ancestors reach it.
+        let top = &calls[1].folders[0];
+        assert!(format!("/{deep}").starts_with(&format!("{top}/")));
+        assert_eq!(calls[0].folders.len() + 1, top.matches('/').count() + 1);
+    }
+
+    #[test]
+    fn shares_get_their_relative_folders() {
+        let shares = vec![
+            share("root", "arn:aws:s3:::b"),
+            share("data", "arn:aws:s3:::b/data/"),
+        ];
+        let scope = RefreshScope::Folders(["data/x/".to_string(), "logs/".to_string()].into());
+        let plans = plan_refreshes(&shares, "b", &scope);
+        assert_eq!(plans.len(), 2);
+        assert_eq!(
+            (
+                plans[0].share_arn.as_str(),
+                plans[0].folders.clone(),
+                plans[0].recursive
+            ),
+            (
+                "root",
+                vec![
+                    "/".to_string(),
+                    "/data".into(),
+                    "/data/x".into(),
+                    "/logs".into()
+                ],
+                false
+            )
+        );
+        assert_eq!(
+            (plans[1].share_arn.as_str(), plans[1].folders.clone()),
+            ("data", vec!["/".to_string(), "/x".into()])
+        );
+        let whole = plan_refreshes(&shares, "b", &RefreshScope::WholeBucket);
+        assert!(whole.iter().all(|p| p.folders == ["/"] && p.recursive));
     }
 }

@@ -1,32 +1,82 @@
 //! Aggregation windows: the per-bucket state and the rules that move it.
 //!
-//! One item per bucket holds a numbered window (its *generation*). The aggregator joins
-//! the open window or opens the next one; the refresher closes a window before it
+//! One item per bucket holds a numbered window (its *generation*). The aggregator sends
+//! a window's refresh message *before* the write that opens the window, so every window
+//! in the table already has its message on the queue. It then joins the open window
+//! until the refresher closes it. The refresher closes a window only once its end time
+//! has passed (an early message is sent back with the remaining delay), and before it
 //! refreshes, so every event that joined a window happened before the refresh that
-//! covers it. These functions are the rules; [`crate::adapters::memory`] applies them
-//! directly and [`crate::adapters::sdk`] states the same conditions as DynamoDB
-//! expressions.
+//! covers it. A window whose refresh is not known to have started carries its folders
+//! into the next window, so a message for an older window never needs a whole-bucket
+//! refresh. See `docs/protocol.md`.
+//!
+//! These functions are the rules; [`crate::adapters::memory`] applies them directly and
+//! [`crate::adapters::sdk`] states the same conditions as DynamoDB expressions.
 
 use std::collections::BTreeSet;
+
+/// The most folders a window records. Past this it refreshes its shares whole. A
+/// folder is at most 1,024 bytes (S3's key limit), so 200 keep the item far below
+/// DynamoDB's 400 KB item limit, next to the refresh log (bounded in the SDK adapter).
+pub const MAX_WINDOW_FOLDERS: usize = 200;
+
+/// How long after its end an unclosed window still takes joins. Its message normally
+/// arrives within seconds of the end; a window whose message is stuck (a long gateway
+/// outage, retries, the DLQ) stops taking joins after this, and the next window opens
+/// and carries its folders.
+pub const STALE_WINDOW_GRACE_MS: i64 = 15 * 60 * 1000;
 
 /// What a batch of events changed in one bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeSet {
     /// Folders holding changed keys, with a trailing slash; "" is the bucket root.
     pub folders: BTreeSet<String>,
-    /// A key could not be decoded: refresh everything.
+    /// A key could not be decoded, or too many folders changed: refresh everything.
     pub whole_bucket: bool,
 }
 
 impl ChangeSet {
     pub fn add_folder(&mut self, folder: &str) {
+        if self.whole_bucket {
+            return;
+        }
         if !self.folders.contains(folder) {
             self.folders.insert(folder.to_string());
         }
+        if self.folders.len() > MAX_WINDOW_FOLDERS {
+            self.set_whole_bucket();
+        }
+    }
+
+    /// Everything changed: the folder list no longer matters.
+    pub fn set_whole_bucket(&mut self) {
+        self.whole_bucket = true;
+        self.folders.clear();
     }
 
     pub fn is_empty(&self) -> bool {
         self.folders.is_empty() && !self.whole_bucket
+    }
+
+    /// Whether a window that recorded `folders` / `whole_bucket` already covers this.
+    pub fn is_covered_by(&self, folders: &BTreeSet<String>, whole_bucket: bool) -> bool {
+        whole_bucket || (!self.whole_bucket && self.folders.is_subset(folders))
+    }
+
+    /// The part of this change set that a window with `folders` / `whole_bucket` does
+    /// not record yet, made to fit the window's folder limit.
+    pub fn not_covered_by(&self, folders: &BTreeSet<String>, whole_bucket: bool) -> ChangeSet {
+        if whole_bucket {
+            return ChangeSet::default();
+        }
+        let mut rest = ChangeSet {
+            folders: self.folders.difference(folders).cloned().collect(),
+            whole_bucket: self.whole_bucket,
+        };
+        if rest.whole_bucket || folders.len() + rest.folders.len() > MAX_WINDOW_FOLDERS {
+            rest.set_whole_bucket();
+        }
+        rest
     }
 }
 
@@ -44,14 +94,16 @@ pub struct WindowItem {
     /// The latest window's number; 0 means no window was ever opened.
     pub generation: u64,
     pub opened_at_ms: i64,
-    /// Events are joined until this time (opened + REFRESH_DELAY_SECONDS).
+    /// The refresher closes the window at this time at the earliest (opened +
+    /// REFRESH_DELAY_SECONDS).
     pub ends_at_ms: i64,
-    /// The latest generation whose refresh message is known to be on the queue.
+    /// The latest generation whose refresh message was sent (before its window opened).
     pub sent_generation: u64,
     /// The latest generation the refresher closed.
     pub closed_generation: u64,
     /// The latest generation whose refreshes all started.
     pub refreshed_generation: u64,
+    /// The changed folders of this window and of any unrefreshed window it carries.
     pub folders: BTreeSet<String>,
     pub whole_bucket: bool,
     pub last_event_at_ms: i64,
@@ -78,14 +130,17 @@ pub struct StartedRefresh {
 }
 
 impl WindowItem {
-    /// Joinable: opened, not yet closed by the refresher, and within its time.
-    pub fn is_open(&self, now_ms: i64) -> bool {
-        self.generation > 0 && self.closed_generation < self.generation && now_ms < self.ends_at_ms
+    /// Takes joins: opened, not yet closed by the refresher, and not stale.
+    pub fn is_joinable(&self, now_ms: i64) -> bool {
+        self.generation > 0
+            && self.closed_generation < self.generation
+            && now_ms < self.ends_at_ms.saturating_add(STALE_WINDOW_GRACE_MS)
     }
 
-    /// Whether the current window's refresh message is known to be on the queue.
-    pub fn message_sent(&self) -> bool {
-        self.sent_generation >= self.generation
+    /// Whether the next window must carry this window's folders: its refreshes are
+    /// not known to have started.
+    pub fn must_carry(&self) -> bool {
+        self.generation > 0 && self.refreshed_generation < self.generation
     }
 
     pub fn scope(&self) -> RefreshScope {
@@ -96,6 +151,12 @@ impl WindowItem {
         }
     }
 
+    /// Whether `changes` fit under the folder limit (DynamoDB: `size(Folders) <= :room`).
+    fn has_room_for(&self, changes: &ChangeSet) -> bool {
+        changes.folders.is_empty()
+            || self.folders.len() + changes.folders.len() <= MAX_WINDOW_FOLDERS
+    }
+
     fn absorb(&mut self, changes: &ChangeSet, now_ms: i64) {
         self.folders.extend(changes.folders.iter().cloned());
         self.whole_bucket |= changes.whole_bucket;
@@ -103,42 +164,64 @@ impl WindowItem {
     }
 }
 
-/// The window an aggregator write ended up in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WindowView {
-    pub generation: u64,
-    pub opened_at_ms: i64,
-    pub ends_at_ms: i64,
-    pub message_sent: bool,
+/// Join: add the changes to window `generation` if it is the bucket's current window
+/// and still takes joins, and they fit. `None` otherwise.
+pub fn join(
+    item: &mut Option<WindowItem>,
+    generation: u64,
+    changes: &ChangeSet,
+    now_ms: i64,
+) -> Option<WindowItem> {
+    let current = item.as_mut().filter(|i| {
+        i.generation == generation && i.is_joinable(now_ms) && i.has_room_for(changes)
+    })?;
+    current.absorb(changes, now_ms);
+    Some(current.clone())
 }
 
-impl From<&WindowItem> for WindowView {
-    fn from(item: &WindowItem) -> Self {
-        WindowView {
-            generation: item.generation,
-            opened_at_ms: item.opened_at_ms,
-            ends_at_ms: item.ends_at_ms,
-            message_sent: item.message_sent(),
+/// What an opener saw before it sent the next window's message. The open succeeds
+/// only if the item is still in that state, so the message names the right window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenExpectation {
+    /// The current generation (0: no window yet); the new window is the next one.
+    pub generation: u64,
+    /// Keep the current window's folders: its refreshes are not known to have started.
+    pub carry: bool,
+}
+
+impl OpenExpectation {
+    pub fn from_item(item: Option<&WindowItem>) -> Self {
+        OpenExpectation {
+            generation: item.map_or(0, |i| i.generation),
+            carry: item.is_some_and(WindowItem::must_carry),
         }
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.generation + 1
     }
 }
 
-/// Join: add the changes to the open window. `None` if no window is open.
-pub fn join(item: &mut Option<WindowItem>, changes: &ChangeSet, now_ms: i64) -> Option<WindowView> {
-    let current = item.as_mut().filter(|i| i.is_open(now_ms))?;
-    current.absorb(changes, now_ms);
-    Some(WindowView::from(&*current))
-}
-
-/// Open the next window with these changes. `None` if a window is still open.
+/// Open the next window with these changes; its message is already on the queue.
+/// `None` if the item moved on since the opener looked, a window still takes joins,
+/// or (without carrying) the current window's refreshes are not known to have started.
 pub fn open(
     item: &mut Option<WindowItem>,
     bucket: &str,
+    expected: OpenExpectation,
     changes: &ChangeSet,
     now_ms: i64,
     window_ms: i64,
-) -> Option<WindowView> {
-    if item.as_ref().is_some_and(|i| i.is_open(now_ms)) {
+) -> Option<WindowItem> {
+    if let Some(current) = item.as_ref() {
+        if current.generation != expected.generation
+            || current.is_joinable(now_ms)
+            || (!expected.carry && current.refreshed_generation < expected.generation)
+            || (expected.carry && !current.has_room_for(changes))
+        {
+            return None;
+        }
+    } else if expected.generation != 0 {
         return None;
     }
     let current = item.get_or_insert_with(|| WindowItem {
@@ -146,19 +229,15 @@ pub fn open(
         ..Default::default()
     });
     current.generation += 1;
+    current.sent_generation = current.generation;
     current.opened_at_ms = now_ms;
     current.ends_at_ms = now_ms.saturating_add(window_ms);
-    current.folders.clear();
-    current.whole_bucket = false;
-    current.absorb(changes, now_ms);
-    Some(WindowView::from(&*current))
-}
-
-/// Record that the message for `generation` is on the queue. Never moves backwards.
-pub fn mark_sent(item: &mut Option<WindowItem>, generation: u64) {
-    if let Some(current) = item.as_mut() {
-        current.sent_generation = current.sent_generation.max(generation);
+    if !expected.carry {
+        current.folders.clear();
+        current.whole_bucket = false;
     }
+    current.absorb(changes, now_ms);
+    Some(current.clone())
 }
 
 /// The refresher's close of `generation`, before it refreshes.
@@ -169,23 +248,44 @@ pub enum CloseOutcome {
     Refresh(RefreshScope),
     /// This generation's refreshes already all started: a duplicate delivery.
     AlreadyRefreshed,
-    /// A newer window replaced this one, or the item is gone: the folders of this
-    /// generation are unknown, so refresh the whole bucket.
-    Superseded,
+    /// The window ends later (the delay was capped at SQS's 900 s, or clocks differ):
+    /// send the message again for the rest of the time.
+    TooEarly { ends_at_ms: i64 },
+    /// A newer window exists and carries this one's folders (or this one was
+    /// refreshed): that window's refresh covers this message.
+    CarriedForward { current_generation: u64 },
+    /// No such window was ever opened: its opener failed after sending. The events of
+    /// that invocation are retried by Lambda, which sends a message of its own.
+    NeverOpened { current_generation: u64 },
+    /// The bucket's item is gone: what changed is unknown, so refresh everything.
+    ItemMissing,
 }
 
-/// Close `generation` if it is the bucket's current window.
-pub fn close(item: &mut Option<WindowItem>, generation: u64) -> CloseOutcome {
-    match item.as_mut() {
-        Some(current) if current.generation == generation => {
-            if current.refreshed_generation >= generation {
-                return CloseOutcome::AlreadyRefreshed;
-            }
-            current.closed_generation = current.closed_generation.max(generation);
-            CloseOutcome::Refresh(current.scope())
-        }
-        _ => CloseOutcome::Superseded,
+/// Close `generation` if it is the bucket's current window and its time has come.
+pub fn close(item: &mut Option<WindowItem>, generation: u64, now_ms: i64) -> CloseOutcome {
+    let Some(current) = item.as_mut() else {
+        return CloseOutcome::ItemMissing;
+    };
+    if generation > current.generation {
+        return CloseOutcome::NeverOpened {
+            current_generation: current.generation,
+        };
     }
+    if generation < current.generation {
+        return CloseOutcome::CarriedForward {
+            current_generation: current.generation,
+        };
+    }
+    if current.refreshed_generation >= generation {
+        return CloseOutcome::AlreadyRefreshed;
+    }
+    if now_ms < current.ends_at_ms {
+        return CloseOutcome::TooEarly {
+            ends_at_ms: current.ends_at_ms,
+        };
+    }
+    current.closed_generation = current.closed_generation.max(generation);
+    CloseOutcome::Refresh(current.scope())
 }
 
 /// Record the refreshes of a message: the log always, and for a window, that every
@@ -231,91 +331,192 @@ mod tests {
         c
     }
 
+    fn open_next(
+        item: &mut Option<WindowItem>,
+        changes: &ChangeSet,
+        now: i64,
+        window: i64,
+    ) -> Option<WindowItem> {
+        let expected = OpenExpectation::from_item(item.as_ref());
+        open(item, "b", expected, changes, now, window)
+    }
+
     #[test]
-    fn first_event_opens_later_events_join() {
+    fn first_event_opens_later_events_join_until_closed() {
         let mut item = None;
-        assert_eq!(join(&mut item, &folders(&["a/"]), 1_000), None);
-        let opened = open(&mut item, "b", &folders(&["a/"]), 1_000, 30_000).unwrap();
-        assert_eq!(opened.generation, 1);
-        assert_eq!(opened.ends_at_ms, 31_000);
-        assert!(!opened.message_sent);
-        mark_sent(&mut item, 1);
-        let joined = join(&mut item, &folders(&["b/"]), 30_999).unwrap();
-        assert!(joined.message_sent);
+        assert_eq!(join(&mut item, 1, &folders(&["a/"]), 1_000), None);
+        let opened = open_next(&mut item, &folders(&["a/"]), 1_000, 30_000).unwrap();
         assert_eq!(
-            open(&mut item, "b", &folders(&["c/"]), 30_999, 30_000),
+            (opened.generation, opened.sent_generation, opened.ends_at_ms),
+            (1, 1, 31_000)
+        );
+        join(&mut item, 1, &folders(&["b/"]), 30_999).unwrap();
+        // Past its end, an unclosed window still takes joins: its refresh has not begun.
+        join(&mut item, 1, &folders(&["c/"]), 40_000).unwrap();
+        assert_eq!(
+            open_next(&mut item, &folders(&["d/"]), 40_000, 30_000),
             None
         );
-        let scope = item.as_ref().unwrap().scope();
         assert_eq!(
-            scope,
+            join(&mut item, 2, &folders(&["c/"]), 40_000),
+            None,
+            "wrong generation"
+        );
+        assert_eq!(
+            item.as_ref().unwrap().scope(),
+            RefreshScope::Folders(["a/".into(), "b/".into(), "c/".into()].into())
+        );
+        assert!(matches!(
+            close(&mut item, 1, 40_000),
+            CloseOutcome::Refresh(_)
+        ));
+        assert_eq!(
+            join(&mut item, 1, &folders(&["c/"]), 40_001),
+            None,
+            "closed windows take no joins"
+        );
+    }
+
+    #[test]
+    fn the_refresher_waits_for_the_window_end() {
+        let mut item = None;
+        open_next(&mut item, &folders(&["a/"]), 0, 3_600_000).unwrap();
+        assert_eq!(
+            close(&mut item, 1, 900_000),
+            CloseOutcome::TooEarly {
+                ends_at_ms: 3_600_000
+            }
+        );
+        assert!(join(&mut item, 1, &folders(&["b/"]), 900_001).is_some());
+        assert!(matches!(
+            close(&mut item, 1, 3_600_000),
+            CloseOutcome::Refresh(_)
+        ));
+    }
+
+    #[test]
+    fn unrefreshed_windows_carry_their_folders_forward() {
+        let mut item = None;
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        // Closed, then the refresher died before recording its refreshes.
+        assert!(matches!(close(&mut item, 1, 10), CloseOutcome::Refresh(_)));
+        let expected = OpenExpectation::from_item(item.as_ref());
+        assert!(expected.carry);
+        // Opening without carrying is refused: the folders would be lost.
+        assert_eq!(
+            open(
+                &mut item,
+                "b",
+                OpenExpectation {
+                    carry: false,
+                    ..expected
+                },
+                &folders(&["x/"]),
+                11,
+                10
+            ),
+            None
+        );
+        open(&mut item, "b", expected, &folders(&["x/"]), 11, 10).unwrap();
+        assert_eq!(
+            item.as_ref().unwrap().scope(),
+            RefreshScope::Folders(["a/".into(), "x/".into()].into())
+        );
+        // The redelivered message of window 1 is covered by window 2.
+        assert_eq!(
+            close(&mut item, 1, 100),
+            CloseOutcome::CarriedForward {
+                current_generation: 2
+            }
+        );
+        // Once window 2's refreshes are recorded, window 3 starts clean.
+        assert!(matches!(close(&mut item, 2, 100), CloseOutcome::Refresh(_)));
+        record_refresh(&mut item, "b", &log(2));
+        assert!(!OpenExpectation::from_item(item.as_ref()).carry);
+        open_next(&mut item, &folders(&["z/"]), 101, 10).unwrap();
+        assert_eq!(
+            item.as_ref().unwrap().scope(),
+            RefreshScope::Folders(["z/".into()].into())
+        );
+    }
+
+    #[test]
+    fn a_stale_window_is_superseded_with_its_folders() {
+        let mut item = None;
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        let stale = 10 + STALE_WINDOW_GRACE_MS;
+        assert!(join(&mut item, 1, &folders(&["b/"]), stale).is_none());
+        open_next(&mut item, &folders(&["b/"]), stale, 10).unwrap();
+        assert_eq!(
+            item.as_ref().unwrap().scope(),
             RefreshScope::Folders(["a/".into(), "b/".into()].into())
         );
     }
 
     #[test]
-    fn window_ends_by_time_or_by_close() {
+    fn an_open_for_a_state_that_moved_on_fails() {
         let mut item = None;
-        open(&mut item, "b", &folders(&[""]), 0, 10);
-        assert!(
-            join(&mut item, &folders(&[""]), 10).is_none(),
-            "ends_at is exclusive"
-        );
-        let second = open(&mut item, "b", &folders(&["x/"]), 10, 10).unwrap();
-        assert_eq!(second.generation, 2);
-        // A new window forgets the previous window's folders.
-        assert_eq!(
-            item.as_ref().unwrap().scope(),
-            RefreshScope::Folders(["x/".into()].into())
-        );
-        assert_eq!(
-            close(&mut item, 2),
-            CloseOutcome::Refresh(RefreshScope::Folders(["x/".into()].into()))
-        );
-        assert!(
-            join(&mut item, &folders(&[""]), 11).is_none(),
-            "closed windows take no joins"
-        );
-        assert_eq!(
-            open(&mut item, "b", &folders(&[""]), 11, 10)
-                .unwrap()
-                .generation,
-            3
-        );
-    }
-
-    #[test]
-    fn close_outcomes() {
-        let mut item = None;
-        assert_eq!(close(&mut item, 1), CloseOutcome::Superseded);
-        open(&mut item, "b", &folders(&["a/"]), 0, 10);
-        assert!(matches!(close(&mut item, 1), CloseOutcome::Refresh(_)));
-        // Redelivery before the refresh finished: refresh again.
-        assert!(matches!(close(&mut item, 1), CloseOutcome::Refresh(_)));
+        let seen = OpenExpectation::from_item(None);
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        close(&mut item, 1, 10);
         record_refresh(&mut item, "b", &log(1));
-        assert_eq!(close(&mut item, 1), CloseOutcome::AlreadyRefreshed);
-        open(&mut item, "b", &folders(&["z/"]), 20, 10);
-        assert_eq!(close(&mut item, 1), CloseOutcome::Superseded);
+        // Another opener that looked before window 1 existed: its message named window 1.
+        assert_eq!(open(&mut item, "b", seen, &folders(&["q/"]), 20, 10), None);
+        assert_eq!(
+            close(&mut item, 5, 30),
+            CloseOutcome::NeverOpened {
+                current_generation: 1
+            }
+        );
+        assert_eq!(close(&mut None, 1, 30), CloseOutcome::ItemMissing);
     }
 
     #[test]
-    fn whole_bucket_sticks_for_the_window() {
+    fn close_outcomes_for_duplicates() {
         let mut item = None;
-        let mut c = folders(&["a/"]);
-        c.whole_bucket = true;
-        open(&mut item, "b", &c, 0, 10);
-        join(&mut item, &folders(&["b/"]), 1);
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        assert!(matches!(close(&mut item, 1, 10), CloseOutcome::Refresh(_)));
+        // Redelivery before the refresh finished: refresh again.
+        assert!(matches!(close(&mut item, 1, 11), CloseOutcome::Refresh(_)));
+        record_refresh(&mut item, "b", &log(1));
+        assert_eq!(close(&mut item, 1, 12), CloseOutcome::AlreadyRefreshed);
+    }
+
+    #[test]
+    fn folder_limit_turns_into_whole_bucket() {
+        let mut many = ChangeSet::default();
+        for i in 0..=MAX_WINDOW_FOLDERS {
+            many.add_folder(&format!("f{i}/"));
+        }
+        assert!(many.whole_bucket && many.folders.is_empty());
+        let mut item = None;
+        let mut first = ChangeSet::default();
+        for i in 0..MAX_WINDOW_FOLDERS {
+            first.add_folder(&format!("f{i}/"));
+        }
+        open_next(&mut item, &first, 0, 10).unwrap();
+        let extra = folders(&["g/"]);
+        assert_eq!(
+            join(&mut item, 1, &extra, 1),
+            None,
+            "no room for another folder"
+        );
+        let current = item.clone().unwrap();
+        let rest = extra.not_covered_by(&current.folders, current.whole_bucket);
+        assert!(rest.whole_bucket && rest.folders.is_empty());
+        join(&mut item, 1, &rest, 1).unwrap();
         assert_eq!(item.as_ref().unwrap().scope(), RefreshScope::WholeBucket);
+        assert!(folders(&["zzz/"]).is_covered_by(&BTreeSet::new(), true));
+        assert!(folders(&["f1/"]).is_covered_by(&current.folders, false));
+        assert!(!folders(&["g/"]).is_covered_by(&current.folders, false));
     }
 
     #[test]
     fn markers_never_move_backwards() {
         let mut item = None;
-        open(&mut item, "b", &folders(&[""]), 0, 10);
-        open(&mut item, "b", &folders(&[""]), 10, 10);
-        mark_sent(&mut item, 2);
-        mark_sent(&mut item, 1);
-        assert_eq!(item.as_ref().unwrap().sent_generation, 2);
+        open_next(&mut item, &folders(&[""]), 0, 10);
+        close(&mut item, 1, 10);
+        open_next(&mut item, &folders(&[""]), 10, 10);
         record_refresh(&mut item, "b", &log(2));
         record_refresh(&mut item, "b", &log(1));
         assert_eq!(item.as_ref().unwrap().refreshed_generation, 2);

@@ -496,11 +496,16 @@ fn aggregator() -> Aggregator<MemoryWindowStore, MemoryQueue, SystemClock> {
 
 /// A refresher whose gateway has a share for the templates' bucket, so that decoded
 /// messages go all the way to `RefreshCache`.
-fn refresher() -> Refresher<MemoryWindowStore, MemoryGateway, SystemClock> {
+fn refresher() -> Refresher<MemoryWindowStore, MemoryGateway, MemoryQueue, SystemClock> {
     let gateway = MemoryGateway::new(100);
     gateway.add_share("share-1", ShareKind::Nfs, "arn:aws:s3:::my-bucket");
     gateway.add_share("share-2", ShareKind::Smb, "arn:aws:s3:::my-bucket/dir/");
-    Refresher::new(MemoryWindowStore::default(), gateway, SystemClock)
+    Refresher::new(
+        MemoryWindowStore::default(),
+        gateway,
+        MemoryQueue::default(),
+        SystemClock,
+    )
 }
 
 // The whole handlers (decoding, then the window rules and the share matching) over the

@@ -29,13 +29,13 @@ use shared::clock::Clock;
 use shared::error::{GatewayError, QueueError, Retry, StoreError};
 use shared::metrics::NullSink;
 use shared::ports::{
-    DescribedShare, FileGateway, RefreshQueue, SharePage, ShareSummary, WindowStore,
+    DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage, ShareSummary, WindowStore,
 };
 use shared::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use shared::refresher::Refresher;
 use shared::s3_event::format_event_time;
 use shared::shares::{RefreshPlan, ShareKind};
-use shared::window::{self, ChangeSet, CloseOutcome, RefreshLog, WindowItem, WindowView};
+use shared::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -79,14 +79,17 @@ impl Rng {
 /// Faults of the 2018 design, rebuilt in the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault2018 {
-    /// A failed send leaves the window armed: later events see the window and skip,
-    /// and nobody sends its message (the store reports every window as sent).
+    /// The window is armed before its message is sent: when the send fails, the
+    /// window stays open without a message, and later events join it and skip.
     NoUnsentRepair,
     /// RefreshCache errors are logged and the message is deleted anyway.
     DeleteOnRefreshError,
     /// Windows are judged by time alone: the refresher never closes them, so an
     /// aggregator whose clock runs behind joins a window whose refresh already began.
     TimeOnlyWindow,
+    /// Not a 2018 fault but ours without its guard: the warm-container skip trusts a
+    /// recorded window up to its very end, with no margin for clocks that differ.
+    CoalesceWithoutClockMargin,
 }
 
 // ---------------------------------------------------------------------------------
@@ -306,57 +309,52 @@ impl SimStore {
 }
 
 impl WindowStore for SimStore {
+    async fn read(&self, bucket: &str) -> Result<Option<WindowItem>, StoreError> {
+        self.apply("read", bucket, |item, _| item.clone()).await
+    }
+
     async fn join(
         &self,
         bucket: &str,
+        generation: u64,
         changes: &ChangeSet,
         now_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
-        self.apply("join", bucket, |item, w| {
-            let mut view = window::join(item, changes, now_ms);
-            if w.fault_2018 == Some(Fault2018::NoUnsentRepair) {
-                if let Some(v) = view.as_mut() {
-                    v.message_sent = true;
-                }
-            }
-            view
+    ) -> Result<Option<WindowItem>, StoreError> {
+        self.apply("join", bucket, |item, _| {
+            window::join(item, generation, changes, now_ms).map(|i| i.generation)
         })
         .await
+        .map(|joined| joined.and_then(|_| self.peek(bucket)))
     }
 
     async fn open(
         &self,
         bucket: &str,
+        expected: OpenExpectation,
         changes: &ChangeSet,
         now_ms: i64,
         window_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
+    ) -> Result<Option<WindowItem>, StoreError> {
         self.apply("open", bucket, |item, _| {
-            window::open(item, bucket, changes, now_ms, window_ms)
+            window::open(item, bucket, expected, changes, now_ms, window_ms).map(|i| i.generation)
         })
         .await
-    }
-
-    async fn mark_sent(&self, bucket: &str, generation: u64) -> Result<(), StoreError> {
-        self.apply("mark_sent", bucket, |item, _| {
-            window::mark_sent(item, generation)
-        })
-        .await
+        .map(|opened| opened.and_then(|_| self.peek(bucket)))
     }
 
     async fn close(
         &self,
         bucket: &str,
         generation: u64,
-        _now_ms: i64,
+        now_ms: i64,
     ) -> Result<CloseOutcome, StoreError> {
         self.apply("close", bucket, |item, w| {
             if w.fault_2018 == Some(Fault2018::TimeOnlyWindow) {
                 // Read the window without closing it.
                 let mut copy = item.clone();
-                return window::close(&mut copy, generation);
+                return window::close(&mut copy, generation, now_ms);
             }
-            window::close(item, generation)
+            window::close(item, generation, now_ms)
         })
         .await
     }
@@ -366,6 +364,13 @@ impl WindowStore for SimStore {
             window::record_refresh(item, bucket, log)
         })
         .await
+    }
+}
+
+impl SimStore {
+    /// The item as the write left it (the write's ReturnValues=ALL_NEW), not a call.
+    fn peek(&self, bucket: &str) -> Option<WindowItem> {
+        self.0.world().items.get(bucket).cloned().flatten()
     }
 }
 
@@ -387,6 +392,21 @@ impl RefreshQueue for SimQueue {
         };
         if fault == Fault::Before {
             w.log(|| format!("sqs send {}: fails", message.bucket));
+            if w.fault_2018 == Some(Fault2018::NoUnsentRepair) {
+                // The 2018 order: the window was written before this send.
+                let mut item = w.items.remove(&message.bucket).flatten();
+                let expected = OpenExpectation::from_item(item.as_ref());
+                let window_ms = message.window_ends_at_ms - message.window_opened_at_ms;
+                window::open(
+                    &mut item,
+                    &message.bucket,
+                    expected,
+                    &ChangeSet::default(),
+                    message.window_opened_at_ms,
+                    window_ms,
+                );
+                w.items.insert(message.bucket.clone(), item);
+            }
             return Err(err());
         }
         w.next_message += 1;
@@ -411,6 +431,17 @@ impl RefreshQueue for SimQueue {
             return Err(err());
         }
         Ok(id)
+    }
+}
+
+impl Requeue for SimQueue {
+    async fn requeue(
+        &self,
+        _source_arn: Option<&str>,
+        message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        self.send(message, delay_seconds).await
     }
 }
 
@@ -555,7 +586,7 @@ impl Clock for SimClock {
 // ---------------------------------------------------------------------------------
 
 type AggregatorService = Aggregator<SimStore, SimQueue, SimClock>;
-type RefresherService = Refresher<SimStore, SimGateway, SimClock>;
+type RefresherService = Refresher<SimStore, SimGateway, SimQueue, SimClock>;
 
 enum Outcome {
     Aggregated(bool),
@@ -646,12 +677,20 @@ impl Sim {
 
     fn new_aggregator(&mut self) -> Container {
         let port = self.new_port();
+        // Two containers' clocks differ by at most twice the skew bound.
+        let margin = if lock(&self.world).fault_2018 == Some(Fault2018::CoalesceWithoutClockMargin)
+        {
+            0
+        } else {
+            2 * self.skew_ms + 1
+        };
         let service = Aggregator::new(
             SimStore(port.clone()),
             SimQueue(port.clone(), 900),
             SimClock(port.clone()),
             self.delay_seconds,
         )
+        .with_clock_margin_ms(margin)
         .with_metrics_sink(Arc::new(NullSink));
         Container {
             busy: false,
@@ -666,6 +705,7 @@ impl Sim {
         let service = Refresher::new(
             SimStore(port.clone()),
             SimGateway(port.clone()),
+            SimQueue(port.clone(), 900),
             SimClock(port.clone()),
         )
         .with_metrics_sink(Arc::new(NullSink));
@@ -1027,20 +1067,34 @@ fn s3_notification(event: &SimEvent) -> Value {
     }]})
 }
 
-/// Whether an accepted refresh covers `key` (relative to the share's root).
-fn covers(refresh: &AcceptedRefresh, relative_key: &str) -> bool {
-    refresh.folders.iter().any(|folder| {
-        if folder == "/" {
-            return refresh.recursive || !relative_key.contains('/');
-        }
-        let Some(rest) = relative_key
-            .strip_prefix(folder.as_str())
-            .and_then(|r| r.strip_prefix('/'))
-        else {
-            return false;
+/// Whether an accepted refresh lists `folder` (relative to the share's root, with a
+/// trailing slash; "" is the root): it names the folder, or recursively an ancestor.
+fn lists(refresh: &AcceptedRefresh, folder: &str) -> bool {
+    refresh.folders.iter().any(|path| {
+        let named = match path.strip_prefix('/') {
+            Some("") => String::new(),
+            Some(rest) => format!("{rest}/"),
+            None => return false,
         };
-        refresh.recursive || !rest.contains('/')
+        if refresh.recursive {
+            folder.starts_with(&named)
+        } else {
+            folder == named
+        }
     })
+}
+
+/// The folders whose listings must be refreshed for a change to `relative_key` to
+/// show: its folder and every ancestor up to the share root (a new folder shows only
+/// in its parent's listing).
+fn folder_chain(relative_key: &str) -> Vec<&str> {
+    let mut chain = vec![""];
+    chain.extend(
+        relative_key
+            .match_indices('/')
+            .map(|(i, _)| &relative_key[..=i]),
+    );
+    chain
 }
 
 fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
@@ -1052,8 +1106,10 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
                 && s.created_at < event.written_at
         }) {
             let relative = &event.key[share.prefix.len()..];
-            let covered = world.refreshes.iter().any(|r| {
-                r.share_arn == share.arn && r.at > event.written_at && covers(r, relative)
+            let covered = folder_chain(relative).iter().all(|folder| {
+                world.refreshes.iter().any(|r| {
+                    r.share_arn == share.arn && r.at > event.written_at && lists(r, folder)
+                })
             });
             if !covered {
                 return Err(format!(
@@ -1128,8 +1184,14 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         fault_2018,
         trace: trace.then(Vec::new),
     };
-    let delay_seconds = *rng.pick(&[0u32, 1, 5, 30, 120, 900]);
-    let skew_ms = if fault_2018 == Some(Fault2018::TimeOnlyWindow) {
+    // Up to 40 minutes: windows longer than SQS's 900-second delay come back.
+    let dense = fault_2018 == Some(Fault2018::CoalesceWithoutClockMargin);
+    let delay_seconds = if dense {
+        *rng.pick(&[1u32, 5, 10])
+    } else {
+        *rng.pick(&[0u32, 1, 5, 30, 120, 900, 2_400])
+    };
+    let skew_ms = if fault_2018 == Some(Fault2018::TimeOnlyWindow) || dense {
         3_000
     } else {
         rng.range(0, 2_000)
@@ -1160,8 +1222,13 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         max_receive_count: 5,
         redrives: 0,
     };
-    let burst_ms = rng.range(1_000, 600_000);
-    for i in 0..rng.range(1, 30) {
+    // The clock-margin fault needs events near window ends: a short, dense burst.
+    let (burst_ms, event_count) = if dense {
+        (rng.range(1_000, 30_000), rng.range(30, 80))
+    } else {
+        (rng.range(1_000, 600_000), rng.range(1, 30))
+    };
+    for i in 0..event_count {
         let event = SimEvent {
             bucket: rng.pick(&buckets).clone(),
             key: format!("{}obj-{i}", rng.pick(&folders)),
@@ -1300,6 +1367,11 @@ fn checker_catches_windows_judged_by_time_alone() {
 }
 
 #[test]
+fn checker_catches_coalescing_without_a_clock_margin() {
+    assert_fault_is_caught(Fault2018::CoalesceWithoutClockMargin);
+}
+
+#[test]
 fn the_same_seed_replays_the_same_run() {
     let a = run_seed(7, None, true);
     let b = run_seed(7, None, true);
@@ -1315,11 +1387,13 @@ fn coverage_rules() {
         folders: folders.iter().map(|f| f.to_string()).collect(),
         recursive,
     };
-    assert!(covers(&r(&["/"], true), "a/b/c"));
-    assert!(covers(&r(&["/"], false), "c"));
-    assert!(!covers(&r(&["/"], false), "a/c"));
-    assert!(covers(&r(&["a/b"], false), "a/b/c"));
-    assert!(!covers(&r(&["a/b"], false), "a/b/c/d"));
-    assert!(covers(&r(&["a/b"], true), "a/b/c/d"));
-    assert!(!covers(&r(&["a/b"], true), "a/bc/d"));
+    assert!(lists(&r(&["/"], true), "a/b/"));
+    assert!(lists(&r(&["/"], false), ""));
+    assert!(!lists(&r(&["/"], false), "a/"));
+    assert!(lists(&r(&["/a/b"], false), "a/b/"));
+    assert!(!lists(&r(&["/a/b"], false), "a/b/c/"));
+    assert!(lists(&r(&["/a/b"], true), "a/b/c/"));
+    assert!(!lists(&r(&["/a/b"], true), "a/bc/"));
+    assert_eq!(folder_chain("a/b/c"), ["", "a/", "a/b/"]);
+    assert_eq!(folder_chain("c"), [""]);
 }

@@ -2,6 +2,7 @@
 //! Runtime API harness, moto, AWS resources on moto, and the whole stack assembled.
 
 pub mod aws;
+pub mod bucket_model;
 pub mod moto;
 pub mod runtime_api;
 pub mod sgw_standin;

@@ -23,12 +23,54 @@
 //!
 //! Every request is recorded (in arrival order, including injected failures) so that
 //! tests can assert on what a client really sent. Tests drive it through [`SgwStandIn`].
+//!
+//! # The cache model
+//!
+//! A bucket can be given an object source with [`SgwStandIn::set_bucket_source`]: moto's
+//! S3 (listed with `ListObjectsV2` through `aws-sdk-s3`) or a [`BucketModel`] that the
+//! test mutates in memory. The shares of such a bucket then model what a client of the
+//! share sees:
+//!
+//! * A share's cache is a set of per-folder listings. Each cached folder (a path
+//!   relative to the share root, the root itself included) holds the names of the
+//!   objects directly in it and the names of its direct subfolders.
+//! * The share's *view* ([`SgwStandIn::share_view`]) is what a client reaches by walking
+//!   from the root through cached listings. A subfolder whose own listing was never
+//!   loaded shows as an empty folder; a cached folder that no cached parent lists cannot
+//!   be reached at all. This is why a new object at a new depth needs its new folders'
+//!   parents refreshed too.
+//! * A new share starts as a full snapshot of its bucket under its prefix (for an S3
+//!   source, only after [`SgwStandIn::prime_share_cache`], because `add_share` cannot
+//!   wait on S3). Snapshots are not counted as work.
+//! * `RefreshCache` lists S3 when it is accepted, so a refresh that starts after a
+//!   write sees that write. For each folder of `FolderList`: without `Recursive` it lists
+//!   the folder with the delimiter `/` and replaces that folder's listing (subfolders
+//!   that vanished drop out, and so do the cached contents of any folder below it that
+//!   the new listing does not name; the contents of the remaining subfolders are not
+//!   re-listed); with `Recursive` it lists every key under the folder and rebuilds the
+//!   folder's whole cached subtree. A folder that does not exist in the bucket lists as
+//!   empty. The folder's parents are not touched: a folder that no cached parent lists
+//!   stays out of the view.
+//! * `FolderList` entries are `/` or `/a/b` (leading `/`, no trailing `/`, no `//`);
+//!   anything else is an `InvalidGatewayRequestException`, so client bugs show up.
+//! * Concurrent refreshes of one S3-backed share apply their listings in the order the
+//!   listings finish.
+//! * The listing work is counted per refresh ([`RefreshRecord::work`]), per share and
+//!   in total ([`ListingWork`]): objects returned (each stands for a HEAD per object),
+//!   common prefixes returned, and `ListObjectsV2` requests at 1000 entries per page.
+//! * If listing S3 fails, the refresh is still accepted (the real call is asynchronous
+//!   too) and the failure is kept in [`RefreshRecord::listing_error`]; the folders that
+//!   failed keep their old listings.
+//!
+//! A bucket without a source has no cache model: `RefreshCache` is validated, recorded
+//! and limited as usual, and its work is zero.
 
 use std::collections::hash_map::RandomState;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::ops::{Add, AddAssign, Bound};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,6 +83,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
+
+pub use crate::bucket_model::{BucketModel, ObjectListing, LIST_PAGE_SIZE};
 
 /// The `X-Amz-Target` prefix of every Storage Gateway operation.
 pub const TARGET_PREFIX: &str = "StorageGateway_20130630.";
@@ -126,6 +170,116 @@ pub struct RefreshRecord {
     pub recursive: bool,
     pub notification_id: String,
     pub started_at: SystemTime,
+    /// The listing this refresh cost; zero when its bucket has no source.
+    pub work: ListingWork,
+    /// Why listing the bucket failed (S3 source only), for the first failed folder.
+    pub listing_error: Option<String>,
+}
+
+/// Where the objects of a bucket live, for the cache model.
+#[derive(Clone, Debug)]
+pub enum BucketSource {
+    /// An in-memory bucket that the test or benchmark mutates directly.
+    Model(BucketModel),
+    /// A real bucket (moto's S3), listed with `ListObjectsV2`.
+    S3(aws_sdk_s3::Client),
+}
+
+/// Listing work done by refreshes: what the gateway asked of S3.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListingWork {
+    /// Objects returned by listings; each stands for one HEAD the gateway makes.
+    pub objects_listed: u64,
+    /// Common prefixes (subfolders) returned by delimited listings.
+    pub prefixes_listed: u64,
+    /// `ListObjectsV2` requests (pages of up to 1000 entries).
+    pub list_requests: u64,
+}
+
+impl ListingWork {
+    fn of(listing: &ObjectListing) -> ListingWork {
+        ListingWork {
+            objects_listed: listing.objects.len() as u64,
+            prefixes_listed: listing.prefixes.len() as u64,
+            list_requests: listing.requests,
+        }
+    }
+}
+
+impl AddAssign for ListingWork {
+    fn add_assign(&mut self, other: ListingWork) {
+        self.objects_listed += other.objects_listed;
+        self.prefixes_listed += other.prefixes_listed;
+        self.list_requests += other.list_requests;
+    }
+}
+
+impl Add for ListingWork {
+    type Output = ListingWork;
+    fn add(mut self, other: ListingWork) -> ListingWork {
+        self += other;
+        self
+    }
+}
+
+/// The cached listing of one folder of a share.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct FolderListing {
+    /// Names of the objects directly in the folder.
+    objects: BTreeSet<String>,
+    /// Names of the folder's direct subfolders.
+    subfolders: BTreeSet<String>,
+}
+
+/// A share's cache: folder path relative to the share root ("" is the root, otherwise
+/// "a/b") to its listing. A folder without an entry was never listed.
+type ShareCache = BTreeMap<String, FolderListing>;
+
+/// One folder of a refresh, resolved against the share's prefix.
+#[derive(Clone, Debug)]
+struct FolderJob {
+    /// The folder as requested (`/` or `/a/b`), for error messages.
+    folder: String,
+    /// Relative to the share root: "" or "a/b".
+    rel: String,
+    /// The key prefix to list: the share's prefix plus `a/b/`.
+    key_prefix: String,
+    recursive: bool,
+}
+
+impl FolderJob {
+    /// `folder` must have passed [`folder_problem`].
+    fn new(share_prefix: &str, folder: &str, recursive: bool) -> FolderJob {
+        let rel = folder.strip_prefix('/').unwrap_or(folder).to_string();
+        let key_prefix = if rel.is_empty() {
+            share_prefix.to_string()
+        } else {
+            format!("{share_prefix}{rel}/")
+        };
+        FolderJob {
+            folder: folder.to_string(),
+            rel,
+            key_prefix,
+            recursive,
+        }
+    }
+}
+
+/// The listing of one folder of a refresh. On error, `listing` holds the pages read
+/// before the failure (they count as work) and is not applied.
+struct FolderOutcome {
+    job: FolderJob,
+    listing: ObjectListing,
+    error: Option<String>,
+}
+
+/// An accepted refresh whose S3 listing runs after the state lock is released.
+struct PendingRefresh {
+    share_arn: String,
+    notification_id: String,
+    bucket: String,
+    client: aws_sdk_s3::Client,
+    jobs: Vec<FolderJob>,
 }
 
 struct Gateway {
@@ -142,6 +296,8 @@ struct Share {
     gateway_arn: String,
     kind: ShareKind,
     location_arn: String,
+    /// Empty while the bucket has no source (or an S3 share is not primed yet).
+    cache: ShareCache,
 }
 
 struct InFlight {
@@ -161,6 +317,10 @@ struct State {
     rejected_refreshes: usize,
     calls: Vec<RecordedCall>,
     failures: VecDeque<(String, InjectedFailure)>,
+    /// Object sources by bucket name.
+    sources: HashMap<String, BucketSource>,
+    work_by_share: HashMap<String, ListingWork>,
+    total_work: ListingWork,
     /// Per-instance secret, so that markers and ids are not guessable across instances.
     salt: u64,
 }
@@ -178,6 +338,9 @@ impl State {
             rejected_refreshes: 0,
             calls: Vec::new(),
             failures: VecDeque::new(),
+            sources: HashMap::new(),
+            work_by_share: HashMap::new(),
+            total_work: ListingWork::default(),
             salt: RandomState::new().hash_one(0x5347_5753_u64),
         }
     }
@@ -465,14 +628,22 @@ impl SgwStandIn {
         let id = format!("share-{}", st.short_id());
         let arn = format!("arn:aws:storagegateway:{REGION}:{ACCOUNT_ID}:share/{id}");
         let seq = st.next();
-        st.shares.push(Share {
+        let mut share = Share {
             seq,
             arn: arn.clone(),
             id,
             gateway_arn: gateway_arn.to_string(),
             kind,
             location_arn: location_arn.to_string(),
-        });
+            cache: ShareCache::new(),
+        };
+        // A share created on a modelled bucket starts with the bucket as it is now.
+        if let Some(BucketSource::Model(model)) =
+            bucket_of(location_arn).and_then(|b| st.sources.get(b))
+        {
+            snapshot_from_model(&mut share, model);
+        }
+        st.shares.push(share);
         arn
     }
 
@@ -541,12 +712,129 @@ impl SgwStandIn {
     }
 
     /// Forgets the recorded calls, the refresh records and the rejected count. Shares,
-    /// refreshes in flight, settings and queued failures stay.
+    /// refreshes in flight, settings, queued failures, share caches and the listing
+    /// work counters stay (see [`SgwStandIn::reset_listing_work`]).
     pub fn reset_calls(&self) {
         let mut st = self.state();
         st.calls.clear();
         st.refreshes.clear();
         st.rejected_refreshes = 0;
+    }
+
+    /// Gives `bucket` an object source, which turns on the cache model for its shares.
+    /// The caches of the bucket's existing shares start over: as a snapshot of the
+    /// bucket for a [`BucketSource::Model`], and empty (nothing listed yet) for
+    /// [`BucketSource::S3`] until [`SgwStandIn::prime_share_cache`] or a refresh.
+    pub fn set_bucket_source(&self, bucket: &str, source: BucketSource) {
+        let mut st = self.state();
+        let st = &mut *st;
+        for share in st
+            .shares
+            .iter_mut()
+            .filter(|s| bucket_of(&s.location_arn) == Some(bucket))
+        {
+            share.cache.clear();
+            if let BucketSource::Model(model) = &source {
+                snapshot_from_model(share, model);
+            }
+        }
+        st.sources.insert(bucket.to_string(), source);
+    }
+
+    /// Removes `bucket`'s source (and so the cache model of its shares).
+    pub fn clear_bucket_source(&self, bucket: &str) {
+        let mut st = self.state();
+        st.sources.remove(bucket);
+        for share in st
+            .shares
+            .iter_mut()
+            .filter(|s| bucket_of(&s.location_arn) == Some(bucket))
+        {
+            share.cache.clear();
+        }
+    }
+
+    /// Replaces the share's cache with a full snapshot of its bucket under its prefix,
+    /// as when the share is created. Not counted as listing work. Fails when the share
+    /// is unknown, its bucket has no source, or S3 cannot be listed.
+    pub async fn prime_share_cache(&self, share_arn: &str) -> Result<(), String> {
+        let (source, bucket, prefix) = {
+            let st = self.state();
+            let share = st
+                .share(share_arn)
+                .ok_or_else(|| format!("no share {share_arn}"))?;
+            let bucket = bucket_of(&share.location_arn)
+                .ok_or_else(|| format!("share {share_arn} has no S3 location"))?;
+            let source = st
+                .sources
+                .get(bucket)
+                .cloned()
+                .ok_or_else(|| format!("bucket {bucket} has no object source"))?;
+            (source, bucket.to_string(), prefix_of(&share.location_arn))
+        };
+        let listing = match source {
+            BucketSource::Model(model) => model.list(&prefix, false),
+            BucketSource::S3(client) => match list_s3(&client, &bucket, &prefix, false).await {
+                (listing, None) => listing,
+                (_, Some(error)) => return Err(error),
+            },
+        };
+        let mut st = self.state();
+        let share = st
+            .shares
+            .iter_mut()
+            .find(|s| s.arn == share_arn)
+            .ok_or_else(|| format!("share {share_arn} was removed while priming"))?;
+        share.cache.clear();
+        apply_listing(
+            &mut share.cache,
+            &FolderJob::new(&prefix, "/", true),
+            &listing,
+        );
+        Ok(())
+    }
+
+    /// The object keys (bucket key form: share prefix plus relative path) that a client
+    /// of the share can reach through its cached listings. Empty for an unknown share
+    /// or one without a cache model.
+    pub fn share_view(&self, share_arn: &str) -> BTreeSet<String> {
+        let st = self.state();
+        st.share(share_arn)
+            .map(|s| view_of(s).0)
+            .unwrap_or_default()
+    }
+
+    /// The folders a client of the share can reach, as key prefixes ending in `/`
+    /// (`data/a/b/`), the share root excluded. A folder whose listing was never loaded
+    /// is included: the client sees it, empty.
+    pub fn share_folders_view(&self, share_arn: &str) -> BTreeSet<String> {
+        let st = self.state();
+        st.share(share_arn)
+            .map(|s| view_of(s).1)
+            .unwrap_or_default()
+    }
+
+    /// The listing work of the refreshes of `share_arn` since the last
+    /// [`SgwStandIn::reset_listing_work`].
+    pub fn listing_work(&self, share_arn: &str) -> ListingWork {
+        self.state()
+            .work_by_share
+            .get(share_arn)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The listing work of all refreshes since the last reset.
+    pub fn total_listing_work(&self) -> ListingWork {
+        self.state().total_work
+    }
+
+    /// Zeroes the per-share and total listing work counters (refresh records keep
+    /// their own counts until [`SgwStandIn::reset_calls`]).
+    pub fn reset_listing_work(&self) {
+        let mut st = self.state();
+        st.work_by_share.clear();
+        st.total_work = ListingWork::default();
     }
 }
 
@@ -598,10 +886,6 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let operation = target
-        .strip_prefix(TARGET_PREFIX)
-        .unwrap_or(&target)
-        .to_string();
     let method_ok = req.method() == Method::POST;
 
     let raw = Limited::new(req.into_body(), MAX_BODY_BYTES)
@@ -609,6 +893,36 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
         .await
         .map(|collected| collected.to_bytes());
 
+    let (status, payload, request_id, pending) = answer(state, &target, method_ok, raw);
+    // An S3 listing is awaited without the lock, then applied, before the answer goes
+    // out: once a client sees success, the share's view reflects the refresh.
+    if let Some(pending) = pending {
+        run_pending(state, pending).await;
+    }
+
+    let mut response = Response::new(Full::new(Bytes::from(payload.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-amzn-requestid", v);
+    }
+    response
+}
+
+/// Runs one request under the state lock and records it. Returns the status, the JSON
+/// body, the request id and an accepted refresh's S3 listing still to run.
+fn answer<E>(
+    state: &Mutex<State>,
+    target: &str,
+    method_ok: bool,
+    raw: Result<Bytes, E>,
+) -> (StatusCode, Value, String, Option<PendingRefresh>) {
+    let operation = target
+        .strip_prefix(TARGET_PREFIX)
+        .unwrap_or(target)
+        .to_string();
+    let mut pending = None;
     let mut st = lock(state);
     let (result, body, injected) = match raw {
         Err(_) => (
@@ -648,7 +962,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
                     Err(e) => Err(ApiError::serialization(format!(
                         "The request body is not valid JSON: {e}"
                     ))),
-                    Ok(Value::Object(input)) => dispatch(&mut st, &operation, &input),
+                    Ok(Value::Object(input)) => dispatch(&mut st, &operation, &input, &mut pending),
                     Ok(_) => Err(ApiError::serialization(
                         "The request body must be a JSON object.",
                     )),
@@ -671,16 +985,92 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
         at: SystemTime::now(),
     });
     let request_id = st.notification_id();
-    drop(st);
+    (status, payload, request_id, pending)
+}
 
-    let mut response = Response::new(Full::new(Bytes::from(payload.to_string())));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-amzn-requestid", v);
+/// Lists S3 for an accepted refresh (without the lock) and applies the result.
+async fn run_pending(state: &Mutex<State>, pending: PendingRefresh) {
+    let mut outcomes = Vec::with_capacity(pending.jobs.len());
+    for job in pending.jobs {
+        let (listing, error) = list_s3(
+            &pending.client,
+            &pending.bucket,
+            &job.key_prefix,
+            !job.recursive,
+        )
+        .await;
+        outcomes.push(FolderOutcome {
+            job,
+            listing,
+            error,
+        });
     }
-    response
+    let mut st = lock(state);
+    finish_refresh(
+        &mut st,
+        &pending.share_arn,
+        &pending.notification_id,
+        outcomes,
+    );
+}
+
+/// `ListObjectsV2` of `prefix` in `bucket`, every page, with the delimiter `/` when
+/// `delimited`. On failure, returns what was read so far and the error.
+async fn list_s3(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    delimited: bool,
+) -> (ObjectListing, Option<String>) {
+    let mut listing = ObjectListing::default();
+    let mut token: Option<String> = None;
+    loop {
+        let mut request = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .max_keys(LIST_PAGE_SIZE as i32)
+            .set_continuation_token(token.clone());
+        if !prefix.is_empty() {
+            request = request.prefix(prefix);
+        }
+        if delimited {
+            request = request.delimiter("/");
+        }
+        let out = match request.send().await {
+            Ok(out) => out,
+            Err(e) => {
+                let error = format!(
+                    "ListObjectsV2 of s3://{bucket}/{prefix} failed: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                );
+                return (listing, Some(error));
+            }
+        };
+        listing.requests += 1;
+        listing.objects.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(str::to_string),
+        );
+        listing.prefixes.extend(
+            out.common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix())
+                .map(str::to_string),
+        );
+        let next = match out.next_continuation_token() {
+            Some(next) if out.is_truncated() == Some(true) => next.to_string(),
+            _ => return (listing, None),
+        };
+        // A server that hands back the same token would make this loop forever.
+        if token.as_deref() == Some(next.as_str()) {
+            let error =
+                format!("ListObjectsV2 of s3://{bucket}/{prefix} repeated its continuation token");
+            return (listing, Some(error));
+        }
+        token = Some(next);
+    }
 }
 
 fn take_failure(st: &mut State, operation: &str) -> Option<InjectedFailure> {
@@ -692,12 +1082,13 @@ fn dispatch(
     st: &mut State,
     operation: &str,
     input: &Map<String, Value>,
+    pending: &mut Option<PendingRefresh>,
 ) -> Result<Value, ApiError> {
     match operation {
         "ListFileShares" => list_file_shares(st, input),
         "DescribeNFSFileShares" => describe_file_shares(st, input, ShareKind::Nfs),
         "DescribeSMBFileShares" => describe_file_shares(st, input, ShareKind::Smb),
-        "RefreshCache" => refresh_cache(st, input),
+        "RefreshCache" => refresh_cache(st, input, pending),
         _ => Err(ApiError::unknown_operation()),
     }
 }
@@ -934,12 +1325,18 @@ fn share_info(s: &Share) -> Value {
 /// 1. model constraints (framework level, `ValidationException`): FileShareARN present,
 ///    FolderList 1..=50 items, each 1..=1024 characters;
 /// 2. the share exists (`InvalidGatewayRequestException`, `FileShareNotFound`);
-/// 3. no folder but "/" ends with "/": this rule is only in the documentation ("Do not
-///    include / when specifying folder names"), not in the model, so it is the
-///    service's own check and answers `InvalidGatewayRequestException`
-///    (`InvalidParameters`);
+/// 3. each folder is a well-formed path relative to the share root (see
+///    [`folder_problem`]). These rules are not in the model, so they are the service's
+///    own check and answer `InvalidGatewayRequestException` (`InvalidParameters`);
 /// 4. fewer than two refreshes in flight on the share (`InvalidGatewayRequestException`).
-fn refresh_cache(st: &mut State, input: &Map<String, Value>) -> Result<Value, ApiError> {
+///
+/// Once accepted, a modelled bucket is listed right away; an S3 bucket is listed by the
+/// caller through `pending`, after the lock is released.
+fn refresh_cache(
+    st: &mut State,
+    input: &Map<String, Value>,
+    pending: &mut Option<PendingRefresh>,
+) -> Result<Value, ApiError> {
     let share_arn =
         opt_string(input, "FileShareARN")?.ok_or_else(|| ApiError::not_null("fileShareARN"))?;
     let folders = opt_string_list(input, "FolderList")?;
@@ -968,19 +1365,18 @@ fn refresh_cache(st: &mut State, input: &Map<String, Value>) -> Result<Value, Ap
             )));
         }
     }
-    if st.share(&share_arn).is_none() {
+    let Some(share) = st.share(&share_arn) else {
         return Err(ApiError::share_not_found(&share_arn));
-    }
-    if let Some(bad) = folders
-        .iter()
-        .flatten()
-        .find(|f| f.as_str() != "/" && f.ends_with('/'))
-    {
-        return Err(ApiError::invalid_request(
-            "InvalidParameters",
-            format!("The folder name '{bad}' is not valid: a folder name must not end with '/'."),
-            vec![("folder", bad.clone())],
-        ));
+    };
+    let location_arn = share.location_arn.clone();
+    for folder in folders.iter().flatten() {
+        if let Some(problem) = folder_problem(folder) {
+            return Err(ApiError::invalid_request(
+                "InvalidParameters",
+                format!("The folder name '{folder}' is not valid: {problem}."),
+                vec![("folder", folder.clone())],
+            ));
+        }
     }
     if st.in_flight_for(&share_arn) >= MAX_REFRESHES_IN_FLIGHT {
         st.rejected_refreshes += 1;
@@ -993,14 +1389,251 @@ fn refresh_cache(st: &mut State, input: &Map<String, Value>) -> Result<Value, Ap
         done_at,
     });
     let notification_id = st.notification_id();
+    let folder_list = folders.unwrap_or_else(|| vec!["/".to_string()]);
+    let share_prefix = prefix_of(&location_arn);
+    let jobs: Vec<FolderJob> = folder_list
+        .iter()
+        .map(|f| FolderJob::new(&share_prefix, f, recursive))
+        .collect();
     st.refreshes.push(RefreshRecord {
         share_arn: share_arn.clone(),
-        folder_list: folders.unwrap_or_else(|| vec!["/".to_string()]),
+        folder_list,
         recursive,
         notification_id: notification_id.clone(),
         started_at: SystemTime::now(),
+        work: ListingWork::default(),
+        listing_error: None,
     });
+
+    let bucket = bucket_of(&location_arn).unwrap_or_default().to_string();
+    match st.sources.get(&bucket).cloned() {
+        None => {}
+        Some(BucketSource::Model(model)) => {
+            let outcomes = jobs
+                .into_iter()
+                .map(|job| FolderOutcome {
+                    listing: model.list(&job.key_prefix, !job.recursive),
+                    job,
+                    error: None,
+                })
+                .collect();
+            finish_refresh(st, &share_arn, &notification_id, outcomes);
+        }
+        Some(BucketSource::S3(client)) => {
+            *pending = Some(PendingRefresh {
+                share_arn: share_arn.clone(),
+                notification_id: notification_id.clone(),
+                bucket,
+                client,
+                jobs,
+            });
+        }
+    }
     Ok(json!({ "FileShareARN": share_arn, "NotificationId": notification_id }))
+}
+
+/// What is wrong with a `FolderList` entry, if anything. A folder is a path relative
+/// to the share root: `/` is the root, otherwise `/a/b`, with no trailing `/` ("Do not
+/// include / when specifying folder names", RefreshCache docs) and no empty names.
+///
+/// The leading `/` is this project's convention (the docs' example is `samplefolder`,
+/// so the real service may well accept a path without it); the stand-in insists on it
+/// so that a client that builds folder paths inconsistently fails here.
+fn folder_problem(folder: &str) -> Option<&'static str> {
+    if folder == "/" {
+        None
+    } else if !folder.starts_with('/') {
+        Some("a folder path must start with '/', the share root")
+    } else if folder.ends_with('/') {
+        Some("a folder name must not end with '/'")
+    } else if folder.contains("//") {
+        Some("a folder path must not contain an empty folder name ('//')")
+    } else {
+        None
+    }
+}
+
+/// Applies finished listings to the share's cache (unless the share is gone) and counts
+/// their work for the share, the total and the refresh's record.
+fn finish_refresh(
+    st: &mut State,
+    share_arn: &str,
+    notification_id: &str,
+    outcomes: Vec<FolderOutcome>,
+) {
+    let mut work = ListingWork::default();
+    let mut first_error = None;
+    let mut share = st.shares.iter_mut().find(|s| s.arn == share_arn);
+    for outcome in outcomes {
+        work += ListingWork::of(&outcome.listing);
+        match outcome.error {
+            Some(error) => {
+                first_error.get_or_insert(format!("{}: {error}", outcome.job.folder));
+            }
+            None => {
+                if let Some(share) = share.as_mut() {
+                    apply_listing(&mut share.cache, &outcome.job, &outcome.listing);
+                }
+            }
+        }
+    }
+    *st.work_by_share.entry(share_arn.to_string()).or_default() += work;
+    st.total_work += work;
+    // The record is gone if reset_calls() ran while S3 was being listed.
+    if let Some(record) = st
+        .refreshes
+        .iter_mut()
+        .rev()
+        .find(|r| r.notification_id == notification_id)
+    {
+        record.work = work;
+        record.listing_error = first_error;
+    }
+}
+
+/// The key prefix of `arn:aws:s3:::bucket/prefix/` (`prefix/`); "" for a whole bucket.
+/// A prefix written without its trailing `/` still names a folder.
+fn prefix_of(location_arn: &str) -> String {
+    let rest = location_arn
+        .strip_prefix("arn:aws:s3:::")
+        .unwrap_or_default();
+    match rest.split_once('/') {
+        Some((_, prefix)) if !prefix.is_empty() => {
+            if prefix.ends_with('/') {
+                prefix.to_string()
+            } else {
+                format!("{prefix}/")
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// `rel/name`, or `name` at the root.
+fn join(rel: &str, name: &str) -> String {
+    if rel.is_empty() {
+        name.to_string()
+    } else {
+        format!("{rel}/{name}")
+    }
+}
+
+/// Forgets the cached listings of `rel` and every folder below it.
+fn remove_subtree(cache: &mut ShareCache, rel: &str) {
+    if rel.is_empty() {
+        cache.clear();
+        return;
+    }
+    let below = format!("{rel}/");
+    cache.retain(|k, _| k != rel && !k.starts_with(&below));
+}
+
+/// Replaces what `listing` covers in the cache: one folder's listing for a delimited
+/// listing, the folder's whole subtree for a recursive one. Keys that no path can name
+/// (an empty folder name, as in `a//b`) are left out; a key equal to a folder's prefix
+/// (a "folder marker" such as `a/`) is the folder itself, not a file.
+fn apply_listing(cache: &mut ShareCache, job: &FolderJob, listing: &ObjectListing) {
+    let prefix = job.key_prefix.as_str();
+    if !job.recursive {
+        let fresh = FolderListing {
+            objects: listing
+                .objects
+                .iter()
+                .filter_map(|k| k.strip_prefix(prefix))
+                .filter(|name| !name.is_empty() && !name.contains('/'))
+                .map(str::to_string)
+                .collect(),
+            subfolders: listing
+                .prefixes
+                .iter()
+                .filter_map(|p| p.strip_prefix(prefix)?.strip_suffix('/'))
+                .filter(|name| !name.is_empty() && !name.contains('/'))
+                .map(str::to_string)
+                .collect(),
+        };
+        // Cached folders below this one that the new listing does not name (vanished,
+        // or never linked in) lose their contents, so that stale contents do not come
+        // back when a folder of that name reappears.
+        let below = if job.rel.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", job.rel)
+        };
+        let gone: BTreeSet<String> = cache
+            .range::<str, _>((Bound::Included(below.as_str()), Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(&below))
+            .filter_map(|k| k[below.len()..].split('/').next())
+            .filter(|name| !name.is_empty() && !fresh.subfolders.contains(*name))
+            .map(str::to_string)
+            .collect();
+        for name in gone {
+            remove_subtree(cache, &join(&job.rel, &name));
+        }
+        cache.insert(job.rel.clone(), fresh);
+        return;
+    }
+
+    remove_subtree(cache, &job.rel);
+    cache.insert(job.rel.clone(), FolderListing::default());
+    for key in &listing.objects {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let mut segments: Vec<&str> = rest.split('/').collect();
+        let name = segments.pop().unwrap_or_default();
+        if segments.iter().any(|s| s.is_empty()) {
+            continue;
+        }
+        let mut folder = job.rel.clone();
+        for segment in segments {
+            cache
+                .entry(folder.clone())
+                .or_default()
+                .subfolders
+                .insert(segment.to_string());
+            folder = join(&folder, segment);
+        }
+        let listing = cache.entry(folder).or_default();
+        if !name.is_empty() {
+            listing.objects.insert(name.to_string());
+        }
+    }
+}
+
+/// The share's cache as a full listing of its bucket (model source), not counted.
+fn snapshot_from_model(share: &mut Share, model: &BucketModel) {
+    let prefix = prefix_of(&share.location_arn);
+    share.cache.clear();
+    apply_listing(
+        &mut share.cache,
+        &FolderJob::new(&prefix, "/", true),
+        &model.list(&prefix, false),
+    );
+}
+
+/// The object keys and folder prefixes reachable from the share root through cached
+/// listings.
+fn view_of(share: &Share) -> (BTreeSet<String>, BTreeSet<String>) {
+    let prefix = prefix_of(&share.location_arn);
+    let mut objects = BTreeSet::new();
+    let mut folders = BTreeSet::new();
+    let mut todo = vec![String::new()];
+    while let Some(rel) = todo.pop() {
+        // A folder never listed is seen as empty.
+        let Some(listing) = share.cache.get(&rel) else {
+            continue;
+        };
+        for name in &listing.objects {
+            objects.insert(format!("{prefix}{}", join(&rel, name)));
+        }
+        for name in &listing.subfolders {
+            let child = join(&rel, name);
+            folders.insert(format!("{prefix}{child}/"));
+            todo.push(child);
+        }
+    }
+    (objects, folders)
 }
 
 #[cfg(test)]

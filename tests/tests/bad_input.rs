@@ -934,18 +934,32 @@ async fn refresher_handles_each_unreadable_or_odd_message() -> Result<(), BoxErr
 async fn refresher_survives_an_extreme_timestamp() -> Result<(), BoxError> {
     let stack = stack().await?;
     let gw = stack.gateway.add_gateway("gw-1");
-    let bucket = bucket_name("extreme-ts");
-    let share = stack
-        .gateway
-        .add_share(&gw, ShareKind::Nfs, &format!("arn:aws:s3:::{bucket}"));
-    let mut by_attribute = sqs_record("m-ts-attr", Some(&bucket), None);
-    by_attribute["messageAttributes"]["timestamp"] = json!({
-        "stringValue": i64::MIN.to_string(), "stringListValues": [], "binaryListValues": [], "dataType": "Number"});
-    let body = json!({"version": 1, "bucket": bucket, "generation": 1, "windowOpenedAtMs": 0,
-        "windowEndsAtMs": 0, "timestampMs": i64::MIN})
-    .to_string();
-    let by_body = sqs_record("m-ts-body", None, Some(&body));
-    for (case, record) in [("attribute", by_attribute), ("body", by_body)] {
+    // A bucket per case: each has no item yet, so the message refreshes the whole
+    // bucket. Both shares exist before the refresher first lists shares.
+    let cases: Vec<(&str, String, String)> = ["attribute", "body"]
+        .into_iter()
+        .map(|case| {
+            let bucket = bucket_name(&format!("extreme-ts-{case}"));
+            let share =
+                stack
+                    .gateway
+                    .add_share(&gw, ShareKind::Nfs, &format!("arn:aws:s3:::{bucket}"));
+            (case, bucket, share)
+        })
+        .collect();
+    for (case, bucket, share) in cases {
+        let record = if case == "attribute" {
+            let mut record = sqs_record("m-ts-attr", Some(&bucket), None);
+            record["messageAttributes"]["timestamp"] = json!({
+                "stringValue": i64::MIN.to_string(), "stringListValues": [], "binaryListValues": [], "dataType": "Number"});
+            record
+        } else {
+            let body =
+                json!({"version": 1, "bucket": bucket, "generation": 1, "windowOpenedAtMs": 0,
+                "windowEndsAtMs": 0, "timestampMs": i64::MIN})
+                .to_string();
+            sqs_record("m-ts-body", None, Some(&body))
+        };
         let before = stack.gateway.refreshes().len();
         let invocation = stack
             .refresher

@@ -515,9 +515,9 @@ async fn bad_configuration_stops_the_function_at_init_with_one_line() -> Result<
         ("aggregator", vec![], "QUEUE_URL", "required"),
         (
             "aggregator",
-            vec![queue, ("REFRESH_DELAY_SECONDS", "901")],
+            vec![queue, ("REFRESH_DELAY_SECONDS", "43201")],
             "REFRESH_DELAY_SECONDS",
-            "0 to 900",
+            "0 to 43200",
         ),
         (
             "aggregator",

@@ -1,7 +1,7 @@
 //! The Storage Gateway stand-in, exercised through the real `aws-sdk-storagegateway`
 //! client (and, for protocol edge cases, through raw HTTP).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -13,7 +13,11 @@ use aws_sdk_storagegateway::operation::list_file_shares::ListFileSharesError;
 use aws_sdk_storagegateway::operation::refresh_cache::RefreshCacheError;
 use aws_sdk_storagegateway::types::{FileShareType, StorageGatewayError};
 use aws_sdk_storagegateway::Client;
-use integration_tests::sgw_standin::{InjectedFailure, SgwStandIn, ShareKind};
+use integration_tests::aws::{sdk_config, unique_name, Clients};
+use integration_tests::moto::Moto;
+use integration_tests::sgw_standin::{
+    BucketModel, BucketSource, InjectedFailure, ListingWork, RefreshRecord, SgwStandIn, ShareKind,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn client_with(standin: &SgwStandIn, retry: Option<RetryConfig>) -> Client {
@@ -427,7 +431,7 @@ async fn refresh_allows_two_in_flight_per_share() {
     let r2 = sg
         .refresh_cache()
         .file_share_arn(&a)
-        .folder_list("x/y")
+        .folder_list("/x/y")
         .recursive(false)
         .send()
         .await
@@ -473,7 +477,7 @@ async fn refresh_allows_two_in_flight_per_share() {
     assert_eq!(records[0].share_arn, a);
     assert_eq!(records[0].folder_list, vec!["/".to_string()]);
     assert!(records[0].recursive);
-    assert_eq!(records[1].folder_list, vec!["x/y".to_string()]);
+    assert_eq!(records[1].folder_list, vec!["/x/y".to_string()]);
     assert!(!records[1].recursive);
     assert_eq!(records[2].share_arn, b);
     assert_eq!(
@@ -531,7 +535,7 @@ async fn refresh_validates_the_folder_list() {
     let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::a");
     let sg = client(&sgw).await;
 
-    let folders = |n: usize| (0..n).map(|i| format!("dir{i}")).collect::<Vec<_>>();
+    let folders = |n: usize| (0..n).map(|i| format!("/dir{i}")).collect::<Vec<_>>();
 
     let err = sg
         .refresh_cache()
@@ -564,8 +568,8 @@ async fn refresh_validates_the_folder_list() {
     let err = sg
         .refresh_cache()
         .file_share_arn(&a)
-        .folder_list("ok")
-        .folder_list("trailing/")
+        .folder_list("/ok")
+        .folder_list("/trailing/")
         .send()
         .await
         .expect_err("trailing slash");
@@ -580,6 +584,7 @@ async fn refresh_validates_the_folder_list() {
     assert_eq!(sgw.rejected_refreshes(), 0, "validation is not throttling");
 
     // The boundaries are accepted: 50 folders, 1024 characters, and "/".
+    let longest = format!("/{}", "y".repeat(1023));
     sg.refresh_cache()
         .file_share_arn(&a)
         .set_folder_list(Some(folders(50)))
@@ -589,7 +594,7 @@ async fn refresh_validates_the_folder_list() {
     sg.refresh_cache()
         .file_share_arn(&a)
         .folder_list("/")
-        .folder_list("y".repeat(1024))
+        .folder_list(&longest)
         .send()
         .await
         .expect("'/' and 1024 characters");
@@ -879,4 +884,574 @@ async fn protocol_errors_have_the_real_shapes() {
         ]
     );
     assert_eq!(sgw.calls()[2].body, serde_json::Value::Null);
+}
+
+// ---- the cache model: what a share sees, and what a refresh costs ----
+
+/// A stand-in whose refreshes complete at once (so a test can send many in a row), a
+/// client that never retries (one call is one request), and a gateway.
+async fn modelled_standin() -> (SgwStandIn, Client, String) {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::ZERO);
+    let gw = sgw.add_gateway("gw");
+    let sg = client_no_retry(&sgw).await;
+    (sgw, sg, gw)
+}
+
+fn bucket_arn(bucket: &str) -> String {
+    format!("arn:aws:s3:::{bucket}")
+}
+
+fn keys(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|k| k.to_string()).collect()
+}
+
+fn work(objects_listed: u64, prefixes_listed: u64, list_requests: u64) -> ListingWork {
+    ListingWork {
+        objects_listed,
+        prefixes_listed,
+        list_requests,
+    }
+}
+
+/// Sends one accepted RefreshCache and returns its record.
+async fn refresh(
+    sgw: &SgwStandIn,
+    sg: &Client,
+    share: &str,
+    folders: &[&str],
+    recursive: bool,
+) -> RefreshRecord {
+    let out = sg
+        .refresh_cache()
+        .file_share_arn(share)
+        .set_folder_list(Some(folders.iter().map(|f| f.to_string()).collect()))
+        .recursive(recursive)
+        .send()
+        .await
+        .expect("refresh accepted");
+    let id = out.notification_id().expect("notification id");
+    sgw.refreshes()
+        .into_iter()
+        .find(|r| r.notification_id == id)
+        .expect("the refresh is recorded")
+}
+
+#[tokio::test]
+async fn refreshing_a_new_folders_ancestors_shows_an_object_at_a_new_depth() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::new();
+    model.put("a/x.txt");
+    model.put("top.txt");
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    // A new share starts as a snapshot of the bucket, which costs no listing work.
+    assert_eq!(sgw.share_view(&share), keys(&["a/x.txt", "top.txt"]));
+    assert_eq!(sgw.share_folders_view(&share), keys(&["a/"]));
+    assert_eq!(sgw.total_listing_work(), ListingWork::default());
+
+    // Two new folders, b and c, below the cached folder a.
+    assert!(model.put("a/b/c/new.txt"));
+    assert_eq!(
+        sgw.share_view(&share),
+        keys(&["a/x.txt", "top.txt"]),
+        "the cache is stale until a refresh"
+    );
+
+    let record = refresh(&sgw, &sg, &share, &["/a", "/a/b", "/a/b/c"], false).await;
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+    assert_eq!(
+        sgw.share_folders_view(&share),
+        keys(&["a/", "a/b/", "a/b/c/"])
+    );
+    // "/a": x.txt and b/; "/a/b": c/; "/a/b/c": new.txt. One page each.
+    assert_eq!(record.work, work(2, 2, 3));
+    assert_eq!(record.listing_error, None);
+    assert_eq!(sgw.listing_work(&share), work(2, 2, 3));
+    assert_eq!(sgw.total_listing_work(), work(2, 2, 3));
+}
+
+#[tokio::test]
+async fn refreshing_only_the_changed_folder_misses_an_object_in_a_new_folder() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::new();
+    model.put("a/x.txt");
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    model.put("a/b/c/new.txt");
+
+    // The folder of the new object is listed, but no cached folder leads to it.
+    let record = refresh(&sgw, &sg, &share, &["/a/b/c"], false).await;
+    assert_eq!(record.work, work(1, 0, 1), "new.txt was listed");
+    assert_eq!(sgw.share_view(&share), keys(&["a/x.txt"]));
+    assert_eq!(sgw.share_folders_view(&share), keys(&["a/"]));
+
+    // The parent alone shows b, but b was never listed, so it looks empty.
+    let record = refresh(&sgw, &sg, &share, &["/a"], false).await;
+    assert_eq!(record.work, work(1, 1, 1));
+    assert_eq!(sgw.share_folders_view(&share), keys(&["a/", "a/b/"]));
+    assert_eq!(sgw.share_view(&share), keys(&["a/x.txt"]));
+
+    // Listing b links c in; c's listing from the first refresh is still cached.
+    let record = refresh(&sgw, &sg, &share, &["/a/b"], false).await;
+    assert_eq!(record.work, work(0, 1, 1));
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+    assert_eq!(sgw.listing_work(&share), work(2, 2, 3));
+}
+
+#[tokio::test]
+async fn recursive_refresh_of_the_root_makes_the_view_equal_the_bucket() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::with_objects(30, 3);
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Smb, &bucket_arn("b"));
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+
+    for key in [
+        "new/deep/er/1",
+        "new/2",
+        "dir00001/sub/3",
+        "4",
+        "dir00002/5",
+    ] {
+        assert!(model.put(key));
+    }
+    assert!(model.delete(&BucketModel::object_key(0, 3)));
+    assert!(model.delete(&BucketModel::object_key(2, 5)));
+    assert_eq!(model.len(), 33);
+    assert_ne!(sgw.share_view(&share), model.snapshot());
+
+    // The defaults: FolderList ["/"], Recursive true.
+    let out = sg
+        .refresh_cache()
+        .file_share_arn(&share)
+        .send()
+        .await
+        .expect("refresh accepted");
+    let record = sgw.refreshes().pop().expect("a record");
+    assert_eq!(Some(record.notification_id.as_str()), out.notification_id());
+    assert_eq!(record.folder_list, vec!["/".to_string()]);
+    assert!(record.recursive);
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+    assert_eq!(sgw.share_view(&share).len(), 33);
+    assert!(sgw.share_folders_view(&share).contains("new/deep/er/"));
+    // Every object once, no prefixes, one page.
+    assert_eq!(record.work, work(33, 0, 1));
+
+    // A bigger bucket pages at 1000 keys.
+    let big = BucketModel::with_objects(2500, 5);
+    sgw.set_bucket_source("big", BucketSource::Model(big.clone()));
+    let big_share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("big"));
+    big.put("dir00004/late");
+    let record = refresh(&sgw, &sg, &big_share, &["/"], true).await;
+    assert_eq!(record.work, work(2501, 0, 3));
+    assert_eq!(sgw.share_view(&big_share), big.snapshot());
+    let record = refresh(&sgw, &sg, &big_share, &["/"], false).await;
+    assert_eq!(record.work, work(0, 5, 1));
+    assert_eq!(sgw.total_listing_work(), work(33 + 2501, 5, 1 + 3 + 1));
+}
+
+#[tokio::test]
+async fn listing_work_is_exact_for_three_folders_of_ten_objects() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::with_objects(30, 3);
+    let a = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    let b = sgw.add_share(&gw, ShareKind::Smb, &bucket_arn("b"));
+    // A source set after the shares exist snapshots them too.
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    assert_eq!(sgw.share_view(&a), model.snapshot());
+    assert_eq!(sgw.share_view(&b), model.snapshot());
+
+    // The root (3 prefixes) and each folder (10 objects): four one-page listings.
+    let record = refresh(
+        &sgw,
+        &sg,
+        &a,
+        &["/", "/dir00000", "/dir00001", "/dir00002"],
+        false,
+    )
+    .await;
+    assert_eq!(record.work, work(30, 3, 4));
+    // One folder, recursively.
+    let record = refresh(&sgw, &sg, &b, &["/dir00001"], true).await;
+    assert_eq!(record.work, work(10, 0, 1));
+    // A folder that is not in the bucket lists as empty, and still costs a request.
+    let record = refresh(&sgw, &sg, &a, &["/nope"], false).await;
+    assert_eq!(record.work, work(0, 0, 1));
+    assert_eq!(sgw.share_view(&a), model.snapshot());
+
+    assert_eq!(sgw.listing_work(&a), work(30, 3, 5));
+    assert_eq!(sgw.listing_work(&b), work(10, 0, 1));
+    assert_eq!(sgw.total_listing_work(), work(40, 3, 6));
+    assert_eq!(
+        sgw.listing_work(&a) + sgw.listing_work(&b),
+        sgw.total_listing_work()
+    );
+
+    // A share whose bucket has no source: accepted, recorded, no model, no work.
+    let plain = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("unmodelled"));
+    let record = refresh(&sgw, &sg, &plain, &["/"], true).await;
+    assert_eq!(record.work, ListingWork::default());
+    assert!(sgw.share_view(&plain).is_empty());
+    assert_eq!(sgw.total_listing_work(), work(40, 3, 6));
+
+    sgw.reset_listing_work();
+    assert_eq!(sgw.total_listing_work(), ListingWork::default());
+    assert_eq!(sgw.listing_work(&a), ListingWork::default());
+    assert_eq!(
+        sgw.refreshes()[0].work,
+        work(30, 3, 4),
+        "records keep theirs"
+    );
+    // Counting starts again from zero.
+    refresh(&sgw, &sg, &b, &["/dir00002"], false).await;
+    assert_eq!(sgw.total_listing_work(), work(10, 0, 1));
+    assert_eq!(sgw.listing_work(&a), ListingWork::default());
+}
+
+#[tokio::test]
+async fn deleted_objects_disappear_after_a_refresh_of_their_folder() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::with_objects(30, 3);
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+
+    let gone = BucketModel::object_key(1, 1);
+    assert!(model.delete(&gone));
+    assert!(
+        sgw.share_view(&share).contains(&gone),
+        "stale until refreshed"
+    );
+    refresh(&sgw, &sg, &share, &["/dir00000"], false).await;
+    assert!(
+        sgw.share_view(&share).contains(&gone),
+        "another folder's refresh does not cover it"
+    );
+    let record = refresh(&sgw, &sg, &share, &["/dir00001"], false).await;
+    assert_eq!(record.work, work(9, 0, 1));
+    assert!(!sgw.share_view(&share).contains(&gone));
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+
+    // Empty a whole folder: its own refresh empties it, the parent's removes it.
+    for key in model.keys_with_prefix("dir00002/") {
+        assert!(model.delete(&key));
+    }
+    refresh(&sgw, &sg, &share, &["/dir00002"], false).await;
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+    assert!(sgw.share_folders_view(&share).contains("dir00002/"));
+    let record = refresh(&sgw, &sg, &share, &["/"], false).await;
+    assert_eq!(record.work, work(0, 2, 1));
+    assert_eq!(
+        sgw.share_folders_view(&share),
+        keys(&["dir00000/", "dir00001/"])
+    );
+
+    // A vanished folder's cached contents are dropped with it: when a folder of that
+    // name comes back, it is not listed until its own refresh.
+    model.put("dir00000/sub/1");
+    refresh(&sgw, &sg, &share, &["/dir00000", "/dir00000/sub"], false).await;
+    assert!(sgw.share_view(&share).contains("dir00000/sub/1"));
+    model.delete("dir00000/sub/1");
+    refresh(&sgw, &sg, &share, &["/dir00000"], false).await;
+    model.put("dir00000/sub/2");
+    refresh(&sgw, &sg, &share, &["/dir00000"], false).await;
+    assert!(sgw.share_folders_view(&share).contains("dir00000/sub/"));
+    let view = sgw.share_view(&share);
+    assert!(!view.contains("dir00000/sub/1") && !view.contains("dir00000/sub/2"));
+    refresh(&sgw, &sg, &share, &["/dir00000/sub"], false).await;
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+}
+
+#[tokio::test]
+async fn a_prefix_share_maps_its_folders_under_the_prefix() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::new();
+    for key in [
+        "data/top.txt",
+        "data/x/1.txt",
+        "other/2.txt",
+        "x/3.txt",
+        "datum",
+    ] {
+        model.put(key);
+    }
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let data = sgw.add_share(&gw, ShareKind::Smb, "arn:aws:s3:::b/data/");
+    let root = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    assert_eq!(
+        sgw.share_view(&data),
+        keys(&["data/top.txt", "data/x/1.txt"])
+    );
+    assert_eq!(sgw.share_folders_view(&data), keys(&["data/x/"]));
+    assert_eq!(sgw.share_view(&root), model.snapshot());
+
+    model.put("data/x/new.txt");
+    model.put("x/new.txt");
+    // "/x" on the data/ share is the key prefix data/x/.
+    let record = refresh(&sgw, &sg, &data, &["/x"], false).await;
+    assert_eq!(record.work, work(2, 0, 1));
+    assert_eq!(
+        sgw.share_view(&data),
+        keys(&["data/top.txt", "data/x/1.txt", "data/x/new.txt"])
+    );
+    // "/x" on the root share is the key prefix x/.
+    let record = refresh(&sgw, &sg, &root, &["/x"], false).await;
+    assert_eq!(record.work, work(2, 0, 1));
+    let view = sgw.share_view(&root);
+    assert!(view.contains("x/new.txt"));
+    assert!(
+        !view.contains("data/x/new.txt"),
+        "the root share's data/x is stale"
+    );
+
+    // A recursive refresh of the data/ share lists only keys under data/.
+    model.put("data/y/z/deep.txt");
+    let record = refresh(&sgw, &sg, &data, &["/"], true).await;
+    assert_eq!(record.work, work(4, 0, 1));
+    assert_eq!(sgw.share_view(&data), model.keys_with_prefix("data/"));
+    assert_eq!(
+        sgw.share_folders_view(&data),
+        keys(&["data/x/", "data/y/", "data/y/z/"])
+    );
+}
+
+#[tokio::test]
+async fn malformed_folder_paths_are_rejected() {
+    let (sgw, sg, gw) = modelled_standin().await;
+    let model = BucketModel::with_objects(4, 2);
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    model.put("dir00000/new");
+
+    for bad in ["a", "a/b", "dir00000", "/a/", "//", "/a//b", "//a", "/a/b/"] {
+        let err = sg
+            .refresh_cache()
+            .file_share_arn(&share)
+            .folder_list("/")
+            .folder_list(bad)
+            .send()
+            .await
+            .expect_err("malformed folder");
+        assert_eq!(err.status_code(), Some(400), "{bad}");
+        match err.into_service_error() {
+            RefreshCacheError::InvalidGatewayRequestException(e) => {
+                assert_eq!(
+                    error_code(e.error()).as_deref(),
+                    Some("InvalidParameters"),
+                    "{bad}"
+                );
+                let message = e.message().unwrap_or_default();
+                assert!(message.contains(&format!("'{bad}'")), "{message}");
+            }
+            other => panic!("{bad}: expected InvalidGatewayRequestException, got {other:?}"),
+        }
+    }
+    let too_long = format!("/{}", "y".repeat(1024));
+    for bad in [String::new(), too_long] {
+        let err = sg
+            .refresh_cache()
+            .file_share_arn(&share)
+            .folder_list(&bad)
+            .send()
+            .await
+            .expect_err("folder of the wrong length");
+        assert_eq!(err.code(), Some("ValidationException"));
+    }
+    assert!(sgw.refreshes().is_empty(), "nothing was accepted");
+    assert_eq!(sgw.total_listing_work(), ListingWork::default());
+    assert!(!sgw.share_view(&share).contains("dir00000/new"));
+
+    // Well-formed paths, up to 1024 characters, are accepted.
+    let longest = format!("/{}", "y".repeat(1023));
+    assert_eq!(longest.chars().count(), 1024);
+    let record = refresh(&sgw, &sg, &share, &["/", "/dir00000", &longest], false).await;
+    assert_eq!(record.work, work(3, 2, 3));
+    assert_eq!(sgw.share_view(&share), model.snapshot());
+}
+
+#[tokio::test]
+async fn a_refresh_lists_when_it_is_accepted_and_a_rejected_one_does_not() {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_secs(3600));
+    let gw = sgw.add_gateway("gw");
+    let model = BucketModel::new();
+    sgw.set_bucket_source("b", BucketSource::Model(model.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    let sg = client_no_retry(&sgw).await;
+
+    model.put("1");
+    refresh(&sgw, &sg, &share, &["/"], false).await;
+    assert_eq!(sgw.share_view(&share), keys(&["1"]));
+    model.put("2");
+    refresh(&sgw, &sg, &share, &["/"], false).await;
+    assert_eq!(sgw.share_view(&share), keys(&["1", "2"]));
+    model.put("3");
+    let err = sg
+        .refresh_cache()
+        .file_share_arn(&share)
+        .send()
+        .await
+        .expect_err("a third refresh in flight");
+    assert!(err
+        .into_service_error()
+        .is_invalid_gateway_request_exception());
+    assert_eq!(sgw.share_view(&share), keys(&["1", "2"]));
+    assert_eq!(sgw.total_listing_work(), work(3, 0, 2));
+
+    sgw.complete_refreshes();
+    refresh(&sgw, &sg, &share, &["/"], true).await;
+    assert_eq!(sgw.share_view(&share), keys(&["1", "2", "3"]));
+    assert_eq!(sgw.total_listing_work(), work(6, 0, 3));
+}
+
+/// moto, an S3 client for it, and a fresh bucket holding `objects`.
+async fn moto_bucket(objects: &[&str]) -> (Moto, aws_sdk_s3::Client, String) {
+    let moto = Moto::start().await.expect("moto starts");
+    let s3 = Clients::new(&sdk_config(moto.endpoint()).await).s3;
+    let bucket = unique_name("sgw-view");
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket");
+    for key in objects {
+        put(&s3, &bucket, key).await;
+    }
+    (moto, s3, bucket)
+}
+
+async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .expect("put object");
+}
+
+/// Every key in the bucket, read from S3 independently of the stand-in.
+async fn s3_keys(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> BTreeSet<String> {
+    let pages: Vec<_> = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .expect("list bucket");
+    pages
+        .iter()
+        .flat_map(|p| p.contents())
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn s3_source_refreshes_from_moto() {
+    let (_moto, s3, bucket) = moto_bucket(&["a/1.txt", "a/2.txt", "b/3.txt", "top.txt"]).await;
+    let (sgw, sg, gw) = modelled_standin().await;
+    sgw.set_bucket_source(&bucket, BucketSource::S3(s3.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn(&bucket));
+    // add_share cannot wait on S3: the cache is empty until primed.
+    assert!(sgw.share_view(&share).is_empty());
+    sgw.prime_share_cache(&share).await.expect("prime");
+    assert_eq!(
+        sgw.share_view(&share),
+        keys(&["a/1.txt", "a/2.txt", "b/3.txt", "top.txt"])
+    );
+    assert_eq!(sgw.total_listing_work(), ListingWork::default());
+
+    put(&s3, &bucket, "a/new/4.txt").await;
+    s3.delete_object()
+        .bucket(&bucket)
+        .key("b/3.txt")
+        .send()
+        .await
+        .expect("delete");
+
+    let record = refresh(&sgw, &sg, &share, &["/a", "/a/new"], false).await;
+    assert_eq!(record.listing_error, None);
+    // "/a": 1.txt, 2.txt and new/; "/a/new": 4.txt.
+    assert_eq!(record.work, work(3, 1, 2));
+    let view = sgw.share_view(&share);
+    assert!(view.contains("a/new/4.txt"));
+    assert!(view.contains("b/3.txt"), "b was not refreshed");
+
+    let record = refresh(&sgw, &sg, &share, &["/b"], false).await;
+    assert_eq!(record.work, work(0, 0, 1));
+    assert_eq!(sgw.share_view(&share), s3_keys(&s3, &bucket, "").await);
+    assert_eq!(
+        sgw.share_view(&share),
+        keys(&["a/1.txt", "a/2.txt", "a/new/4.txt", "top.txt"])
+    );
+
+    // A prefix share on the same bucket, and a recursive refresh of the root share.
+    let a_share = sgw.add_share(&gw, ShareKind::Smb, &format!("arn:aws:s3:::{bucket}/a/"));
+    sgw.prime_share_cache(&a_share).await.expect("prime");
+    assert_eq!(sgw.share_view(&a_share), s3_keys(&s3, &bucket, "a/").await);
+    put(&s3, &bucket, "a/new/5.txt").await;
+    let record = refresh(&sgw, &sg, &a_share, &["/new"], false).await;
+    assert_eq!(record.work, work(2, 0, 1));
+    assert_eq!(sgw.share_view(&a_share), s3_keys(&s3, &bucket, "a/").await);
+    let record = refresh(&sgw, &sg, &share, &["/"], true).await;
+    assert_eq!(record.work, work(5, 0, 1));
+    assert_eq!(sgw.share_view(&share), s3_keys(&s3, &bucket, "").await);
+    assert_eq!(sgw.listing_work(&share), work(8, 1, 4));
+    assert_eq!(sgw.total_listing_work(), work(10, 1, 5));
+}
+
+#[tokio::test]
+async fn s3_listing_failure_is_recorded_and_the_refresh_still_accepted() {
+    let (_moto, s3, _bucket) = moto_bucket(&[]).await;
+    let (sgw, sg, gw) = modelled_standin().await;
+    let missing = unique_name("sgw-missing");
+    sgw.set_bucket_source(&missing, BucketSource::S3(s3));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn(&missing));
+
+    let record = refresh(&sgw, &sg, &share, &["/", "/a"], false).await;
+    let error = record.listing_error.expect("the failure is recorded");
+    assert!(error.starts_with("/: ListObjectsV2"), "{error}");
+    assert!(error.contains("NoSuchBucket"), "{error}");
+    assert_eq!(record.work, ListingWork::default(), "no page was read");
+    assert!(sgw.share_view(&share).is_empty());
+    assert_eq!(sgw.refreshes().len(), 1);
+    let err = sgw
+        .prime_share_cache(&share)
+        .await
+        .expect_err("priming from a missing bucket fails");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+}
+
+#[tokio::test]
+async fn s3_source_pages_at_1000_entries() {
+    let (_moto, s3, bucket) = moto_bucket(&["p/sub/x"]).await;
+    // 1000 more keys directly under p/, written 16 at a time.
+    let mut tasks = tokio::task::JoinSet::new();
+    let names: Vec<String> = (0..1000).map(|i| format!("p/k{i:04}")).collect();
+    for chunk in names.chunks(63) {
+        let (s3, bucket, chunk) = (s3.clone(), bucket.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for key in chunk {
+                put(&s3, &bucket, &key).await;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("put task");
+    }
+    let (sgw, sg, gw) = modelled_standin().await;
+    sgw.set_bucket_source(&bucket, BucketSource::S3(s3.clone()));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn(&bucket));
+
+    // 1000 objects and one prefix: 1001 entries, two pages.
+    let record = refresh(&sgw, &sg, &share, &["/p"], false).await;
+    assert_eq!(record.listing_error, None);
+    assert_eq!(record.work, work(1000, 1, 2));
+    // 1001 keys, two pages.
+    let record = refresh(&sgw, &sg, &share, &["/"], true).await;
+    assert_eq!(record.work, work(1001, 0, 2));
+    assert_eq!(sgw.share_view(&share), s3_keys(&s3, &bucket, "").await);
+    assert_eq!(sgw.share_view(&share).len(), 1001);
 }

@@ -60,7 +60,24 @@ async fn status_shows_windows_refreshes_and_queues() -> Result<(), BoxError> {
     let events = stack.collect_s3_events(1).await?;
     stack.invoke_aggregator(&events).await?;
 
-    // Deliver the first bucket's message now, as if its window had ended.
+    // Deliver the first bucket's message now, as if its window had ended: move the
+    // window's end into the past (the refresher closes no window before its end).
+    stack
+        .clients
+        .dynamodb
+        .update_item()
+        .table_name(&stack.table)
+        .key(
+            "BucketName",
+            aws_sdk_dynamodb::types::AttributeValue::S(refreshed_bucket.clone()),
+        )
+        .update_expression("SET WindowEndsAt = :past")
+        .expression_attribute_values(
+            ":past",
+            aws_sdk_dynamodb::types::AttributeValue::N("0".into()),
+        )
+        .send()
+        .await?;
     let item = stack
         .clients
         .bucket_item(&stack.table, &refreshed_bucket)

@@ -3,11 +3,11 @@
 
 use crate::error::{GatewayError, QueueError, StoreError};
 use crate::ports::{
-    DescribedShare, FileGateway, RefreshQueue, SharePage, ShareSummary, WindowStore,
+    DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage, ShareSummary, WindowStore,
 };
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
-use crate::window::{self, ChangeSet, CloseOutcome, RefreshLog, WindowItem, WindowView};
+use crate::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -21,6 +21,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct MemoryWindowStore {
     items: Mutex<HashMap<String, Option<WindowItem>>>,
     writes: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl MemoryWindowStore {
@@ -28,9 +29,14 @@ impl MemoryWindowStore {
         lock(&self.items).get(bucket).cloned().flatten()
     }
 
-    /// Write requests so far (each port call is one).
+    /// Write requests so far (each write port call is one).
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Consistent reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     fn with_item<R>(&self, bucket: &str, f: impl FnOnce(&mut Option<WindowItem>) -> R) -> R {
@@ -41,39 +47,43 @@ impl MemoryWindowStore {
 }
 
 impl WindowStore for MemoryWindowStore {
+    async fn read(&self, bucket: &str) -> Result<Option<WindowItem>, StoreError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.item(bucket))
+    }
+
     async fn join(
         &self,
         bucket: &str,
+        generation: u64,
         changes: &ChangeSet,
         now_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
-        Ok(self.with_item(bucket, |item| window::join(item, changes, now_ms)))
+    ) -> Result<Option<WindowItem>, StoreError> {
+        Ok(self.with_item(bucket, |item| {
+            window::join(item, generation, changes, now_ms)
+        }))
     }
 
     async fn open(
         &self,
         bucket: &str,
+        expected: OpenExpectation,
         changes: &ChangeSet,
         now_ms: i64,
         window_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
+    ) -> Result<Option<WindowItem>, StoreError> {
         Ok(self.with_item(bucket, |item| {
-            window::open(item, bucket, changes, now_ms, window_ms)
+            window::open(item, bucket, expected, changes, now_ms, window_ms)
         }))
-    }
-
-    async fn mark_sent(&self, bucket: &str, generation: u64) -> Result<(), StoreError> {
-        self.with_item(bucket, |item| window::mark_sent(item, generation));
-        Ok(())
     }
 
     async fn close(
         &self,
         bucket: &str,
         generation: u64,
-        _now_ms: i64,
+        now_ms: i64,
     ) -> Result<CloseOutcome, StoreError> {
-        Ok(self.with_item(bucket, |item| window::close(item, generation)))
+        Ok(self.with_item(bucket, |item| window::close(item, generation, now_ms)))
     }
 
     async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
@@ -97,6 +107,17 @@ pub struct MemoryQueue {
 impl MemoryQueue {
     pub fn sent(&self) -> Vec<SentMessage> {
         lock(&self.sent).clone()
+    }
+}
+
+impl Requeue for MemoryQueue {
+    async fn requeue(
+        &self,
+        _source_arn: Option<&str>,
+        message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        self.send(message, delay_seconds).await
     }
 }
 

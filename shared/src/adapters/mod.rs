@@ -3,3 +3,5 @@
 pub mod memory;
 #[cfg(feature = "aws")]
 pub mod sdk;
+#[cfg(feature = "storagegateway")]
+pub mod sdk_gateway;

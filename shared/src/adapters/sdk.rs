@@ -1,18 +1,15 @@
-//! Adapters over the AWS SDK: DynamoDB for windows, SQS for refresh messages,
-//! Storage Gateway for shares and refreshes.
+//! Adapters over the AWS SDK: DynamoDB for windows, SQS for refresh messages, and
+//! (feature `storagegateway`, in [`super::sdk_gateway`]) Storage Gateway for shares
+//! and refreshes.
 
-use crate::error::{GatewayError, QueueError, Retry, StoreError};
-use crate::ports::{
-    DescribedShare, FileGateway, RefreshQueue, SharePage, ShareSummary, WindowStore,
-};
+use crate::error::{QueueError, Retry, StoreError};
+use crate::ports::{RefreshQueue, Requeue, WindowStore};
 use crate::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
-use crate::shares::{RefreshPlan, ShareKind};
 use crate::window::{
-    self, ChangeSet, CloseOutcome, RefreshLog, StartedRefresh, WindowItem, WindowView,
+    self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, StartedRefresh, WindowItem,
 };
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
-use aws_sdk_storagegateway::types::FileShareType;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 
@@ -51,7 +48,7 @@ pub fn classify<E: ProvideErrorMetadata, R: Debug>(err: &SdkError<E, R>) -> Retr
     }
 }
 
-fn describe<E: std::error::Error + 'static>(err: &E) -> String {
+pub(crate) fn describe<E: std::error::Error + 'static>(err: &E) -> String {
     DisplayErrorContext(err).to_string()
 }
 
@@ -65,6 +62,9 @@ where
         message: describe(&err),
     }
 }
+
+#[cfg(feature = "storagegateway")]
+pub use super::sdk_gateway::SdkFileGateway;
 
 /// Attribute names of the bucket item. `BucketName` is the hash key (SPEC.md).
 pub mod attr {
@@ -85,11 +85,26 @@ pub mod attr {
     pub const LAST_REFRESH: &str = "LastRefresh";
 }
 
-// The conditions of `crate::window`, as DynamoDB expressions.
-const COND_OPEN_WINDOW: &str = "Generation > :zero AND WindowEndsAt > :now \
-     AND (attribute_not_exists(ClosedGeneration) OR ClosedGeneration < Generation)";
-const COND_NO_OPEN_WINDOW: &str = "attribute_not_exists(Generation) OR WindowEndsAt <= :now \
-     OR ClosedGeneration >= Generation";
+// The conditions of `crate::window`, as DynamoDB expressions. `:stale_before` is
+// `now - STALE_WINDOW_GRACE_MS`: a window that ended before it takes no more joins.
+const COND_JOINABLE: &str = "Generation = :g \
+     AND (attribute_not_exists(ClosedGeneration) OR ClosedGeneration < :g) \
+     AND WindowEndsAt > :stale_before";
+const COND_ROOM: &str = "(attribute_not_exists(Folders) OR size(Folders) <= :room)";
+const COND_FIRST_WINDOW: &str = "attribute_not_exists(Generation)";
+const COND_NEXT_WINDOW: &str =
+    "Generation = :g AND (ClosedGeneration >= :g OR WindowEndsAt <= :stale_before)";
+const COND_REFRESHED: &str = "RefreshedGeneration >= :g";
+const COND_CLOSABLE: &str = "Generation = :g \
+     AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g) \
+     AND WindowEndsAt <= :now";
+/// How many times a close is attempted when the item changes between the failed
+/// conditional write and the read that explains it.
+const CLOSE_ROUNDS: usize = 3;
+/// The refresh log on the item is for operators; these bounds keep it (with at most
+/// [`window::MAX_WINDOW_FOLDERS`] folders) under DynamoDB's 400 KB item limit.
+const LOGGED_SHARES: usize = 100;
+const LOGGED_FOLDERS: usize = 64;
 
 /// Folders are stored with a leading '/', so the bucket root is "/" rather than an
 /// empty string (which a string set cannot hold).
@@ -142,10 +157,14 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
 }
 
 fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
+    let mut folder_budget = LOGGED_FOLDERS;
     let refreshes = log
         .refreshes
         .iter()
+        .take(LOGGED_SHARES)
         .map(|r| {
+            let logged = r.folders.len().min(folder_budget);
+            folder_budget -= logged;
             AttributeValue::M(HashMap::from([
                 (
                     "ShareARN".to_string(),
@@ -160,6 +179,7 @@ fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
                     AttributeValue::L(
                         r.folders
                             .iter()
+                            .take(logged)
                             .map(|f| AttributeValue::S(f.clone()))
                             .collect(),
                     ),
@@ -174,6 +194,11 @@ fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
     ]);
     if let Some(g) = log.generation {
         map.insert("Generation".to_string(), n(g));
+    }
+    let truncated = log.refreshes.len() > LOGGED_SHARES
+        || log.refreshes.iter().map(|r| r.folders.len()).sum::<usize>() > LOGGED_FOLDERS;
+    if truncated {
+        map.insert("Truncated".to_string(), AttributeValue::Bool(true));
     }
     AttributeValue::M(map)
 }
@@ -279,77 +304,117 @@ impl DynamoWindowStore {
 }
 
 impl WindowStore for DynamoWindowStore {
+    async fn read(&self, bucket: &str) -> Result<Option<WindowItem>, StoreError> {
+        DynamoWindowStore::read(self, bucket).await
+    }
+
     async fn join(
         &self,
         bucket: &str,
+        generation: u64,
         changes: &ChangeSet,
         now_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
-        let mut set = vec![format!("{} = :now", attr::LAST_EVENT_AT)];
+    ) -> Result<Option<WindowItem>, StoreError> {
+        let mut condition = COND_JOINABLE.to_string();
         let mut request = self
             .update(bucket)
-            .condition_expression(COND_OPEN_WINDOW)
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":now", n(now_ms));
+            .expression_attribute_values(":g", n(generation))
+            .expression_attribute_values(":now", n(now_ms))
+            .expression_attribute_values(
+                ":stale_before",
+                n(now_ms.saturating_sub(window::STALE_WINDOW_GRACE_MS)),
+            );
+        let mut expression = format!("SET {} = :now", attr::LAST_EVENT_AT);
         if changes.whole_bucket {
-            set.push(format!("{} = :true", attr::WHOLE_BUCKET));
+            expression.push_str(&format!(", {} = :true", attr::WHOLE_BUCKET));
             request = request.expression_attribute_values(":true", AttributeValue::Bool(true));
         }
-        let mut expression = format!("SET {}", set.join(", "));
         if let Some(folders) = encode_folders(&changes.folders) {
             expression.push_str(&format!(" ADD {} :folders", attr::FOLDERS));
-            request = request.expression_attribute_values(":folders", folders);
+            condition = format!("{condition} AND {COND_ROOM}");
+            request = request
+                .expression_attribute_values(":folders", folders)
+                .expression_attribute_values(":room", n(room(changes)));
         }
-        let item = self
-            .conditional(bucket, request.update_expression(expression))
-            .await?;
-        Ok(item.as_ref().map(WindowView::from))
+        self.conditional(
+            bucket,
+            request
+                .condition_expression(condition)
+                .update_expression(expression),
+        )
+        .await
     }
 
     async fn open(
         &self,
         bucket: &str,
+        expected: OpenExpectation,
         changes: &ChangeSet,
         now_ms: i64,
         window_ms: i64,
-    ) -> Result<Option<WindowView>, StoreError> {
-        let mut expression = format!(
-            "SET {g} = if_not_exists({g}, :zero) + :one, {o} = :now, {e} = :ends, {l} = :now, {w} = :whole",
-            g = attr::GENERATION,
-            o = attr::OPENED_AT,
-            e = attr::ENDS_AT,
-            l = attr::LAST_EVENT_AT,
-            w = attr::WHOLE_BUCKET,
-        );
+    ) -> Result<Option<WindowItem>, StoreError> {
+        let mut set = vec![
+            format!("{} = :next", attr::GENERATION),
+            format!("{} = :next", attr::SENT),
+            format!("{} = :now", attr::OPENED_AT),
+            format!("{} = :ends", attr::ENDS_AT),
+            format!("{} = :now", attr::LAST_EVENT_AT),
+        ];
         let mut request = self
             .update(bucket)
-            .condition_expression(COND_NO_OPEN_WINDOW)
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":next", n(expected.next_generation()))
             .expression_attribute_values(":now", n(now_ms))
-            .expression_attribute_values(":ends", n(now_ms.saturating_add(window_ms)))
-            .expression_attribute_values(":whole", AttributeValue::Bool(changes.whole_bucket));
-        match encode_folders(&changes.folders) {
-            Some(folders) => {
-                expression.push_str(&format!(", {} = :folders", attr::FOLDERS));
-                request = request.expression_attribute_values(":folders", folders);
+            .expression_attribute_values(":ends", n(now_ms.saturating_add(window_ms)));
+        let mut condition = if expected.generation == 0 {
+            COND_FIRST_WINDOW.to_string()
+        } else {
+            request = request
+                .expression_attribute_values(":g", n(expected.generation))
+                .expression_attribute_values(
+                    ":stale_before",
+                    n(now_ms.saturating_sub(window::STALE_WINDOW_GRACE_MS)),
+                );
+            COND_NEXT_WINDOW.to_string()
+        };
+        let folders = encode_folders(&changes.folders);
+        let mut tail = String::new();
+        if expected.carry {
+            // The current window's refreshes are not known to have started: keep its
+            // folders and whole-bucket flag, and add ours.
+            if changes.whole_bucket {
+                set.push(format!("{} = :true", attr::WHOLE_BUCKET));
+                request = request.expression_attribute_values(":true", AttributeValue::Bool(true));
             }
-            None => expression.push_str(&format!(" REMOVE {}", attr::FOLDERS)),
+            if let Some(folders) = folders {
+                tail = format!(" ADD {} :folders", attr::FOLDERS);
+                condition = format!("{condition} AND {COND_ROOM}");
+                request = request
+                    .expression_attribute_values(":folders", folders)
+                    .expression_attribute_values(":room", n(room(changes)));
+            }
+        } else {
+            if expected.generation > 0 {
+                condition = format!("{condition} AND {COND_REFRESHED}");
+            }
+            set.push(format!("{} = :whole", attr::WHOLE_BUCKET));
+            request = request
+                .expression_attribute_values(":whole", AttributeValue::Bool(changes.whole_bucket));
+            match folders {
+                Some(folders) => {
+                    set.push(format!("{} = :folders", attr::FOLDERS));
+                    request = request.expression_attribute_values(":folders", folders);
+                }
+                None => tail = format!(" REMOVE {}", attr::FOLDERS),
+            }
         }
-        let item = self
-            .conditional(bucket, request.update_expression(expression))
-            .await?;
-        Ok(item.as_ref().map(WindowView::from))
-    }
-
-    async fn mark_sent(&self, bucket: &str, generation: u64) -> Result<(), StoreError> {
-        let request = self
-            .update(bucket)
-            .update_expression(format!("SET {} = :g", attr::SENT))
-            .condition_expression("Generation >= :g AND (attribute_not_exists(SentGeneration) OR SentGeneration < :g)")
-            .expression_attribute_values(":g", n(generation));
-        // A failed condition means a later or equal mark is already there.
-        self.conditional(bucket, request).await.map(|_| ())
+        let expression = format!("SET {}{tail}", set.join(", "));
+        self.conditional(
+            bucket,
+            request
+                .condition_expression(condition)
+                .update_expression(expression),
+        )
+        .await
     }
 
     async fn close(
@@ -358,22 +423,32 @@ impl WindowStore for DynamoWindowStore {
         generation: u64,
         now_ms: i64,
     ) -> Result<CloseOutcome, StoreError> {
-        let request = self
-            .update(bucket)
-            .update_expression(format!("SET {} = :g, {} = :now", attr::CLOSED, attr::CLOSED_AT))
-            .condition_expression(
-                "Generation = :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
-            )
-            .expression_attribute_values(":g", n(generation))
-            .expression_attribute_values(":now", n(now_ms));
-        match self.conditional(bucket, request).await? {
-            Some(item) => Ok(CloseOutcome::Refresh(item.scope())),
-            // Already refreshed, superseded or gone: the rule decides from the item.
-            None => {
-                let mut item = self.read(bucket).await?;
-                Ok(window::close(&mut item, generation))
+        for _ in 0..CLOSE_ROUNDS {
+            let request = self
+                .update(bucket)
+                .update_expression(format!(
+                    "SET {} = :g, {} = :now",
+                    attr::CLOSED,
+                    attr::CLOSED_AT
+                ))
+                .condition_expression(COND_CLOSABLE)
+                .expression_attribute_values(":g", n(generation))
+                .expression_attribute_values(":now", n(now_ms));
+            if let Some(item) = self.conditional(bucket, request).await? {
+                return Ok(CloseOutcome::Refresh(item.scope()));
+            }
+            // The rule explains the failed condition from the item. If the item
+            // changed in between so that it now says "refresh", close for real first.
+            let mut item = self.read(bucket).await?;
+            match window::close(&mut item, generation, now_ms) {
+                CloseOutcome::Refresh(_) => continue,
+                other => return Ok(other),
             }
         }
+        Err(StoreError {
+            retry: Retry::Later,
+            message: format!("bucket {bucket}: window {generation} kept changing while closing it"),
+        })
     }
 
     async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
@@ -404,6 +479,11 @@ impl WindowStore for DynamoWindowStore {
     }
 }
 
+/// `:room` of [`COND_ROOM`]: the window may hold this many folders before ours.
+fn room(changes: &ChangeSet) -> usize {
+    window::MAX_WINDOW_FOLDERS.saturating_sub(changes.folders.len())
+}
+
 /// The action queue.
 #[derive(Debug, Clone)]
 pub struct SqsRefreshQueue {
@@ -426,177 +506,117 @@ impl RefreshQueue for SqsRefreshQueue {
         message: &RefreshMessage,
         delay_seconds: u32,
     ) -> Result<String, QueueError> {
-        use aws_sdk_sqs::types::MessageAttributeValue;
-        let attribute = |data_type: &str, value: String| {
-            MessageAttributeValue::builder()
-                .data_type(data_type)
-                .string_value(value)
-                .build()
-                .map_err(|e| QueueError {
-                    retry: Retry::Never,
-                    message: e.to_string(),
-                })
-        };
-        let out = self
-            .client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(message.body())
-            .delay_seconds(i32::try_from(delay_seconds).unwrap_or(i32::MAX))
-            .message_attributes(ATTR_BUCKET, attribute("String", message.bucket.clone())?)
-            .message_attributes(
-                ATTR_TIMESTAMP,
-                attribute("Number", message.timestamp_ms.to_string())?,
-            )
-            .send()
-            .await
-            .map_err(|err| QueueError {
-                retry: classify(&err),
-                message: describe(&err),
-            })?;
-        Ok(out.message_id().unwrap_or_default().to_string())
+        send_refresh_message(&self.client, &self.queue_url, message, delay_seconds).await
     }
 }
 
-/// Storage Gateway through its SDK client.
-#[derive(Debug, Clone)]
-pub struct SdkFileGateway {
-    client: aws_sdk_storagegateway::Client,
-}
-
-impl SdkFileGateway {
-    pub fn new(client: aws_sdk_storagegateway::Client) -> Self {
-        SdkFileGateway { client }
-    }
-}
-
-fn gateway_error<E, R>(err: SdkError<E, R>, share_arn: Option<&str>) -> GatewayError
+fn queue_error<E, R>(err: SdkError<E, R>) -> QueueError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: Debug + 'static,
 {
-    let message = describe(&err);
-    if let SdkError::ServiceError(ctx) = &err {
-        let e = ctx.err();
-        if e.code() == Some("InvalidGatewayRequestException") {
-            // The gateway says InvalidGatewayRequestException both for a share that is
-            // gone and for "two refreshes already in flight"; only the text tells them apart.
-            let text = e.message().unwrap_or_default().to_ascii_lowercase();
-            if let Some(arn) = share_arn {
-                if text.contains("not found")
-                    || text.contains("does not exist")
-                    || text.contains("no such")
-                {
-                    return GatewayError::ShareNotFound {
-                        share_arn: arn.to_string(),
-                        message,
-                    };
-                }
-            }
-            return GatewayError::Busy { message };
-        }
-    }
-    GatewayError::Other {
+    QueueError {
         retry: classify(&err),
-        message,
+        message: describe(&err),
     }
 }
 
-impl FileGateway for SdkFileGateway {
-    async fn list_file_shares(&self, marker: Option<&str>) -> Result<SharePage, GatewayError> {
-        let out = self
-            .client
-            .list_file_shares()
-            .set_marker(marker.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| gateway_error(e, None))?;
-        let shares = out
-            .file_share_info_list()
-            .iter()
-            .filter_map(|info| {
-                let kind = match info.file_share_type()? {
-                    FileShareType::Nfs => ShareKind::Nfs,
-                    FileShareType::Smb => ShareKind::Smb,
-                    // A share type this build does not know cannot be described.
-                    _ => return None,
-                };
-                Some(ShareSummary {
-                    arn: info.file_share_arn()?.to_string(),
-                    kind,
-                })
+async fn send_refresh_message(
+    client: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    message: &RefreshMessage,
+    delay_seconds: u32,
+) -> Result<String, QueueError> {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    let attribute = |data_type: &str, value: String| {
+        MessageAttributeValue::builder()
+            .data_type(data_type)
+            .string_value(value)
+            .build()
+            .map_err(|e| QueueError {
+                retry: Retry::Never,
+                message: e.to_string(),
             })
-            .collect();
-        Ok(SharePage {
-            shares,
-            next_marker: out
-                .next_marker()
-                .filter(|m| !m.is_empty())
-                .map(str::to_string),
-        })
-    }
+    };
+    let out = client
+        .send_message()
+        .queue_url(queue_url)
+        .message_body(message.body())
+        .delay_seconds(i32::try_from(delay_seconds).unwrap_or(i32::MAX))
+        .message_attributes(ATTR_BUCKET, attribute("String", message.bucket.clone())?)
+        .message_attributes(
+            ATTR_TIMESTAMP,
+            attribute("Number", message.timestamp_ms.to_string())?,
+        )
+        .send()
+        .await
+        .map_err(queue_error)?;
+    Ok(out.message_id().unwrap_or_default().to_string())
+}
 
-    async fn describe_file_shares(
-        &self,
-        kind: ShareKind,
-        arns: &[String],
-    ) -> Result<Vec<DescribedShare>, GatewayError> {
-        let first = arns.first().map(String::as_str);
-        let described = |arn: Option<&str>, gateway: Option<&str>, location: Option<&str>| {
-            Some(DescribedShare {
-                arn: arn?.to_string(),
-                kind,
-                gateway_arn: gateway.unwrap_or_default().to_string(),
-                location_arn: location?.to_string(),
-            })
-        };
-        match kind {
-            ShareKind::Nfs => {
-                let out = self
-                    .client
-                    .describe_nfs_file_shares()
-                    .set_file_share_arn_list(Some(arns.to_vec()))
-                    .send()
-                    .await
-                    .map_err(|e| gateway_error(e, first))?;
-                Ok(out
-                    .nfs_file_share_info_list()
-                    .iter()
-                    .filter_map(|s| {
-                        described(s.file_share_arn(), s.gateway_arn(), s.location_arn())
-                    })
-                    .collect())
-            }
-            ShareKind::Smb => {
-                let out = self
-                    .client
-                    .describe_smb_file_shares()
-                    .set_file_share_arn_list(Some(arns.to_vec()))
-                    .send()
-                    .await
-                    .map_err(|e| gateway_error(e, first))?;
-                Ok(out
-                    .smb_file_share_info_list()
-                    .iter()
-                    .filter_map(|s| {
-                        described(s.file_share_arn(), s.gateway_arn(), s.location_arn())
-                    })
-                    .collect())
-            }
+/// The refresher's way back onto the action queue: the queue a message came from,
+/// whose URL is looked up once per queue from the record's `eventSourceARN`.
+#[derive(Debug)]
+pub struct SqsRequeue {
+    client: aws_sdk_sqs::Client,
+    urls: tokio::sync::Mutex<HashMap<String, String>>,
+}
+
+impl SqsRequeue {
+    pub fn new(client: aws_sdk_sqs::Client) -> Self {
+        SqsRequeue {
+            client,
+            urls: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    async fn refresh_cache(&self, plan: &RefreshPlan) -> Result<String, GatewayError> {
+    pub fn from_config(config: &aws_config::SdkConfig) -> Self {
+        Self::new(aws_sdk_sqs::Client::new(config))
+    }
+
+    async fn url_for(&self, arn: &str) -> Result<String, QueueError> {
+        let mut urls = self.urls.lock().await;
+        if let Some(url) = urls.get(arn) {
+            return Ok(url.clone());
+        }
+        // arn:PARTITION:sqs:REGION:ACCOUNT:NAME
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let [_, _, "sqs", _, account, name] = parts.as_slice() else {
+            return Err(QueueError {
+                retry: Retry::Never,
+                message: format!("eventSourceARN {arn:?} is not an SQS queue ARN"),
+            });
+        };
         let out = self
             .client
-            .refresh_cache()
-            .file_share_arn(&plan.share_arn)
-            .set_folder_list(Some(plan.folders.clone()))
-            .recursive(plan.recursive)
+            .get_queue_url()
+            .queue_name(*name)
+            .queue_owner_aws_account_id(*account)
             .send()
             .await
-            .map_err(|e| gateway_error(e, Some(&plan.share_arn)))?;
-        Ok(out.notification_id().unwrap_or_default().to_string())
+            .map_err(queue_error)?;
+        let url = out.queue_url().unwrap_or_default().to_string();
+        urls.insert(arn.to_string(), url.clone());
+        Ok(url)
+    }
+}
+
+impl Requeue for SqsRequeue {
+    async fn requeue(
+        &self,
+        source_arn: Option<&str>,
+        message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        let Some(arn) = source_arn else {
+            return Err(QueueError {
+                retry: Retry::Never,
+                message: "the SQS record names no eventSourceARN to send the message back to"
+                    .to_string(),
+            });
+        };
+        let url = self.url_for(arn).await?;
+        send_refresh_message(&self.client, &url, message, delay_seconds).await
     }
 }
 
@@ -615,11 +635,5 @@ impl DynamoWindowStore {
 impl SqsRefreshQueue {
     pub fn from_config(config: &aws_config::SdkConfig, queue_url: impl Into<String>) -> Self {
         Self::new(aws_sdk_sqs::Client::new(config), queue_url)
-    }
-}
-
-impl SdkFileGateway {
-    pub fn from_config(config: &aws_config::SdkConfig) -> Self {
-        Self::new(aws_sdk_storagegateway::Client::new(config))
     }
 }
