@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod bucket_model;
+pub mod counting_proxy;
 pub mod moto;
 pub mod runtime_api;
 pub mod sgw_standin;

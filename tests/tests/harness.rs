@@ -589,3 +589,23 @@ async fn moto_start_reset_and_endpoint_reuse() {
         .expect_err("https");
     assert!(err.to_string().contains("http://"), "{err}");
 }
+
+#[tokio::test]
+async fn counting_proxy_forwards_and_counts_each_operation(
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let moto = integration_tests::moto::Moto::start().await?;
+    let proxy = integration_tests::counting_proxy::CountingProxy::start(moto.endpoint()).await?;
+    let config = integration_tests::aws::sdk_config(&proxy.endpoint()).await;
+    let clients = integration_tests::aws::Clients::new(&config);
+    let table = integration_tests::aws::unique_name("proxy");
+    clients.create_table(&table).await?;
+    let item = clients.bucket_item(&table, "nothing").await?;
+    assert!(item.is_none());
+    clients.bucket_item(&table, "nothing").await?;
+    assert_eq!(proxy.count("GetItem"), 2);
+    assert_eq!(proxy.count("CreateTable"), 1);
+    assert_eq!(proxy.count("UpdateItem"), 0);
+    proxy.reset();
+    assert!(proxy.counts().is_empty());
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! A counting HTTP proxy in front of moto, so tests and the benchmark can count the
+//! requests that really reached a service (for example DynamoDB `UpdateItem` calls),
+//! rather than trusting the function's own report.
+//!
+//! Point a function at it with `AWS_ENDPOINT_URL_DYNAMODB` (or `_SQS`): the AWS JSON
+//! protocols name the operation in `X-Amz-Target` (`DynamoDB_20120810.UpdateItem`),
+//! which is what gets counted. Each request is forwarded as it is to the upstream and
+//! its response returned as it is.
+
+use crate::runtime_api::http_request;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
+
+pub struct CountingProxy {
+    addr: SocketAddr,
+    counts: Counts,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock(counts: &Counts) -> MutexGuard<'_, BTreeMap<String, u64>> {
+    counts.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CountingProxy {
+    /// Starts a proxy on `127.0.0.1:0` that forwards to `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> std::io::Result<CountingProxy> {
+        let authority = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let counts: Counts = Arc::default();
+        let task_counts = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counts = task_counts.clone();
+                let authority = authority.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |req| forward(req, authority.clone(), counts.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(CountingProxy { addr, counts, task })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests whose `X-Amz-Target` ends with `.{operation}` (e.g. "UpdateItem").
+    pub fn count(&self, operation: &str) -> u64 {
+        let suffix = format!(".{operation}");
+        lock(&self.counts)
+            .iter()
+            .filter(|(target, _)| target.ends_with(&suffix) || *target == operation)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Every operation seen so far, by `X-Amz-Target` ("(none)" without one).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        lock(&self.counts).clone()
+    }
+
+    pub fn reset(&self) {
+        lock(&self.counts).clear();
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    authority: String,
+    counts: Counts,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = req
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(none)")
+        .to_string();
+    *lock(&counts).entry(target).or_default() += 1;
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    // Hop-by-hop and framing headers are the forwarding client's own business.
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "host" | "connection" | "content-length" | "transfer-encoding"
+            )
+        })
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    let body = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return Ok(error(StatusCode::BAD_REQUEST, &e.to_string())),
+    };
+    let header_refs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    match http_request(&authority, &method, &path, &header_refs, &body).await {
+        Ok(upstream) => {
+            let mut response = Response::builder().status(upstream.status);
+            for (name, value) in &upstream.headers {
+                let lower = name.to_ascii_lowercase();
+                if !matches!(
+                    lower.as_str(),
+                    "connection" | "content-length" | "transfer-encoding"
+                ) {
+                    response = response.header(name.as_str(), value.as_str());
+                }
+            }
+            Ok(response
+                .body(Full::new(Bytes::from(upstream.body)))
+                .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, &e.to_string())))
+        }
+        Err(e) => Ok(error(StatusCode::BAD_GATEWAY, &e.to_string())),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(message.to_string())));
+    *response.status_mut() = status;
+    response
+}
