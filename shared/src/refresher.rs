@@ -197,8 +197,18 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                     return self.send_back(request, ends_at_ms).await;
                 }
                 CloseOutcome::CarriedForward { .. } => return Ok(RecordOutcome::CarriedForward),
-                CloseOutcome::NeverOpened { .. } => return self.wait_for_open(request).await,
-                CloseOutcome::ItemMissing => RefreshScope::WholeBucket,
+                CloseOutcome::NeverOpened { .. } => {
+                    return Ok(self
+                        .wait_for_open(request)
+                        .await?
+                        .unwrap_or(RecordOutcome::NeverOpened));
+                }
+                CloseOutcome::ItemMissing => match self.wait_for_open(request).await? {
+                    // Most likely the bucket's first window, not written yet.
+                    Some(requeued) => return Ok(requeued),
+                    // Still no item long after: it was deleted; what changed is unknown.
+                    None => RefreshScope::WholeBucket,
+                },
             },
             None => RefreshScope::WholeBucket,
         };
@@ -308,14 +318,18 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
     /// that write: look again shortly. An opener is gone for good after the longest
     /// Lambda invocation; then the message is an orphan of a failed invocation (whose
     /// retry sent a message of its own) and is dropped.
-    async fn wait_for_open(&self, request: &IncomingRefresh) -> Result<RecordOutcome, RecordError> {
+    /// `None` once the opener cannot still be running.
+    async fn wait_for_open(
+        &self,
+        request: &IncomingRefresh,
+    ) -> Result<Option<RecordOutcome>, RecordError> {
         let now = self.clock.now_ms();
         let Some(body) = request.body.as_ref() else {
-            return Ok(RecordOutcome::NeverOpened);
+            return Ok(None);
         };
         let waited_ms = now.saturating_sub(body.window_opened_at_ms);
         if waited_ms >= MAX_OPEN_LAG_MS {
-            return Ok(RecordOutcome::NeverOpened);
+            return Ok(None);
         }
         // Look again after about as long as the window has waited so far: one look
         // for a prompt opener, a handful for an orphan.
@@ -323,7 +337,7 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
         self.requeue
             .requeue(request.source_arn.as_deref(), body, delay_seconds)
             .await?;
-        Ok(RecordOutcome::Requeued { delay_seconds })
+        Ok(Some(RecordOutcome::Requeued { delay_seconds }))
     }
 
     /// Every NFS and SMB share in the account, from the cache when it is fresh.

@@ -288,14 +288,17 @@ pub fn close(item: &mut Option<WindowItem>, generation: u64, now_ms: i64) -> Clo
     CloseOutcome::Refresh(current.scope())
 }
 
-/// Record the refreshes of a message: the log always, and for a window, that every
-/// refresh of it started (never moving backwards). A log for a window that a
-/// duplicate already recorded is dropped.
+/// Record the refreshes of a message: the log always, and for a closed window, that
+/// every refresh of it started (never moving backwards). A log for a window that a
+/// duplicate already recorded, or that was never closed, is dropped.
 pub fn record_refresh(item: &mut Option<WindowItem>, bucket: &str, log: &RefreshLog) {
     match log.generation {
         Some(generation) => {
+            // Only a refresh that followed this window's close refreshed the window.
             if let Some(current) = item.as_mut() {
-                if current.generation >= generation && current.refreshed_generation < generation {
+                if current.closed_generation >= generation
+                    && current.refreshed_generation < generation
+                {
                     current.refreshed_generation = generation;
                     current.last_refresh = Some(log.clone());
                 }
@@ -517,6 +520,10 @@ mod tests {
         open_next(&mut item, &folders(&[""]), 0, 10);
         close(&mut item, 1, 10);
         open_next(&mut item, &folders(&[""]), 10, 10);
+        // A window that was never closed was not refreshed by this log.
+        record_refresh(&mut item, "b", &log(2));
+        assert_eq!(item.as_ref().unwrap().refreshed_generation, 0);
+        close(&mut item, 2, 20);
         record_refresh(&mut item, "b", &log(2));
         record_refresh(&mut item, "b", &log(1));
         assert_eq!(item.as_ref().unwrap().refreshed_generation, 2);

@@ -590,7 +590,24 @@ type RefresherService = Refresher<SimStore, SimGateway, SimQueue, SimClock>;
 
 enum Outcome {
     Aggregated(bool),
+    /// An SQS-delivered batch: the messages to redeliver, or a failed invocation.
+    AggregatedBatch(Result<Vec<String>, ()>),
     Refreshed(Result<Vec<String>, ()>),
+}
+
+/// S3 → SQS → aggregator: the ingest queue of an SQS-buffered deployment.
+#[derive(Default)]
+struct IngestQueue {
+    messages: Vec<IngestMessage>,
+    dlq: Vec<Value>,
+    next_id: u64,
+}
+
+struct IngestMessage {
+    id: String,
+    notification: Value,
+    visible_at: i64,
+    receive_count: u32,
 }
 
 type Task = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -600,6 +617,8 @@ enum Work {
     Notification { event: Value, attempt: u32 },
     /// Messages received from the action queue.
     Batch { ids: Vec<String> },
+    /// Messages received from the ingest queue.
+    IngestBatch { ids: Vec<String> },
 }
 
 struct Running {
@@ -621,6 +640,7 @@ struct Container {
 enum Agenda {
     Deliver { seq: u64 },
     Poll,
+    IngestPoll,
     RecreateShare { index: usize },
     StormEnds,
 }
@@ -646,6 +666,8 @@ struct Sim {
     visibility_ms: i64,
     max_receive_count: u32,
     redrives: u32,
+    /// Some: events reach the aggregator through an SQS ingest queue, in batches.
+    ingest: Option<IngestQueue>,
 }
 
 impl Sim {
@@ -723,6 +745,52 @@ impl Sim {
     }
 
     fn start_aggregator(&mut self, event: Value, attempt: u32) -> bool {
+        let payload = event.clone();
+        self.start_aggregator_with(payload, Work::Notification { event, attempt })
+    }
+
+    /// The ingest queue's event source mapping: up to 10 visible messages per batch.
+    fn poll_ingest(&mut self) {
+        let now = self.now();
+        let visibility = self.visibility_ms;
+        let max_receive = self.max_receive_count;
+        let Some(ingest) = self.ingest.as_mut() else {
+            return;
+        };
+        let mut records = Vec::new();
+        let mut ids = Vec::new();
+        let mut dead = Vec::new();
+        let batch_size = 1 + (now as usize / 1000) % 10;
+        for m in ingest.messages.iter_mut().filter(|m| m.visible_at <= now) {
+            if records.len() == batch_size {
+                break;
+            }
+            m.receive_count += 1;
+            if m.receive_count > max_receive {
+                dead.push(m.id.clone());
+                continue;
+            }
+            m.visible_at = now + visibility;
+            records.push(json!({"messageId": m.id, "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
+                "body": m.notification.to_string()}));
+            ids.push(m.id.clone());
+        }
+        for id in dead {
+            if let Some(pos) = ingest.messages.iter().position(|m| m.id == id) {
+                let m = ingest.messages.remove(pos);
+                ingest.dlq.push(m.notification);
+            }
+        }
+        if records.is_empty() {
+            return;
+        }
+        if !self.start_aggregator_with(json!({ "Records": records }), Work::IngestBatch { ids: ids.clone() }) {
+            // Every container is busy: the messages come back after the visibility timeout.
+        }
+    }
+
+    fn start_aggregator_with(&mut self, payload: Value, work: Work) -> bool {
         let index = match self.aggregators.iter().position(|c| !c.busy) {
             Some(i) => i,
             None if self.aggregators.len() < self.max_aggregators => {
@@ -744,14 +812,20 @@ impl Sim {
             ..Default::default()
         };
         let service = container.aggregator.clone().expect("aggregator container");
-        let payload = event.clone();
-        let task: Task =
-            Box::pin(async move { Outcome::Aggregated(service.handle(&payload).await.is_ok()) });
+        let batched = matches!(work, Work::IngestBatch { .. });
+        let task: Task = Box::pin(async move {
+            let result = service.handle(&payload).await;
+            if batched {
+                Outcome::AggregatedBatch(result.map(|r| r.batch_item_failures).map_err(|_| ()))
+            } else {
+                Outcome::Aggregated(result.is_ok())
+            }
+        });
         self.running.push(Running {
             container: index,
             is_refresher: false,
             invocation: container.port.invocation.clone(),
-            work: Work::Notification { event, attempt },
+            work,
             task,
         });
         true
@@ -896,6 +970,16 @@ impl Sim {
                 }
             }
             (Work::Batch { .. }, _) => {}
+            (Work::IngestBatch { ids }, Some(Outcome::AggregatedBatch(Ok(failed)))) => {
+                // Lambda deletes the messages that the response does not name.
+                if let Some(ingest) = self.ingest.as_mut() {
+                    ingest
+                        .messages
+                        .retain(|m| !ids.contains(&m.id) || failed.contains(&m.id));
+                }
+            }
+            // A failed or crashed invocation: every message comes back.
+            (Work::IngestBatch { .. }, _) => {}
         }
     }
 
@@ -903,10 +987,11 @@ impl Sim {
         let w = lock(&self.world);
         self.running.is_empty()
             && w.queue.is_empty()
+            && self.ingest.as_ref().is_none_or(|i| i.messages.is_empty())
             && !self
                 .agenda
                 .iter()
-                .any(|std::cmp::Reverse((_, _, a))| !matches!(a, Agenda::Poll))
+                .any(|std::cmp::Reverse((_, _, a))| !matches!(a, Agenda::Poll | Agenda::IngestPoll))
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -974,11 +1059,35 @@ impl Sim {
             }
             match item {
                 Agenda::Deliver { seq } => {
-                    if let Some((event, attempt)) = self.deliveries.remove(&seq) {
+                    let Some((event, attempt)) = self.deliveries.remove(&seq) else {
+                        continue;
+                    };
+                    if let Some(ingest) = self.ingest.as_mut() {
+                        // S3 sends the notification to the ingest queue.
+                        ingest.next_id += 1;
+                        let id = format!("in{}", ingest.next_id);
+                        ingest.messages.push(IngestMessage {
+                            id,
+                            notification: event,
+                            visible_at: at,
+                            receive_count: 0,
+                        });
+                        continue;
+                    }
+                    {
                         if !self.start_aggregator(event.clone(), attempt) {
                             // Every container is busy: Lambda queues the event.
                             self.deliver(at + 50, event, attempt);
                         }
+                    }
+                }
+                Agenda::IngestPoll => {
+                    self.poll_ingest();
+                    let busy = self.ingest.as_ref().is_some_and(|i| !i.messages.is_empty());
+                    if busy || !self.quiet() || self.ingest.as_ref().is_some_and(|i| !i.dlq.is_empty()) {
+                        // The batching window: up to a few seconds.
+                        let next = self.now() + 500 + (self.agenda_seq as i64 % 3) * 1_000;
+                        self.schedule(next, Agenda::IngestPoll);
                     }
                 }
                 Agenda::Poll => {
@@ -1011,14 +1120,17 @@ impl Sim {
             }
             // The operator redrives the DLQs once the storm is over and all is quiet.
             if self.storm_over && self.quiet() {
-                let events = std::mem::take(&mut self.aggregator_dlq);
+                let mut events = std::mem::take(&mut self.aggregator_dlq);
+                if let Some(ingest) = self.ingest.as_mut() {
+                    events.extend(std::mem::take(&mut ingest.dlq));
+                }
                 let messages = std::mem::take(&mut lock(&self.world).dlq);
                 if events.is_empty() && messages.is_empty() {
                     if self.running.is_empty()
                         && self
                             .agenda
                             .iter()
-                            .all(|std::cmp::Reverse((_, _, a))| matches!(a, Agenda::Poll))
+                            .all(|std::cmp::Reverse((_, _, a))| matches!(a, Agenda::Poll | Agenda::IngestPoll))
                     {
                         break;
                     }
@@ -1031,6 +1143,9 @@ impl Sim {
                 let now = self.now();
                 for event in events {
                     self.deliver(now, event, 0);
+                }
+                if self.ingest.is_some() {
+                    self.schedule(now + 500, Agenda::IngestPoll);
                 }
                 let mut w = lock(&self.world);
                 for mut m in messages {
@@ -1221,6 +1336,8 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         visibility_ms: 60_000,
         max_receive_count: 5,
         redrives: 0,
+        // A third of the runs deliver through an SQS ingest queue, in batches.
+        ingest: rng.chance(0.33).then(IngestQueue::default),
     };
     // The clock-margin fault needs events near window ends: a short, dense burst.
     let (burst_ms, event_count) = if dense {
@@ -1259,6 +1376,9 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     let storm_ends = sim.storm_ends_at;
     sim.schedule(storm_ends, Agenda::StormEnds);
     sim.schedule(1_000, Agenda::Poll);
+    if sim.ingest.is_some() {
+        sim.schedule(500, Agenda::IngestPoll);
+    }
 
     let outcome = sim.run().and_then(|()| {
         let w = lock(&sim.world);

@@ -465,7 +465,7 @@ impl WindowStore for DynamoWindowStore {
                     attr::LAST_REFRESH
                 ))
                 .condition_expression(
-                    "Generation >= :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
+                    "ClosedGeneration >= :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
                 )
                 .expression_attribute_values(":g", n(generation)),
             None => request.update_expression(format!(
