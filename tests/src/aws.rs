@@ -128,6 +128,16 @@ impl Clients {
         events_queue_url: &str,
     ) -> Result<(), BoxError> {
         self.s3.create_bucket().bucket(bucket).send().await?;
+        self.send_events_to(bucket, events_queue_url).await
+    }
+
+    /// Sends the object created/removed notifications of an existing bucket to
+    /// `events_queue_url` (moto then queues an `s3:TestEvent` there).
+    pub async fn send_events_to(
+        &self,
+        bucket: &str,
+        events_queue_url: &str,
+    ) -> Result<(), BoxError> {
         let queue_arn = self.queue_arn(events_queue_url).await?;
         let config = NotificationConfiguration::builder()
             .queue_configurations(
@@ -157,6 +167,46 @@ impl Clients {
             .send()
             .await?;
         Ok(())
+    }
+
+    pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), BoxError> {
+        self.s3
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Every key of `bucket` that starts with `prefix`, all pages of `ListObjectsV2`.
+    pub async fn list_keys(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeSet<String>, BoxError> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(str::to_string),
+            );
+            match out.next_continuation_token() {
+                Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
+                _ => return Ok(keys),
+            }
+        }
     }
 
     /// Receives until `expected` messages arrived or `timeout` passed, deleting them.

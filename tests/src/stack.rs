@@ -101,7 +101,13 @@ pub struct RefreshRun {
 
 impl Stack {
     pub async fn start(options: StackOptions) -> Result<Stack, BoxError> {
-        let moto = Moto::start().await?;
+        Stack::start_with_moto(Moto::start().await?, options).await
+    }
+
+    /// [`Stack::start`] on a moto server the caller started, so that something that
+    /// needs moto's endpoint (a [`crate::counting_proxy::CountingProxy`] named in
+    /// `options.extra_env`) can be set up before the functions start.
+    pub async fn start_with_moto(moto: Moto, options: StackOptions) -> Result<Stack, BoxError> {
         let gateway = SgwStandIn::start().await?;
         let clients = Clients::new(&sdk_config(moto.endpoint()).await);
         let (table, action_queue) = match &options.prefix {
@@ -155,14 +161,35 @@ impl Stack {
 
     /// A new bucket whose notifications go to the stack's events queue.
     pub async fn create_bucket(&self, prefix: &str) -> Result<String, BoxError> {
-        // Bucket names: lowercase, at most 63 characters.
-        let mut name = unique_name(prefix).to_ascii_lowercase();
-        name.truncate(63);
-        let name = name.trim_end_matches('-').to_string();
+        let name = bucket_name(prefix);
         self.clients
             .create_bucket_with_events(&name, &self.events_queue_url)
             .await?;
         Ok(name)
+    }
+
+    /// A new bucket that holds `keys` before its notifications go to the stack's events
+    /// queue, so that these objects make no events (the set-up's `s3:TestEvent` still
+    /// arrives).
+    pub async fn create_bucket_with_objects(
+        &self,
+        prefix: &str,
+        keys: &[String],
+    ) -> Result<String, BoxError> {
+        let name = bucket_name(prefix);
+        self.clients.s3.create_bucket().bucket(&name).send().await?;
+        for key in keys {
+            self.clients.put_object(&name, key).await?;
+        }
+        self.clients
+            .send_events_to(&name, &self.events_queue_url)
+            .await?;
+        Ok(name)
+    }
+
+    /// The ARN of the events queue, for a Lambda SQS event built from its messages.
+    pub async fn events_queue_arn(&self) -> Result<String, BoxError> {
+        self.clients.queue_arn(&self.events_queue_url).await
     }
 
     /// Reads the S3 notifications moto queued (at least `expected`), without
@@ -274,4 +301,11 @@ impl Stack {
     pub fn window_wait(&self) -> Duration {
         Duration::from_secs(u64::from(self.options.refresh_delay_seconds) + 10)
     }
+}
+
+/// A unique bucket name: lowercase, at most 63 characters.
+fn bucket_name(prefix: &str) -> String {
+    let mut name = unique_name(prefix).to_ascii_lowercase();
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
 }
