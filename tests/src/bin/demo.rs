@@ -5,7 +5,9 @@
 //! Run it with `scripts/demo.sh`, which installs moto and builds the binaries first.
 
 use integration_tests::aws::BoxError;
-use integration_tests::sgw_standin::ShareKind;
+use integration_tests::counting_proxy::CountingProxy;
+use integration_tests::moto::Moto;
+use integration_tests::sgw_standin::{BucketSource, ShareKind};
 use integration_tests::stack::{Stack, StackOptions};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -23,11 +25,22 @@ async fn main() {
 async fn run() -> Result<(), BoxError> {
     let started = Instant::now();
     println!("Starting moto, the Storage Gateway stand-in, and the aggregator and refresher under a Lambda Runtime API...");
-    let stack = Stack::start(StackOptions {
-        refresh_delay_seconds: DELAY_SECONDS,
-        log_level: "WARN".to_string(),
-        ..Default::default()
-    })
+    // The functions reach DynamoDB and SQS through a counting proxy, so the report
+    // shows the requests that really reached them.
+    let moto = Moto::start().await?;
+    let proxy = CountingProxy::start(moto.endpoint()).await?;
+    let stack = Stack::start_with_moto(
+        moto,
+        StackOptions {
+            refresh_delay_seconds: DELAY_SECONDS,
+            log_level: "WARN".to_string(),
+            extra_env: vec![
+                ("AWS_ENDPOINT_URL_DYNAMODB".to_string(), proxy.endpoint()),
+                ("AWS_ENDPOINT_URL_SQS".to_string(), proxy.endpoint()),
+            ],
+            ..Default::default()
+        },
+    )
     .await?;
     println!("  moto:              {}", stack.moto.endpoint());
     println!("  Storage Gateway:   {}", stack.gateway.endpoint());
@@ -36,6 +49,12 @@ async fn run() -> Result<(), BoxError> {
 
     let photos = stack.create_bucket("demo-photos").await?;
     let logs = stack.create_bucket("demo-logs").await?;
+    // The stand-in's shares list moto's S3 when they are refreshed.
+    for bucket in [&photos, &logs] {
+        stack
+            .gateway
+            .set_bucket_source(bucket, BucketSource::S3(stack.clients.s3.clone()));
+    }
     let office = stack.gateway.add_gateway("office-gateway");
     let branch = stack.gateway.add_gateway("branch-gateway");
     let mut share_names = BTreeMap::new();
@@ -63,12 +82,17 @@ async fn run() -> Result<(), BoxError> {
             format!("arn:aws:s3:::{bucket}/{prefix}")
         };
         let arn = stack.gateway.add_share(gateway, kind, &location);
-        share_names.insert(arn, label);
+        stack.gateway.prime_share_cache(&arn).await?;
+        share_names.insert(arn, (label, bucket.to_string(), prefix));
     }
     println!("  buckets:           {photos}, {logs}");
     println!(
         "  file shares:       {}",
-        share_names.values().copied().collect::<Vec<_>>().join("; ")
+        share_names
+            .values()
+            .map(|(label, _, _)| *label)
+            .collect::<Vec<_>>()
+            .join("; ")
     );
 
     println!("\nPutting objects: 200 in {photos} (2026/...), 100 in {logs}...");
@@ -107,6 +131,7 @@ async fn run() -> Result<(), BoxError> {
         events.len()
     );
     let feed = stack.invoke_aggregator(&events).await?;
+    let aggregator_requests = proxy.counts();
     println!("Waiting for the {DELAY_SECONDS} s window, then driving the action queue through the refresher...");
     let refresh = stack.run_refresher(2, stack.window_wait()).await?;
 
@@ -136,6 +161,21 @@ async fn run() -> Result<(), BoxError> {
         "  refresh messages sent:       {}",
         feed.total("messagesSent")
     );
+    let count = |counts: &BTreeMap<String, u64>, operation: &str| -> u64 {
+        counts
+            .iter()
+            .filter(|(target, _)| target.ends_with(&format!(".{operation}")))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    println!(
+        "  requests that reached moto:  {} DynamoDB UpdateItem, {} GetItem, {} SQS SendMessage \
+         (the 2018 design: one conditional write per event, {})",
+        count(&aggregator_requests, "UpdateItem"),
+        count(&aggregator_requests, "GetItem"),
+        count(&aggregator_requests, "SendMessage"),
+        per_bucket.values().sum::<usize>()
+    );
     println!(
         "Refresher: {} messages in {} invocations, {} left for redelivery",
         refresh.messages, refresh.invocations, refresh.batch_item_failures
@@ -143,16 +183,35 @@ async fn run() -> Result<(), BoxError> {
     let refreshes = stack.gateway.refreshes();
     println!("RefreshCache calls: {}", refreshes.len());
     for r in &refreshes {
-        let name = share_names.get(&r.share_arn).copied().unwrap_or("?");
+        let name = share_names
+            .get(&r.share_arn)
+            .map_or("?", |(label, _, _)| *label);
         println!(
             "  {name}: {} folders {:?} recursive={} notification {}",
             r.share_arn, r.folder_list, r.recursive, r.notification_id
         );
+        println!(
+            "    listed {} objects and {} prefixes in {} LIST requests",
+            r.work.objects_listed, r.work.prefixes_listed, r.work.list_requests
+        );
+    }
+    // What a client of each share sees now, against the bucket itself.
+    let mut stale = Vec::new();
+    for (arn, (label, bucket, prefix)) in &share_names {
+        let bucket_keys = stack.clients.list_keys(bucket, prefix).await?;
+        if stack.gateway.share_view(arn) != bucket_keys {
+            stale.push(*label);
+        }
+    }
+    if stale.is_empty() {
+        println!("Every share now shows exactly what its bucket holds.");
+    } else {
+        println!("Shares that do not show their bucket: {}", stale.join("; "));
     }
     let untouched: Vec<&str> = share_names
         .iter()
         .filter(|(arn, _)| !refreshes.iter().any(|r| &r.share_arn == *arn))
-        .map(|(_, name)| *name)
+        .map(|(_, (label, _, _))| *label)
         .collect();
     if !untouched.is_empty() {
         println!(
@@ -171,12 +230,14 @@ async fn run() -> Result<(), BoxError> {
         "Done in {:.1} s; everything it started stops now.",
         started.elapsed().as_secs_f64()
     );
-    if !feed.errors.is_empty() || refresh.messages != 2 || refreshes.len() != 3 {
+    if !feed.errors.is_empty() || refresh.messages != 2 || refreshes.len() != 3 || !stale.is_empty()
+    {
         return Err(format!(
-            "unexpected result: {} aggregator errors, {} messages, {} refreshes (expected 0, 2, 3)",
+            "unexpected result: {} aggregator errors, {} messages, {} refreshes, {} stale shares (expected 0, 2, 3, 0)",
             feed.errors.len(),
             refresh.messages,
-            refreshes.len()
+            refreshes.len(),
+            stale.len()
         )
         .into());
     }
