@@ -281,7 +281,15 @@ struct State {
     first_poll: Option<Instant>,
     /// Invocations waiting for `/response` or `/error`, by request id.
     pending: HashMap<String, oneshot::Sender<Invocation>>,
+    /// When each unfinished invocation was handed out on `/next`, by request id.
+    handed_out: HashMap<String, Instant>,
+    /// From hand-out on `/next` to the runtime's `/response` or `/error`, in
+    /// completion order (at most [`MAX_KEPT_HANDLER_TIMES`]).
+    handler_times: Vec<Duration>,
 }
+
+/// Handler times kept per process; beyond this the oldest are dropped.
+const MAX_KEPT_HANDLER_TIMES: usize = 1_000_000;
 
 struct Shared {
     function_name: String,
@@ -626,6 +634,18 @@ impl LambdaProcess {
             .map(|t| t.saturating_duration_since(self.shared.spawned_at))
     }
 
+    /// For each finished invocation, in completion order: the time from handing the
+    /// event out on `GET /invocation/next` to receiving the runtime's `/response` or
+    /// `/error` (the handler's time plus two loopback HTTP exchanges).
+    pub fn handler_times(&self) -> Vec<Duration> {
+        lock(&self.shared.state).handler_times.clone()
+    }
+
+    /// Forgets the handler times recorded so far.
+    pub fn clear_handler_times(&self) {
+        lock(&self.shared.state).handler_times.clear();
+    }
+
     /// The child's pid while it runs; `None` once it has exited.
     pub fn pid(&self) -> Option<u32> {
         if self.exited().is_some() {
@@ -729,7 +749,9 @@ struct RemovePending<'a> {
 
 impl Drop for RemovePending<'_> {
     fn drop(&mut self) {
-        lock(&self.shared.state).pending.remove(self.request_id);
+        let mut state = lock(&self.shared.state);
+        state.pending.remove(self.request_id);
+        state.handed_out.remove(self.request_id);
     }
 }
 
@@ -917,6 +939,9 @@ async fn next_invocation(shared: &Shared) -> Response<Body> {
         picked,
     } = item;
     let _ = picked.send(());
+    lock(&shared.state)
+        .handed_out
+        .insert(request_id.clone(), Instant::now());
 
     let deadline_ms = epoch_ms().saturating_add(shared.timeout.as_millis());
     let trace_id = new_trace_id();
@@ -940,7 +965,16 @@ async fn next_invocation(shared: &Shared) -> Response<Body> {
 }
 
 fn complete(shared: &Shared, request_id: &str, outcome: Invocation) -> Response<Body> {
-    let waiter = lock(&shared.state).pending.remove(request_id);
+    let waiter = {
+        let mut state = lock(&shared.state);
+        if let Some(at) = state.handed_out.remove(request_id) {
+            if state.handler_times.len() >= MAX_KEPT_HANDLER_TIMES {
+                state.handler_times.drain(..MAX_KEPT_HANDLER_TIMES / 10);
+            }
+            state.handler_times.push(at.elapsed());
+        }
+        state.pending.remove(request_id)
+    };
     match waiter {
         Some(tx) => {
             let _ = tx.send(outcome);
