@@ -785,9 +785,10 @@ impl Sim {
         if records.is_empty() {
             return;
         }
-        if !self.start_aggregator_with(json!({ "Records": records }), Work::IngestBatch { ids: ids.clone() }) {
-            // Every container is busy: the messages come back after the visibility timeout.
-        }
+        // When every container is busy, the messages come back after the visibility
+        // timeout, as they would from SQS.
+        let _ =
+            self.start_aggregator_with(json!({ "Records": records }), Work::IngestBatch { ids });
     }
 
     fn start_aggregator_with(&mut self, payload: Value, work: Work) -> bool {
@@ -1084,7 +1085,10 @@ impl Sim {
                 Agenda::IngestPoll => {
                     self.poll_ingest();
                     let busy = self.ingest.as_ref().is_some_and(|i| !i.messages.is_empty());
-                    if busy || !self.quiet() || self.ingest.as_ref().is_some_and(|i| !i.dlq.is_empty()) {
+                    if busy
+                        || !self.quiet()
+                        || self.ingest.as_ref().is_some_and(|i| !i.dlq.is_empty())
+                    {
                         // The batching window: up to a few seconds.
                         let next = self.now() + 500 + (self.agenda_seq as i64 % 3) * 1_000;
                         self.schedule(next, Agenda::IngestPoll);
@@ -1127,10 +1131,9 @@ impl Sim {
                 let messages = std::mem::take(&mut lock(&self.world).dlq);
                 if events.is_empty() && messages.is_empty() {
                     if self.running.is_empty()
-                        && self
-                            .agenda
-                            .iter()
-                            .all(|std::cmp::Reverse((_, _, a))| matches!(a, Agenda::Poll | Agenda::IngestPoll))
+                        && self.agenda.iter().all(|std::cmp::Reverse((_, _, a))| {
+                            matches!(a, Agenda::Poll | Agenda::IngestPoll)
+                        })
                     {
                         break;
                     }
