@@ -6,7 +6,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/stack.sh"
 
-USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--delay SECONDS] [--log-level LEVEL] [--arch arm64|x86_64] [--region REGION] BUCKET..."
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--arch arm64|x86_64] [--region REGION] BUCKET..."
 
 # Function settings (the same as [package.metadata.lambda.deploy] in the crates).
 AGGREGATOR_TIMEOUT=30
@@ -19,7 +19,7 @@ ACTION_VISIBILITY_TIMEOUT=$((6 * REFRESHER_TIMEOUT))
 ACTION_MAX_RECEIVE_COUNT=10
 DLQ_RETENTION_SECONDS=1209600 # 14 days, the SQS maximum
 ACTION_RETENTION_SECONDS=345600 # 4 days
-# The refresher: at most two invocations at a time (see docs/deploy.md).
+# The refresher: at most two invocations at a time (README.md, Deploy to AWS).
 REFRESHER_CONCURRENCY=2
 REFRESHER_BATCH_SIZE=10
 # The aggregator's asynchronous invocations: Lambda retries a failed event twice and
@@ -27,19 +27,45 @@ REFRESHER_BATCH_SIZE=10
 AGGREGATOR_RETRIES=2
 AGGREGATOR_MAX_EVENT_AGE=21600
 LOG_RETENTION_DAYS=30
+# --ingest sqs: the aggregator takes up to 10,000 events per invocation, gathered for
+# up to 5 seconds (a batch larger than 10 needs a batching window). The ingest queue's
+# visibility timeout is 6 times the aggregator's timeout plus that window (AWS's
+# guidance for SQS event sources); an event that fails 5 times goes to the ingest DLQ.
+INGEST_BATCH_SIZE=10000
+INGEST_BATCH_WINDOW=5
+INGEST_VISIBILITY_TIMEOUT=$((6 * AGGREGATOR_TIMEOUT + INGEST_BATCH_WINDOW))
+INGEST_MAX_RECEIVE_COUNT=5
+INGEST_RETENTION_SECONDS=345600 # 4 days
+# --ingest eventbridge: EventBridge retries an event that Lambda does not accept for up
+# to 24 hours (185 attempts, its maximum), then sends it to the aggregator DLQ.
+EVENTBRIDGE_MAX_EVENT_AGE=86400
+EVENTBRIDGE_RETRIES=185
 
 help() {
   cat <<EOF
 $USAGE
 
 Creates, or brings up to date, the s3-event-aggregator stack in the AWS account and
-region of the AWS CLI configuration, then attaches each BUCKET: the aggregator may be
-invoked by that bucket, and the bucket's notification configuration gains our entry
-(every other entry stays as it is). Running it again converges; it creates nothing twice.
+region of the AWS CLI configuration, then attaches each BUCKET: the bucket's object
+events reach the aggregator the way --ingest says, and the bucket's notification
+configuration gains our part (every other entry stays as it is). Running it again
+converges; it creates nothing twice.
 
 Options (each overrides the environment variable in brackets):
   --prefix NAME        name prefix of every resource [S3EA_PREFIX] (default $DEFAULT_PREFIX)
-  --delay SECONDS      aggregator REFRESH_DELAY_SECONDS, 0 to 900 [REFRESH_DELAY_SECONDS]
+  --ingest MODE        how the buckets' events reach the aggregator [S3EA_INGEST]
+                       (default: the mode the stack was created with, else direct):
+                       direct       S3 invokes the aggregator (a Lambda notification entry)
+                       sqs          S3 sends to the ingest queue <prefix>IngestQueue (a
+                                    queue entry); the aggregator takes up to $INGEST_BATCH_SIZE
+                                    events per invocation, gathered for up to ${INGEST_BATCH_WINDOW}s
+                       eventbridge  S3 sends to EventBridge (the bucket's EventBridge
+                                    delivery is turned on); the rule <prefix>S3Events
+                                    invokes the aggregator
+                       The mode is recorded on the aggregator (tag $INGEST_TAG), so that
+                       attach-bucket.sh uses it. A new mode adds its resources and moves the
+                       given BUCKETs to it; other buckets keep theirs until re-attached.
+  --delay SECONDS      aggregator REFRESH_DELAY_SECONDS, 0 to 43200 [REFRESH_DELAY_SECONDS]
                        (default: the function's current value, else 30)
   --log-level LEVEL    LOG_LEVEL of both functions: DEBUG, INFO, WARN, ERROR [LOG_LEVEL]
                        (default: each function's current value, else INFO)
@@ -53,6 +79,7 @@ Other environment variables:
   S3EA_READ_CAPACITY, S3EA_WRITE_CAPACITY   provisioned capacity units (default 1 and 5)
   S3EA_DEPLOY_TOOL     cargo-lambda (default: cargo lambda deploy) or aws-cli
                        (aws lambda create-function / update-function-code)
+  S3EA_SKIP_BUILD=1    deploy the zip files already in target/lambda/ without building
   AWS_ACCOUNT_ID       skip the STS look-up of the account
   AWS_PROFILE, AWS_ENDPOINT_URL and the other AWS CLI variables are honoured.
 
@@ -60,7 +87,11 @@ Resources, with the default prefix: DynamoDB table S3EventAggregator; SQS queues
 S3EventAggregatorActionQueue, S3EventAggregatorActionDLQ, S3EventAggregatorAggregatorDLQ;
 IAM roles and policies S3EventAggregator{Aggregator,Refresher}{Role,Policy}; Lambda
 functions S3EventAggregator and S3EventAggregatorRefresher with their log groups; the
-SQS event source mapping of the refresher. See docs/deploy.md.
+SQS event source mapping of the refresher. With --ingest sqs also the queues
+S3EventAggregatorIngestQueue and S3EventAggregatorIngestDLQ, the policy
+S3EventAggregatorAggregatorIngestPolicy and the mapping of the ingest queue to the
+aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. See
+README.md, Deploy to AWS, and iam/README.md.
 EOF
 }
 
@@ -68,6 +99,8 @@ EOF
 # Arguments
 
 PREFIX_ARG=${S3EA_PREFIX:-$DEFAULT_PREFIX}
+INGEST_ARG=${S3EA_INGEST:-}
+INGEST_GIVEN=${INGEST_ARG:+yes}
 DELAY_ARG=${REFRESH_DELAY_SECONDS:-}
 LOG_LEVEL_ARG=${LOG_LEVEL:-}
 ARCH=${S3EA_ARCH:-arm64}
@@ -80,6 +113,8 @@ while [ $# -gt 0 ]; do
     -h | --help) help; exit 0 ;;
     --prefix) need_value $# "$1"; PREFIX_ARG=$2; shift 2 ;;
     --prefix=*) PREFIX_ARG=${1#*=}; shift ;;
+    --ingest) need_value $# "$1"; INGEST_ARG=$2 INGEST_GIVEN=yes; shift 2 ;;
+    --ingest=*) INGEST_ARG=${1#*=} INGEST_GIVEN=yes; shift ;;
     --delay) need_value $# "$1"; DELAY_ARG=$2; shift 2 ;;
     --delay=*) DELAY_ARG=${1#*=}; shift ;;
     --log-level) need_value $# "$1"; LOG_LEVEL_ARG=$2; shift 2 ;;
@@ -99,13 +134,14 @@ fi
 [ "${#BUCKETS[@]}" -gt 0 ] || usage_error "missing BUCKET"
 
 check_prefix "$PREFIX_ARG"
+if [ -n "$INGEST_GIVEN" ]; then INGEST_ARG=$(check_ingest "$INGEST_ARG"); fi
 for bucket in "${BUCKETS[@]}"; do check_bucket "$bucket"; done
 if [ -n "$DELAY_ARG" ]; then
   case $DELAY_ARG in
-    *[!0-9]*) usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 900" ;;
+    *[!0-9]*) usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 43200" ;;
   esac
   DELAY_ARG=$((10#$DELAY_ARG))
-  [ "$DELAY_ARG" -le 900 ] || usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 900"
+  [ "$DELAY_ARG" -le 43200 ] || usage_error "invalid --delay '$DELAY_ARG': a whole number of seconds from 0 to 43200"
 fi
 if [ -n "$LOG_LEVEL_ARG" ]; then
   LOG_LEVEL_ARG=$(printf '%s' "$LOG_LEVEL_ARG" | tr '[:lower:]' '[:upper:]')
@@ -142,6 +178,30 @@ command -v aws >/dev/null 2>&1 || die "the AWS CLI is not installed (pip install
 command -v cargo >/dev/null 2>&1 || die "cargo is not installed (https://rustup.rs)"
 cargo lambda --version >/dev/null 2>&1 || die "cargo-lambda is not installed (pip install cargo-lambda)"
 resolve_target "$REGION_FLAG"
+
+# The ingest mode: --ingest, else the one the stack records, else direct. Besides that
+# mode's resources, the run also keeps the resources of any other mode that the stack
+# has, up to date: buckets that are not named here may still use them.
+load_recorded_ingest
+if [ -n "$INGEST_ARG" ]; then
+  INGEST=$INGEST_ARG source="--ingest"
+elif [ -n "$RECORDED_INGEST" ]; then
+  INGEST=$RECORDED_INGEST source="recorded on $AGGREGATOR_FUNCTION"
+else
+  INGEST=direct source="the default"
+fi
+case $INGEST in
+  direct | sqs | eventbridge) ;;
+  *) die "the aggregator's tag $INGEST_TAG has the value '$INGEST': pass --ingest ($INGEST_MODES)" ;;
+esac
+WITH_SQS=false WITH_EVENTBRIDGE=false
+if [ "$INGEST" = sqs ] || find_ingest_queue; then WITH_SQS=true; fi
+if [ "$INGEST" = eventbridge ] || rule_exists; then WITH_EVENTBRIDGE=true; fi
+step "Ingest: $INGEST ($source)"
+if [ -n "$RECORDED_INGEST" ] && [ "$RECORDED_INGEST" != "$INGEST" ]; then
+  info "the stack was created with $RECORDED_INGEST: the given buckets move to $INGEST, and buckets attached with $RECORDED_INGEST keep it until you attach them again"
+fi
+
 step "Checking the buckets: ${BUCKETS[*]}"
 for bucket in "${BUCKETS[@]}"; do require_bucket "$bucket"; done
 
@@ -150,6 +210,14 @@ for bucket in "${BUCKETS[@]}"; do require_bucket "$bucket"; done
 
 LAMBDA_DIR=${CARGO_TARGET_DIR:-$S3EA_ROOT/target}/lambda
 build_functions() {
+  local bin
+  if [ "${S3EA_SKIP_BUILD:-}" = 1 ]; then
+    step "Not building (S3EA_SKIP_BUILD=1): deploying $LAMBDA_DIR/{aggregator,refresher}/bootstrap.zip as they are"
+    for bin in aggregator refresher; do
+      [ -s "$LAMBDA_DIR/$bin/bootstrap.zip" ] || die "$LAMBDA_DIR/$bin/bootstrap.zip is missing: build it, or unset S3EA_SKIP_BUILD"
+    done
+    return
+  fi
   if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx "$RUST_TARGET"; then
     step "Adding the Rust target $RUST_TARGET"
     rustup target add "$RUST_TARGET"
@@ -157,7 +225,6 @@ build_functions() {
   step "Building: cargo lambda build --release $BUILD_ARCH_FLAG --output-format zip -p aggregator -p refresher"
   (cd "$S3EA_ROOT" && cargo lambda build --release "$BUILD_ARCH_FLAG" --output-format zip \
     --package aggregator --package refresher)
-  local bin
   for bin in aggregator refresher; do
     [ -s "$LAMBDA_DIR/$bin/bootstrap.zip" ] || die "the build did not produce $LAMBDA_DIR/$bin/bootstrap.zip"
   done
@@ -240,6 +307,28 @@ ensure_queues() {
   URL_ACTION_QUEUE=$QUEUE_URL_OUT
   ensure_queue "$AGGREGATOR_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
   URL_AGGREGATOR_DLQ=$QUEUE_URL_OUT
+  if $WITH_SQS; then
+    ensure_queue "$INGEST_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
+    URL_INGEST_DLQ=$QUEUE_URL_OUT
+    # The ingest queue's policy lets S3 send the events of the attached buckets; each
+    # attach_bucket (scripts/lib/stack.sh) adds its bucket. The buckets it names now are
+    # kept, and the policy is written again after the attributes, from the current
+    # template. (SQS keeps a policy that set-queue-attributes does not name; moto drops
+    # it, and this also covers that.)
+    local kept=()
+    if find_ingest_queue; then
+      load_queue_policy_buckets
+      kept=(${QUEUE_POLICY_BUCKETS[@]+"${QUEUE_POLICY_BUCKETS[@]}"})
+    fi
+    redrive="{\\\"deadLetterTargetArn\\\":\\\"$INGEST_DLQ_ARN\\\",\\\"maxReceiveCount\\\":$INGEST_MAX_RECEIVE_COUNT}"
+    ensure_queue "$INGEST_QUEUE" "{$sse,\"VisibilityTimeout\":\"$INGEST_VISIBILITY_TIMEOUT\",\"MessageRetentionPeriod\":\"$INGEST_RETENTION_SECONDS\",\"RedrivePolicy\":\"$redrive\"}"
+    URL_INGEST_QUEUE=$QUEUE_URL_OUT
+    INGEST_QUEUE_URL=$QUEUE_URL_OUT
+    if [ "${#kept[@]}" -gt 0 ]; then
+      info "writing its policy again (iam/ingest-queue-policy.json), for the buckets it names: ${kept[*]}"
+      write_queue_policy "${kept[@]}"
+    fi
+  fi
 }
 
 # ---------------------------------------------------------------------------------
@@ -472,11 +561,14 @@ wait_mapping_settled() {
   done
 }
 
-ensure_event_source_mapping() {
-  local uuids uuid extra
-  step "Event source mapping $ACTION_QUEUE -> $REFRESHER_FUNCTION (batch $REFRESHER_BATCH_SIZE, ReportBatchItemFailures, at most $REFRESHER_CONCURRENCY concurrent)"
-  uuids=$(aws_cli lambda list-event-source-mappings --function-name "$REFRESHER_FUNCTION" \
-    --event-source-arn "$ACTION_QUEUE_ARN" --query "EventSourceMappings[?State != 'Deleting'].UUID" --output text)
+# ensure_mapping FUNCTION QUEUE_ARN SETTING...: the one event source mapping from the
+# queue to the function, created or updated with the settings (the options of
+# create-event-source-mapping and update-event-source-mapping alike). Sets MAPPING_OUT.
+ensure_mapping() {
+  local function=$1 queue_arn=$2 uuids uuid extra
+  shift 2
+  uuids=$(aws_cli lambda list-event-source-mappings --function-name "$function" \
+    --event-source-arn "$queue_arn" --query "EventSourceMappings[?State != 'Deleting'].UUID" --output text)
   [ "$uuids" != None ] || uuids=
   read -r uuid extra <<<"$uuids" || true
   if [ -n "${extra:-}" ]; then
@@ -489,17 +581,66 @@ ensure_event_source_mapping() {
     info "exists ($uuid): updating it"
     wait_mapping_settled "$uuid"
     retry_for_iam "update-event-source-mapping" aws_cli lambda update-event-source-mapping --uuid "$uuid" \
-      --enabled --batch-size "$REFRESHER_BATCH_SIZE" --function-response-types ReportBatchItemFailures \
-      --scaling-config "MaximumConcurrency=$REFRESHER_CONCURRENCY" >/dev/null
+      --enabled "$@" >/dev/null
   else
     info "creating"
     retry_for_iam "create-event-source-mapping" aws_cli lambda create-event-source-mapping \
-      --function-name "$REFRESHER_FUNCTION" --event-source-arn "$ACTION_QUEUE_ARN" \
-      --enabled --batch-size "$REFRESHER_BATCH_SIZE" --function-response-types ReportBatchItemFailures \
-      --scaling-config "MaximumConcurrency=$REFRESHER_CONCURRENCY" --query UUID --output text >"$S3EA_TMP/uuid"
+      --function-name "$function" --event-source-arn "$queue_arn" \
+      --enabled "$@" --query UUID --output text >"$S3EA_TMP/uuid"
     uuid=$(cat "$S3EA_TMP/uuid")
   fi
-  MAPPING_UUID=$uuid
+  MAPPING_OUT=$uuid
+}
+
+ensure_event_source_mapping() {
+  step "Event source mapping $ACTION_QUEUE -> $REFRESHER_FUNCTION (batch $REFRESHER_BATCH_SIZE, ReportBatchItemFailures, at most $REFRESHER_CONCURRENCY concurrent)"
+  ensure_mapping "$REFRESHER_FUNCTION" "$ACTION_QUEUE_ARN" --batch-size "$REFRESHER_BATCH_SIZE" \
+    --function-response-types ReportBatchItemFailures --scaling-config "MaximumConcurrency=$REFRESHER_CONCURRENCY"
+  MAPPING_UUID=$MAPPING_OUT
+}
+
+# --ingest sqs: the aggregator consumes the ingest queue. Lambda checks the role's SQS
+# permissions (the ingest policy) when the mapping is created.
+ensure_ingest_mapping() {
+  step "Event source mapping $INGEST_QUEUE -> $AGGREGATOR_FUNCTION (batch $INGEST_BATCH_SIZE, window ${INGEST_BATCH_WINDOW}s, ReportBatchItemFailures)"
+  ensure_mapping "$AGGREGATOR_FUNCTION" "$INGEST_QUEUE_ARN" --batch-size "$INGEST_BATCH_SIZE" \
+    --maximum-batching-window-in-seconds "$INGEST_BATCH_WINDOW" --function-response-types ReportBatchItemFailures
+  INGEST_MAPPING_UUID=$MAPPING_OUT
+}
+
+# --ingest eventbridge: the rule (its pattern keeps the buckets it names), the aggregator
+# DLQ's policy that lets EventBridge send the events it could not deliver, the target,
+# and the aggregator's permission for the rule.
+ensure_rule() {
+  local failed
+  step "EventBridge rule $EVENT_RULE -> $AGGREGATOR_FUNCTION (retried up to ${EVENTBRIDGE_MAX_EVENT_AGE}s, then to $AGGREGATOR_DLQ)"
+  RULE_BUCKETS=()
+  if rule_exists; then
+    load_rule_buckets
+    info "exists (${#RULE_BUCKETS[@]} buckets in its event pattern): updating it"
+  else
+    info "creating (disabled until a bucket is attached)"
+  fi
+  write_rule ${RULE_BUCKETS[@]+"${RULE_BUCKETS[@]}"}
+  info "queue policy of $AGGREGATOR_DLQ: EventBridge may send the rule's undeliverable events (iam/aggregator-dlq-queue-policy.json)"
+  set_queue_policy "$URL_AGGREGATOR_DLQ" aggregator-dlq-queue-policy.json
+  info "target: $AGGREGATOR_ARN ($EVENTBRIDGE_RETRIES retries, events kept ${EVENTBRIDGE_MAX_EVENT_AGE}s, dead-letter queue $AGGREGATOR_DLQ)"
+  failed=$(aws_cli events put-targets --rule "$EVENT_RULE" --targets "[{\"Id\":\"Aggregator\",\"Arn\":\"$AGGREGATOR_ARN\",\"RetryPolicy\":{\"MaximumRetryAttempts\":$EVENTBRIDGE_RETRIES,\"MaximumEventAgeInSeconds\":$EVENTBRIDGE_MAX_EVENT_AGE},\"DeadLetterConfig\":{\"Arn\":\"$AGGREGATOR_DLQ_ARN\"}}]" \
+    --query FailedEntryCount --output text)
+  [ "$failed" = 0 ] || die "EventBridge did not accept the target of rule $EVENT_RULE"
+  load_function_policy
+  if has_sid "$EVENTBRIDGE_SID"; then
+    info "permission $EVENTBRIDGE_SID: present"
+  else
+    info "permission $EVENTBRIDGE_SID: adding (principal events.amazonaws.com, source $EVENT_RULE_ARN)"
+    aws_cli lambda add-permission --function-name "$AGGREGATOR_FUNCTION" --statement-id "$EVENTBRIDGE_SID" \
+      --action lambda:InvokeFunction --principal events.amazonaws.com --source-arn "$EVENT_RULE_ARN" >/dev/null
+  fi
+}
+
+record_ingest() {
+  step "Recording the ingest mode: tag $INGEST_TAG=$INGEST on $AGGREGATOR_FUNCTION"
+  aws_cli lambda tag-resource --resource "$AGGREGATOR_ARN" --tags "$INGEST_TAG=$INGEST"
 }
 
 # ---------------------------------------------------------------------------------
@@ -509,6 +650,9 @@ ensure_table
 ensure_queues
 ensure_role "$AGGREGATOR_ROLE"
 ensure_policy "$AGGREGATOR_POLICY" "$AGGREGATOR_POLICY_ARN" aggregator-policy.json "$AGGREGATOR_FUNCTION" "$AGGREGATOR_ROLE"
+if $WITH_SQS; then
+  ensure_policy "$INGEST_POLICY" "$INGEST_POLICY_ARN" aggregator-ingest-policy.json "$AGGREGATOR_FUNCTION" "$AGGREGATOR_ROLE"
+fi
 ensure_role "$REFRESHER_ROLE"
 ensure_policy "$REFRESHER_POLICY" "$REFRESHER_POLICY_ARN" refresher-policy.json "$REFRESHER_FUNCTION" "$REFRESHER_ROLE"
 ensure_log_group "$AGGREGATOR_FUNCTION"
@@ -517,10 +661,12 @@ deploy_functions
 ensure_concurrency
 ensure_async_config
 ensure_event_source_mapping
-for bucket in "${BUCKETS[@]}"; do attach_bucket "$bucket"; done
+if $WITH_SQS; then ensure_ingest_mapping; fi
+if $WITH_EVENTBRIDGE; then ensure_rule; fi
+record_ingest
+for bucket in "${BUCKETS[@]}"; do attach_bucket "$bucket" "$INGEST"; done
 
-load_function_policy
-step "Done. The stack (prefix $PREFIX, account $ACCOUNT_ID, region $REGION):"
+step "Done. The stack (prefix $PREFIX, account $ACCOUNT_ID, region $REGION, ingest $INGEST):"
 cat <<EOF
     table            $TABLE_ARN
     action queue     $ACTION_QUEUE_ARN
@@ -533,10 +679,49 @@ cat <<EOF
       role           $AGGREGATOR_ROLE_ARN
       policy         $AGGREGATOR_POLICY_ARN
       log group      arn:aws:logs:$REGION:$ACCOUNT_ID:log-group:/aws/lambda/$AGGREGATOR_FUNCTION
+EOF
+if $WITH_SQS; then
+  cat <<EOF
+      ingest policy  $INGEST_POLICY_ARN
+      event source   $INGEST_MAPPING_UUID ($INGEST_QUEUE -> $AGGREGATOR_FUNCTION)
+    ingest queue     $INGEST_QUEUE_ARN
+                     $URL_INGEST_QUEUE
+    ingest DLQ       $INGEST_DLQ_ARN
+                     $URL_INGEST_DLQ
+EOF
+fi
+if $WITH_EVENTBRIDGE; then
+  cat <<EOF
+    rule             $EVENT_RULE_ARN (target $AGGREGATOR_FUNCTION)
+EOF
+fi
+cat <<EOF
     refresher        $REFRESHER_ARN
       role           $REFRESHER_ROLE_ARN
       policy         $REFRESHER_POLICY_ARN
       log group      arn:aws:logs:$REGION:$ACCOUNT_ID:log-group:/aws/lambda/$REFRESHER_FUNCTION
       event source   $MAPPING_UUID ($ACTION_QUEUE -> $REFRESHER_FUNCTION)
 EOF
-attached_buckets | sed 's/^/    bucket           arn:aws:s3:::/'
+load_function_policy
+attached_buckets | sed 's/^/    bucket           arn:aws:s3:::/; s/$/ (direct)/'
+others=()
+if $WITH_SQS; then
+  load_queue_policy_buckets
+  for bucket in ${QUEUE_POLICY_BUCKETS[@]+"${QUEUE_POLICY_BUCKETS[@]}"}; do
+    printf '    bucket           arn:aws:s3:::%s (sqs)\n' "$bucket"
+    [ "$INGEST" = sqs ] || others+=("$bucket")
+  done
+fi
+if $WITH_EVENTBRIDGE; then
+  load_rule_buckets
+  for bucket in ${RULE_BUCKETS[@]+"${RULE_BUCKETS[@]}"}; do
+    printf '    bucket           arn:aws:s3:::%s (eventbridge)\n' "$bucket"
+    [ "$INGEST" = eventbridge ] || others+=("$bucket")
+  done
+fi
+if [ "$INGEST" != direct ]; then
+  while IFS= read -r bucket; do if [ -n "$bucket" ]; then others+=("$bucket"); fi; done < <(attached_buckets)
+fi
+if [ "${#others[@]}" -gt 0 ]; then
+  info "note: ${others[*]} still use another ingest mode; scripts/attach-bucket.sh --ingest $INGEST BUCKET moves one"
+fi

@@ -12,12 +12,14 @@ help() {
   cat <<EOF
 $USAGE
 
-Deletes the stack: first our notification entry and permission on every attached
-bucket (the buckets named in the aggregator's permissions, plus any BUCKET given),
-then the event source mapping, both functions, their log groups, the IAM roles and
-policies, the three SQS queues and the DynamoDB table. Every other notification entry
-of the buckets stays as it is, and the buckets themselves are not touched. What is
-already gone is skipped, so a second run succeeds.
+Deletes the stack, whatever its ingest mode: first detaches every attached bucket
+(the buckets named in the aggregator's permissions, in the ingest queue's policy and
+in the EventBridge rule's pattern, plus any BUCKET given) as detach-bucket.sh does,
+then the event source mappings, the EventBridge rule <prefix>S3Events, both functions,
+their log groups, the IAM roles and policies, the SQS queues (action queue and DLQ,
+aggregator DLQ, ingest queue and DLQ) and the DynamoDB table. Every other
+notification entry of the buckets stays as it is, and the buckets themselves are not
+touched. What is already gone is skipped, so a second run succeeds.
 
 Give a BUCKET when our entry may be on a bucket whose permission was removed by hand.
 
@@ -51,12 +53,11 @@ command -v aws >/dev/null 2>&1 || die "the AWS CLI is not installed (pip install
 resolve_target "$REGION_FLAG"
 
 # ---------------------------------------------------------------------------------
-# Buckets: the ones the aggregator's permissions name, and the ones given.
+# Buckets: the ones the grants name (the aggregator's permissions, the ingest queue's
+# policy, the rule's pattern), and the ones given.
 
-load_function_policy
-while IFS= read -r bucket; do
-  [ -n "$bucket" ] && BUCKETS+=("$bucket")
-done < <(attached_buckets)
+load_all_attached_buckets
+BUCKETS+=(${ALL_BUCKETS[@]+"${ALL_BUCKETS[@]}"})
 if [ "${#BUCKETS[@]}" -eq 0 ]; then
   step "Buckets: none attached"
 else
@@ -66,17 +67,32 @@ fi
 # ---------------------------------------------------------------------------------
 # Lambda
 
-step "Event source mappings of $REFRESHER_FUNCTION"
+step "Event source mappings of $REFRESHER_FUNCTION and $AGGREGATOR_FUNCTION"
 # All the region's mappings, filtered here: this also finds a mapping that outlived
 # its function. A mapping that is being deleted already is left alone.
 uuids=$(aws_cli lambda list-event-source-mappings \
-  --query "EventSourceMappings[?FunctionArn == '$REFRESHER_ARN' && State != 'Deleting'].UUID" --output text)
+  --query "EventSourceMappings[?(FunctionArn == '$REFRESHER_ARN' || FunctionArn == '$AGGREGATOR_ARN') && State != 'Deleting'].UUID" --output text)
 [ "$uuids" != None ] || uuids=
 if [ -z "$uuids" ]; then info "none"; fi
 for uuid in $uuids; do
   info "deleting $uuid"
   aws_maybe 'ResourceNotFoundException' lambda delete-event-source-mapping --uuid "$uuid" || info "already gone"
 done
+
+step "EventBridge rule $EVENT_RULE"
+if rule_exists; then
+  targets=$(aws_cli events list-targets-by-rule --rule "$EVENT_RULE" --query 'Targets[].Id' --output text)
+  [ "$targets" != None ] || targets=
+  if [ -n "$targets" ]; then
+    info "removing its targets: $targets"
+    # shellcheck disable=SC2086 # one argument per target id
+    aws_cli events remove-targets --rule "$EVENT_RULE" --ids $targets >/dev/null
+  fi
+  aws_cli events delete-rule --name "$EVENT_RULE"
+  info "deleted (with its tags)"
+else
+  info "absent"
+fi
 
 for function in "$AGGREGATOR_FUNCTION" "$REFRESHER_FUNCTION"; do
   step "Lambda function $function (with its permissions, concurrency and invoke configuration)"
@@ -152,6 +168,7 @@ delete_role() {
 }
 
 delete_policy "$AGGREGATOR_POLICY_ARN"
+delete_policy "$INGEST_POLICY_ARN"
 delete_policy "$REFRESHER_POLICY_ARN"
 delete_role "$AGGREGATOR_ROLE"
 delete_role "$REFRESHER_ROLE"
@@ -159,7 +176,7 @@ delete_role "$REFRESHER_ROLE"
 # ---------------------------------------------------------------------------------
 # SQS and DynamoDB
 
-for queue in "$ACTION_QUEUE" "$ACTION_DLQ" "$AGGREGATOR_DLQ"; do
+for queue in "$ACTION_QUEUE" "$ACTION_DLQ" "$AGGREGATOR_DLQ" "$INGEST_QUEUE" "$INGEST_DLQ"; do
   step "SQS queue $queue"
   if aws_maybe 'NonExistentQueue|QueueDoesNotExist' sqs get-queue-url --queue-name "$queue" --query QueueUrl --output text; then
     aws_cli sqs delete-queue --queue-url "$AWS_OUT"

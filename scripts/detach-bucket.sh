@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Detaches one bucket from the stack: removes our entry from the bucket's notification
-# configuration and the aggregator's permission for the bucket, nothing else.
+# Detaches one bucket from the stack, whatever its ingest mode: removes our part of the
+# bucket's notification configuration and every grant for the bucket, nothing else.
 set -euo pipefail
 
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
@@ -12,10 +12,14 @@ help() {
   cat <<EOF2
 $USAGE
 
-Removes our entry (Id <prefix>ObjectEvents) from BUCKET's notification configuration,
-then the aggregator's permission statement S3Invoke-BUCKET. Every other entry of the
-bucket stays as it is. Running it again, or on a bucket that was never attached,
-changes nothing and succeeds.
+Undoes attach-bucket.sh, whatever the ingest mode the bucket was attached with (no
+--ingest needed): removes our entry (Id <prefix>ObjectEvents, a Lambda or a queue
+entry) from BUCKET's notification configuration and turns the bucket's EventBridge
+delivery off if attach-bucket turned it on (not if it was on before), then removes the
+grants: the aggregator's permission statement S3Invoke-BUCKET, the bucket in the
+ingest queue's policy, the bucket in the event pattern of the rule <prefix>S3Events.
+Every other entry of the bucket stays as it is. Running it again, or on a bucket that
+was never attached, changes nothing and succeeds.
 
 Options:
   --prefix NAME     name prefix of the stack [S3EA_PREFIX] (default $DEFAULT_PREFIX)

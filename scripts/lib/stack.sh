@@ -2,8 +2,10 @@
 # shellcheck disable=SC2034 # the names and ARNs set here are used by the scripts that source this
 # Shared by scripts/create-stack.sh, attach-bucket.sh, detach-bucket.sh and
 # delete-stack.sh (sourced, not run). It holds the resource names, the AWS CLI wrapper,
-# region and account discovery, and the two per-bucket operations (the Lambda
-# permission and our entry in the bucket's notification configuration).
+# region and account discovery, and the per-bucket operations: what lets the bucket's
+# events reach the aggregator (a Lambda permission, the ingest queue's policy or the
+# EventBridge rule's pattern, by ingest mode) and our part of the bucket's
+# notification configuration.
 #
 # Only the aws CLI and POSIX tools are used here. JSON is handled with the CLI's own
 # --query (JMESPath) and with text tools on documents whose shape we control.
@@ -12,6 +14,18 @@ S3EA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DEFAULT_PREFIX=S3EventAggregator
 # The events that reach the aggregator: every object creation and removal.
 S3_EVENTS='["s3:ObjectCreated:*","s3:ObjectRemoved:*"]'
+# How the events reach it (--ingest): S3 invokes the aggregator (direct), S3 sends them
+# to the ingest queue that the aggregator consumes (sqs), or S3 sends them to
+# EventBridge, whose rule invokes the aggregator (eventbridge).
+INGEST_MODES="direct, sqs or eventbridge"
+# The aggregator function's tag that records the stack's ingest mode.
+INGEST_TAG=s3ea:ingest
+# The Sid of the aggregator's resource-policy statement for the EventBridge rule.
+EVENTBRIDGE_SID=EventBridgeInvoke
+# The EventBridge rule's tag key prefix that records a bucket whose EventBridge
+# delivery attach-bucket turned on (so that detach-bucket turns it off again, and
+# leaves it on for a bucket that had it on before).
+EVENTBRIDGE_MARK=s3ea:eventbridge-enabled:
 
 # AWS CLI v2 would page long output through `less`; v1 ignores this.
 export AWS_PAGER=""
@@ -48,6 +62,16 @@ check_prefix() {
   fi
 }
 
+# check_ingest VALUE: prints the mode in lower case; anything else is a usage error.
+check_ingest() {
+  local mode
+  mode=$(printf '%s' "$1" | tr '[:upper:]' '[:lower:]')
+  case $mode in
+    direct | sqs | eventbridge) printf '%s' "$mode" ;;
+    *) usage_error "invalid --ingest '$1': $INGEST_MODES" ;;
+  esac
+}
+
 check_bucket() {
   case $1 in
     *[!a-z0-9.-]* | "" | [.-]* | *[.-]) usage_error "invalid bucket name '$1'" ;;
@@ -73,7 +97,14 @@ set_names() {
   REFRESHER_ROLE=${PREFIX}RefresherRole
   AGGREGATOR_POLICY=${PREFIX}AggregatorPolicy
   REFRESHER_POLICY=${PREFIX}RefresherPolicy
-  # Our entry's Id in each bucket's notification configuration.
+  # --ingest sqs: the ingest queue, its DLQ, and the aggregator's extra policy.
+  INGEST_QUEUE=${PREFIX}IngestQueue
+  INGEST_DLQ=${PREFIX}IngestDLQ
+  INGEST_POLICY=${PREFIX}AggregatorIngestPolicy
+  # --ingest eventbridge: the rule on the default event bus.
+  EVENT_RULE=${PREFIX}S3Events
+  # Our entry's Id in each bucket's notification configuration (a Lambda entry with
+  # --ingest direct, a queue entry with --ingest sqs).
   NOTIFICATION_ID=${PREFIX}ObjectEvents
 }
 
@@ -93,18 +124,29 @@ set_arns() {
   REFRESHER_ROLE_ARN="arn:aws:iam::$ACCOUNT_ID:role/$REFRESHER_ROLE"
   AGGREGATOR_POLICY_ARN="arn:aws:iam::$ACCOUNT_ID:policy/$AGGREGATOR_POLICY"
   REFRESHER_POLICY_ARN="arn:aws:iam::$ACCOUNT_ID:policy/$REFRESHER_POLICY"
+  INGEST_QUEUE_ARN="$sqs:$INGEST_QUEUE"
+  INGEST_DLQ_ARN="$sqs:$INGEST_DLQ"
+  INGEST_POLICY_ARN="arn:aws:iam::$ACCOUNT_ID:policy/$INGEST_POLICY"
+  EVENT_RULE_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:rule/$EVENT_RULE"
 }
 
-# render_policy FILE FUNCTION_NAME: an iam/ document with its placeholders filled in.
+# render_policy FILE FUNCTION_NAME [BUCKET...]: an iam/ document with its placeholders
+# filled in; the string "SOURCE_BUCKET_ARNS" becomes the JSON list of the buckets' ARNs.
 # Needs REGION, ACCOUNT_ID and set_names.
 render_policy() {
+  local file=$1 function=$2 arns='' bucket
+  shift 2
+  for bucket in "$@"; do arns="$arns${arns:+,}\"arn:aws:s3:::$bucket\""; done
   sed -e "s/REGION/$REGION/g" \
     -e "s/ACCOUNT_ID/$ACCOUNT_ID/g" \
     -e "s/TABLE_NAME/$TABLE_NAME/g" \
     -e "s/ACTION_QUEUE/$ACTION_QUEUE/g" \
+    -e "s/INGEST_QUEUE/$INGEST_QUEUE/g" \
     -e "s/AGGREGATOR_DLQ/$AGGREGATOR_DLQ/g" \
-    -e "s/FUNCTION_NAME/$2/g" \
-    "$1"
+    -e "s/EVENT_RULE/$EVENT_RULE/g" \
+    -e "s/FUNCTION_NAME/$function/g" \
+    -e "s/\"SOURCE_BUCKET_ARNS\"/[$arns]/g" \
+    "$file"
 }
 
 # ---------------------------------------------------------------------------------
@@ -205,28 +247,75 @@ resolve_target() {
 
 # ---------------------------------------------------------------------------------
 # Per-bucket operations
+#
+# A bucket's events reach the aggregator in one of three ways (the ingest mode), and
+# each needs two things: a grant that lets the bucket's events in, and our part of the
+# bucket's notification configuration.
+#
+#   mode         grant                                         notification configuration
+#   direct       Lambda permission S3Invoke-<bucket>           Lambda entry, Id <prefix>ObjectEvents
+#   sqs          the bucket's ARN in the ingest queue's policy queue entry, Id <prefix>ObjectEvents
+#   eventbridge  the bucket's name in the rule's event pattern EventBridge delivery turned on
+#
+# The grants double as the list of attached buckets, which delete-stack.sh reads.
 
-# The bucket's notification configuration with our entry replaced or added (when
-# $1 is "put") or removed (when $1 is "remove"). One JMESPath expression does it:
-# merge(@, {...}) keeps every other key (queue and topic configurations, EventBridge)
-# as it is, and only the Lambda list is rebuilt, without the entries whose Id is ours.
-notification_query() {
-  local others="LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID'] || \`[]\`"
-  if [ "$1" = put ]; then
-    local ours
-    ours=$(printf '{"Id":"%s","LambdaFunctionArn":"%s","Events":%s}' \
-      "$NOTIFICATION_ID" "$AGGREGATOR_ARN" "$S3_EVENTS")
-    # shellcheck disable=SC2016 # the backticks are JMESPath literals, not a command
-    printf 'merge(@, {LambdaFunctionConfigurations: [%s, [`%s`]][]})' "$others" "$ours"
-  else
-    printf 'merge(@, {LambdaFunctionConfigurations: %s})' "$others"
-  fi
+# our_entry lambda|queue: our entry in a bucket's notification configuration, as JSON.
+our_entry() {
+  case $1 in
+    lambda) printf '{"Id":"%s","LambdaFunctionArn":"%s","Events":%s}' "$NOTIFICATION_ID" "$AGGREGATOR_ARN" "$S3_EVENTS" ;;
+    queue) printf '{"Id":"%s","QueueArn":"%s","Events":%s}' "$NOTIFICATION_ID" "$INGEST_QUEUE_ARN" "$S3_EVENTS" ;;
+  esac
 }
 
-# Number of our entries in the bucket's notification configuration.
-count_our_notifications() {
-  aws_cli s3api get-bucket-notification-configuration --bucket "$1" \
-    --query "length(LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'] || \`[]\`)" --output text
+# notification_query ENTRY EVENTBRIDGE: the JMESPath expression that turns the bucket's
+# notification configuration into the one to write back. Our entries (Id
+# NOTIFICATION_ID) leave the Lambda and the queue lists, then ENTRY (lambda, queue or
+# none) is added; every other entry of the lists passes through as it is. EVENTBRIDGE
+# says what becomes of the bucket's EventBridge delivery: keep, on or off. For keep and
+# on, merge(@, {...}) keeps every other key (topic configurations, EventBridge, any
+# newer key) as it is. JMESPath cannot delete a key, so off rebuilds the configuration
+# from its three lists of entries, which are all that it holds besides EventBridge.
+notification_query() {
+  local lambda="LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID'] || \`[]\`"
+  local queue="QueueConfigurations[?Id != '$NOTIFICATION_ID'] || \`[]\`"
+  case $1 in
+    lambda) lambda="[$lambda, [\`$(our_entry lambda)\`]][]" ;;
+    queue) queue="[$queue, [\`$(our_entry queue)\`]][]" ;;
+  esac
+  local lists="LambdaFunctionConfigurations: $lambda, QueueConfigurations: $queue"
+  # shellcheck disable=SC2016 # the backticks are JMESPath literals, not a command
+  case $2 in
+    keep) printf 'merge(@, {%s})' "$lists" ;;
+    on) printf 'merge(@, {%s, EventBridgeConfiguration: `{}`})' "$lists" ;;
+    off) printf '{TopicConfigurations: TopicConfigurations || `[]`, %s}' "$lists" ;;
+  esac
+}
+
+# load_notification_state BUCKET: OURS_LAMBDA and OURS_QUEUE, the number of our
+# entries in each list (0 or 1), and EVENTBRIDGE_ON (True or False).
+load_notification_state() {
+  local state
+  state=$(aws_cli s3api get-bucket-notification-configuration --bucket "$1" --output text --query \
+    "[length(LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'] || \`[]\`), length(QueueConfigurations[?Id == '$NOTIFICATION_ID'] || \`[]\`), EventBridgeConfiguration != \`null\`]")
+  read -r OURS_LAMBDA OURS_QUEUE EVENTBRIDGE_ON <<<"$state"
+}
+
+# write_notification BUCKET ENTRY EVENTBRIDGE [ARG...]: reads the bucket's notification
+# configuration, changes our part (see notification_query) and writes it back; ARG...
+# go to put-bucket-notification-configuration.
+write_notification() {
+  local bucket=$1 query config
+  query=$(notification_query "$2" "$3")
+  shift 3
+  config=$(aws_cli s3api get-bucket-notification-configuration --bucket "$bucket" --query "$query" --output json)
+  if ! aws_cli s3api put-bucket-notification-configuration --bucket "$bucket" \
+    --notification-configuration "$config" "$@" 2>"$S3EA_TMP/s3-err"; then
+    cat "$S3EA_TMP/s3-err" >&2
+    if grep -q 'overlap' "$S3EA_TMP/s3-err"; then
+      die "bucket $bucket already sends object-created/removed events without a filter to another destination; S3 allows one destination per event type and key range. Attach it with --ingest eventbridge instead, which needs no entry of its own (README.md, Deploy to AWS)"
+    fi
+    die "cannot write the notification configuration of $bucket"
+  fi
 }
 
 # bucket_exists BUCKET: 0 if it exists, 1 if not; any other error ends the script.
@@ -235,7 +324,8 @@ bucket_exists() {
 }
 
 # require_bucket BUCKET: the bucket exists and is in the stack's region (S3 notifies
-# only functions in the bucket's own region); otherwise the script ends.
+# only functions and queues in the bucket's own region, and sends EventBridge events to
+# the bus of its region); otherwise the script ends.
 require_bucket() {
   local location
   bucket_exists "$1" || die "bucket $1 does not exist (or is not visible to this account)"
@@ -248,6 +338,8 @@ require_bucket() {
     die "bucket $1 is in $location, the stack in $REGION: S3 can only notify a function in the bucket's region"
 }
 
+# --- direct: the Lambda permission -----------------------------------------------
+
 # load_function_policy: the aggregator's resource policy, as one JSON string, into
 # FUNCTION_POLICY (empty when the function has no policy or does not exist).
 load_function_policy() {
@@ -258,29 +350,28 @@ load_function_policy() {
   fi
 }
 
-# has_permission BUCKET: whether FUNCTION_POLICY has our statement for this bucket.
-has_permission() {
+# has_sid SID: whether FUNCTION_POLICY has a statement with this Sid.
+has_sid() {
   local sid
-  sid=$(permission_sid "$1" | sed 's/\./\\./g') # dots in bucket names are literal
+  sid=$(printf '%s' "$1" | sed 's/\./\\./g') # dots in bucket names are literal
   printf '%s' "$FUNCTION_POLICY" | grep -Eq "\"Sid\" *: *\"$sid\""
 }
+
+# has_permission BUCKET: whether FUNCTION_POLICY has our statement for this bucket.
+has_permission() { has_sid "$(permission_sid "$1")"; }
 
 # The buckets that FUNCTION_POLICY lets invoke the aggregator, one per line: the
 # statements that attach_bucket adds are named S3Invoke-<bucket>.
 attached_buckets() {
-  printf '%s' "$FUNCTION_POLICY" | grep -Eo '"Sid" *: *"S3Invoke-[a-z0-9.-]+"' |
+  printf '%s' "$FUNCTION_POLICY" | { grep -Eo '"Sid" *: *"S3Invoke-[a-z0-9.-]+"' || true; } |
     sed -e 's/.*"S3Invoke-//' -e 's/"$//' | sort -u
 }
 
-# attach_bucket BUCKET: the permission for S3 to invoke the aggregator (for this
-# bucket, from this account only), then our notification entry, in that order: S3
-# checks that it may invoke the function when the configuration is written.
-attach_bucket() {
-  local bucket=$1 sid query config ours
+# grant_lambda_permission BUCKET: S3 may invoke the aggregator for this bucket, from
+# this account only.
+grant_lambda_permission() {
+  local bucket=$1 sid
   sid=$(permission_sid "$bucket")
-  step "Bucket $bucket"
-  require_bucket "$bucket"
-
   load_function_policy
   if has_permission "$bucket"; then
     info "permission $sid: present"
@@ -290,55 +381,336 @@ attach_bucket() {
       --action lambda:InvokeFunction --principal s3.amazonaws.com \
       --source-account "$ACCOUNT_ID" --source-arn "arn:aws:s3:::$bucket" >/dev/null
   fi
-
-  ours=$(count_our_notifications "$bucket")
-  if [ "$ours" = 0 ]; then
-    info "notification $NOTIFICATION_ID: adding to the bucket's configuration (other entries kept)"
-  else
-    info "notification $NOTIFICATION_ID: replacing our entry (other entries kept)"
-  fi
-  query=$(notification_query put)
-  config=$(aws_cli s3api get-bucket-notification-configuration --bucket "$bucket" --query "$query" --output json)
-  if ! aws_cli s3api put-bucket-notification-configuration --bucket "$bucket" \
-    --notification-configuration "$config" 2>"$S3EA_TMP/s3-err"; then
-    cat "$S3EA_TMP/s3-err" >&2
-    if grep -q 'overlap' "$S3EA_TMP/s3-err"; then
-      die "bucket $bucket already sends object-created/removed events without a filter to another destination; S3 allows one destination per event type and key range (see docs/deploy.md)"
-    fi
-    die "cannot write the notification configuration of $bucket"
-  fi
 }
 
-# detach_bucket BUCKET: our notification entry first, then the permission. Each part
-# is skipped when it is already gone, so this also finishes an interrupted detach.
-detach_bucket() {
-  local bucket=$1 sid query config ours=0
+# revoke_lambda_permission BUCKET [quiet]: removes that statement; quiet says nothing
+# when there is none.
+revoke_lambda_permission() {
+  local bucket=$1 sid
   sid=$(permission_sid "$bucket")
-  step "Bucket $bucket"
-  if bucket_exists "$bucket"; then
-    ours=$(count_our_notifications "$bucket")
-  else
-    info "bucket does not exist: no notification entry to remove"
-  fi
-  if [ "$ours" = 0 ]; then
-    info "notification $NOTIFICATION_ID: absent"
-  else
-    info "notification $NOTIFICATION_ID: removing (other entries kept)"
-    query=$(notification_query remove)
-    config=$(aws_cli s3api get-bucket-notification-configuration --bucket "$bucket" --query "$query" --output json)
-    # Only our entry goes; skip the destination check so that a stale foreign entry
-    # (say, a deleted queue) cannot block the removal.
-    aws_cli s3api put-bucket-notification-configuration --bucket "$bucket" \
-      --notification-configuration "$config" --skip-destination-validation
-  fi
-
   load_function_policy
   if has_permission "$bucket"; then
     info "permission $sid: removing"
     aws_cli lambda remove-permission --function-name "$AGGREGATOR_FUNCTION" --statement-id "$sid"
-  else
+  elif [ -z "${2:-}" ]; then
     info "permission $sid: absent"
   fi
+}
+
+# --- sqs: the ingest queue's policy ------------------------------------------------
+
+# find_ingest_queue: 0 with INGEST_QUEUE_URL set when the ingest queue exists, else 1.
+find_ingest_queue() {
+  INGEST_QUEUE_URL=
+  aws_maybe 'NonExistentQueue|QueueDoesNotExist' sqs get-queue-url --queue-name "$INGEST_QUEUE" \
+    --query QueueUrl --output text || return 1
+  INGEST_QUEUE_URL=$AWS_OUT
+}
+
+# load_queue_policy_buckets: QUEUE_POLICY_BUCKETS, the buckets that the ingest queue's
+# policy lets send to it. Needs INGEST_QUEUE_URL.
+load_queue_policy_buckets() {
+  local policy bucket
+  QUEUE_POLICY_BUCKETS=()
+  policy=$(aws_cli sqs get-queue-attributes --queue-url "$INGEST_QUEUE_URL" --attribute-names Policy \
+    --query Attributes.Policy --output text)
+  [ "$policy" != None ] || return 0
+  while IFS= read -r bucket; do
+    QUEUE_POLICY_BUCKETS+=("$bucket")
+  done < <(printf '%s' "$policy" | grep -Eo 'arn:aws:s3:::[a-z0-9.-]+' | sed 's/^arn:aws:s3::://' | sort -u)
+}
+
+# set_queue_policy URL [TEMPLATE [BUCKET...]]: the queue's policy becomes the rendered
+# iam/TEMPLATE (see render_policy), or none without TEMPLATE.
+set_queue_policy() {
+  local url=$1 document=''
+  if [ $# -gt 1 ]; then
+    # The templates have no white space inside their strings.
+    document=$(render_policy "$S3EA_ROOT/iam/$2" "" "${@:3}" | tr -d '[:space:]' | sed 's/"/\\"/g')
+  fi
+  printf '{"Policy":"%s"}' "$document" >"$S3EA_TMP/queue-policy.json"
+  aws_cli sqs set-queue-attributes --queue-url "$url" --attributes "file://$S3EA_TMP/queue-policy.json"
+}
+
+# write_queue_policy BUCKET...: the ingest queue's policy (iam/ingest-queue-policy.json)
+# lets S3 send these buckets' events, from this account only; with no bucket, the queue
+# has no policy at all. Needs INGEST_QUEUE_URL.
+write_queue_policy() {
+  if [ $# -gt 0 ]; then
+    set_queue_policy "$INGEST_QUEUE_URL" ingest-queue-policy.json "$@"
+  else
+    set_queue_policy "$INGEST_QUEUE_URL"
+  fi
+}
+
+# update_queue_policy add|remove BUCKET [quiet]: adds the bucket to the ingest queue's
+# policy (and writes the policy anew, so that a changed template applies), or removes
+# it. The queue must exist.
+update_queue_policy() {
+  local action=$1 bucket=$2 quiet=${3:-} others=() listed=false b
+  find_ingest_queue || die "queue $INGEST_QUEUE does not exist"
+  load_queue_policy_buckets
+  for b in ${QUEUE_POLICY_BUCKETS[@]+"${QUEUE_POLICY_BUCKETS[@]}"}; do
+    if [ "$b" = "$bucket" ]; then listed=true; else others+=("$b"); fi
+  done
+  if [ "$action" = add ]; then
+    if $listed; then
+      info "queue policy of $INGEST_QUEUE: $bucket present"
+    else
+      info "queue policy of $INGEST_QUEUE: letting $bucket send (principal s3.amazonaws.com, source account $ACCOUNT_ID, source arn:aws:s3:::$bucket)"
+    fi
+    write_queue_policy ${others[@]+"${others[@]}"} "$bucket"
+  elif $listed; then
+    info "queue policy of $INGEST_QUEUE: removing $bucket${others[*]:+ (other buckets: ${#others[@]})}"
+    write_queue_policy ${others[@]+"${others[@]}"}
+  elif [ -z "$quiet" ]; then
+    info "queue policy of $INGEST_QUEUE: $bucket absent"
+  fi
+}
+
+# --- eventbridge: the rule's event pattern, and the bucket's EventBridge delivery --
+
+# rule_exists: 0 when the EventBridge rule exists, else 1.
+rule_exists() {
+  aws_maybe 'ResourceNotFoundException' events describe-rule --name "$EVENT_RULE" --query Arn --output text
+}
+
+# load_rule_buckets: RULE_BUCKETS, the bucket names in the rule's event pattern. The
+# rule must exist. The pattern is ours (rule_pattern), with one "name" list.
+load_rule_buckets() {
+  local pattern bucket
+  RULE_BUCKETS=()
+  pattern=$(aws_cli events describe-rule --name "$EVENT_RULE" --query EventPattern --output text)
+  while IFS= read -r bucket; do
+    if [ -n "$bucket" ]; then RULE_BUCKETS+=("$bucket"); fi
+  done < <(printf '%s' "$pattern" | sed -n 's/.*"name" *: *\[\([^]]*\)\].*/\1/p' | tr ',' '\n' | tr -d ' "' | sort -u)
+}
+
+# rule_pattern BUCKET...: the rule's event pattern: object created and deleted events
+# from these buckets. With no bucket, it names only "", which no bucket is called.
+rule_pattern() {
+  local names='' bucket
+  for bucket in "$@"; do names="$names${names:+,}\"$bucket\""; done
+  printf '{"source":["aws.s3"],"detail-type":["Object Created","Object Deleted"],"detail":{"bucket":{"name":[%s]}}}' \
+    "${names:-\"\"}"
+}
+
+# write_rule BUCKET...: creates or updates the rule with the pattern for these buckets;
+# it is enabled when there is at least one.
+write_rule() {
+  local state=ENABLED
+  [ $# -gt 0 ] || state=DISABLED
+  aws_cli events put-rule --name "$EVENT_RULE" --event-pattern "$(rule_pattern "$@")" --state "$state" \
+    --description "s3-event-aggregator ($PREFIX): object events of the attached buckets to $AGGREGATOR_FUNCTION" >/dev/null
+}
+
+# update_rule add|remove BUCKET [quiet]: adds the bucket to the rule's pattern (and
+# writes the rule anew), or removes it. The rule must exist.
+update_rule() {
+  local action=$1 bucket=$2 quiet=${3:-} others=() listed=false b
+  load_rule_buckets
+  for b in ${RULE_BUCKETS[@]+"${RULE_BUCKETS[@]}"}; do
+    if [ "$b" = "$bucket" ]; then listed=true; else others+=("$b"); fi
+  done
+  if [ "$action" = add ]; then
+    if $listed; then
+      info "rule $EVENT_RULE: $bucket present in its event pattern"
+    else
+      info "rule $EVENT_RULE: adding $bucket to its event pattern"
+    fi
+    write_rule ${others[@]+"${others[@]}"} "$bucket"
+  elif $listed; then
+    if [ "${#others[@]}" -eq 0 ]; then
+      info "rule $EVENT_RULE: removing $bucket, the last bucket, from its event pattern (the rule is disabled)"
+    else
+      info "rule $EVENT_RULE: removing $bucket from its event pattern (other buckets: ${#others[@]})"
+    fi
+    write_rule ${others[@]+"${others[@]}"}
+  elif [ -z "$quiet" ]; then
+    info "rule $EVENT_RULE: $bucket absent from its event pattern"
+  fi
+}
+
+# eventbridge_marked BUCKET: 0 when attach-bucket turned on the bucket's EventBridge
+# delivery (a tag on the rule records it), else 1.
+eventbridge_marked() {
+  aws_maybe 'ResourceNotFoundException' events list-tags-for-resource --resource-arn "$EVENT_RULE_ARN" \
+    --query "length(Tags[?Key == '$EVENTBRIDGE_MARK$1'])" --output text || return 1
+  [ "$AWS_OUT" != 0 ]
+}
+
+mark_eventbridge() {
+  if ! aws_maybe 'TooManyTags|LimitExceeded|[Tt]ags? (limit|quota)' events tag-resource --resource-arn "$EVENT_RULE_ARN" \
+    --tags "[{\"Key\":\"$EVENTBRIDGE_MARK$1\",\"Value\":\"attach-bucket\"}]"; then
+    warn "cannot tag rule $EVENT_RULE (too many tags): detach-bucket.sh will leave the EventBridge delivery of $1 on"
+  fi
+}
+
+unmark_eventbridge() {
+  aws_maybe 'ResourceNotFoundException' events untag-resource --resource-arn "$EVENT_RULE_ARN" \
+    --tag-keys "$EVENTBRIDGE_MARK$1" || true
+}
+
+# --- the stack's ingest mode ---------------------------------------------------------
+
+# load_recorded_ingest: RECORDED_INGEST, the mode that the aggregator's tag records
+# (empty when the function or the tag does not exist: a stack created before --ingest,
+# whose mode is direct).
+load_recorded_ingest() {
+  RECORDED_INGEST=
+  if aws_maybe 'ResourceNotFoundException' lambda list-tags --resource "$AGGREGATOR_ARN" \
+    --query "Tags.\"$INGEST_TAG\"" --output text && [ "$AWS_OUT" != None ]; then
+    RECORDED_INGEST=$AWS_OUT
+  fi
+}
+
+# find_ingest_mapping: 0 with INGEST_MAPPING_UUID set when the event source mapping from
+# the ingest queue to the aggregator exists, else 1.
+find_ingest_mapping() {
+  INGEST_MAPPING_UUID=
+  aws_maybe 'ResourceNotFoundException' lambda list-event-source-mappings --function-name "$AGGREGATOR_FUNCTION" \
+    --event-source-arn "$INGEST_QUEUE_ARN" --query "EventSourceMappings[?State != 'Deleting'].UUID | [0]" \
+    --output text || return 1
+  [ "$AWS_OUT" != None ] && [ -n "$AWS_OUT" ] || return 1
+  INGEST_MAPPING_UUID=$AWS_OUT
+}
+
+# rule_targets_aggregator: 0 when the rule exists and targets the aggregator.
+rule_targets_aggregator() {
+  aws_maybe 'ResourceNotFoundException' events list-targets-by-rule --rule "$EVENT_RULE" \
+    --query "length(Targets[?Arn == '$AGGREGATOR_ARN'])" --output text || return 1
+  [ "$AWS_OUT" != 0 ]
+}
+
+# require_ingest MODE: the stack has the resources that MODE needs (direct: the
+# function, which the caller checks; sqs: the ingest queue and its mapping;
+# eventbridge: the rule and its target), otherwise the script ends with the command
+# that adds them.
+require_ingest() {
+  local mode=$1 missing=
+  case $mode in
+    direct) return 0 ;;
+    sqs)
+      if ! find_ingest_queue; then
+        missing="the ingest queue $INGEST_QUEUE"
+      elif ! find_ingest_mapping; then
+        missing="the event source mapping $INGEST_QUEUE -> $AGGREGATOR_FUNCTION"
+      fi
+      ;;
+    eventbridge)
+      rule_targets_aggregator || missing="the EventBridge rule $EVENT_RULE (with the aggregator as its target)"
+      ;;
+  esac
+  [ -z "$missing" ] && return 0
+  load_recorded_ingest
+  die "the stack $PREFIX was created with --ingest ${RECORDED_INGEST:-direct}, not $mode: $missing does not exist. Create what --ingest $mode needs with: scripts/create-stack.sh --prefix $PREFIX --ingest $mode BUCKET..."
+}
+
+# ---------------------------------------------------------------------------------
+# Attach and detach
+
+# attach_bucket BUCKET MODE: first the grant for MODE (S3 checks a Lambda or queue
+# destination when the configuration is written, and the rule must match before the
+# events flow), then the notification configuration in one write (our entry for MODE,
+# without the entry of another mode, and the EventBridge delivery), then the grants of
+# the other modes. A bucket that was attached with another mode switches without a gap.
+attach_bucket() {
+  local bucket=$1 mode=$2 entry eventbridge=keep kind
+  step "Bucket $bucket (ingest $mode)"
+  require_bucket "$bucket"
+
+  case $mode in
+    direct) grant_lambda_permission "$bucket"; entry=lambda kind=Lambda ;;
+    sqs) update_queue_policy add "$bucket"; entry=queue kind=queue ;;
+    eventbridge) update_rule add "$bucket"; entry=none ;;
+  esac
+
+  load_notification_state "$bucket"
+  if [ "$entry" = none ]; then
+    if [ "$OURS_LAMBDA" != 0 ] || [ "$OURS_QUEUE" != 0 ]; then
+      info "notification $NOTIFICATION_ID: removing our entry (other entries kept)"
+    fi
+  elif [ "$OURS_LAMBDA" = 0 ] && [ "$OURS_QUEUE" = 0 ]; then
+    info "notification $NOTIFICATION_ID: adding a $kind entry to the bucket's configuration (other entries kept)"
+  elif { [ "$entry" = lambda ] && [ "$OURS_LAMBDA" != 0 ]; } || { [ "$entry" = queue ] && [ "$OURS_QUEUE" != 0 ]; }; then
+    info "notification $NOTIFICATION_ID: replacing our entry (other entries kept)"
+  else
+    info "notification $NOTIFICATION_ID: replacing our entry by a $kind entry (other entries kept)"
+  fi
+  if [ "$mode" = eventbridge ]; then
+    if [ "$EVENTBRIDGE_ON" != True ]; then
+      info "EventBridge delivery: turning on"
+      mark_eventbridge "$bucket"
+      eventbridge=on
+    elif eventbridge_marked "$bucket"; then
+      info "EventBridge delivery: on (turned on by attach-bucket)"
+    else
+      info "EventBridge delivery: on already (it was on before: detach-bucket will leave it on)"
+    fi
+  elif eventbridge_marked "$bucket"; then
+    info "EventBridge delivery: turning off (attach-bucket turned it on for --ingest eventbridge)"
+    eventbridge=off
+  fi
+  write_notification "$bucket" "$entry" "$eventbridge"
+  if [ "$eventbridge" = off ]; then unmark_eventbridge "$bucket"; fi
+
+  if [ "$mode" != direct ]; then revoke_lambda_permission "$bucket" quiet; fi
+  if [ "$mode" != sqs ] && find_ingest_queue; then update_queue_policy remove "$bucket" quiet; fi
+  if [ "$mode" != eventbridge ] && rule_exists; then update_rule remove "$bucket" quiet; fi
+}
+
+# detach_bucket BUCKET: whatever the mode, our notification entry and the EventBridge
+# delivery that attach-bucket turned on go first, then every grant for the bucket. Each
+# part is skipped when it is already gone, so this also finishes an interrupted detach.
+detach_bucket() {
+  local bucket=$1 eventbridge=keep
+  step "Bucket $bucket"
+  if eventbridge_marked "$bucket"; then eventbridge=off; fi
+  if bucket_exists "$bucket"; then
+    load_notification_state "$bucket"
+    if [ "$OURS_LAMBDA" = 0 ] && [ "$OURS_QUEUE" = 0 ]; then
+      info "notification $NOTIFICATION_ID: absent"
+    else
+      info "notification $NOTIFICATION_ID: removing (other entries kept)"
+    fi
+    if [ "$eventbridge" = off ]; then
+      info "EventBridge delivery: turning off (attach-bucket turned it on)"
+    elif [ "$EVENTBRIDGE_ON" = True ]; then
+      info "EventBridge delivery: on, left on (attach-bucket did not turn it on)"
+    fi
+    if [ "$OURS_LAMBDA" != 0 ] || [ "$OURS_QUEUE" != 0 ] || [ "$eventbridge" = off ]; then
+      # Only our part goes; skip the destination check so that a stale foreign entry
+      # (say, a deleted queue) cannot block the removal.
+      write_notification "$bucket" none "$eventbridge" --skip-destination-validation
+    fi
+  else
+    info "bucket does not exist: no notification entry to remove"
+  fi
+  if [ "$eventbridge" = off ]; then unmark_eventbridge "$bucket"; fi
+
+  revoke_lambda_permission "$bucket"
+  if find_ingest_queue; then update_queue_policy remove "$bucket"; fi
+  if rule_exists; then update_rule remove "$bucket"; fi
+}
+
+# load_all_attached_buckets: ALL_BUCKETS, every bucket that a grant names, whatever its
+# mode.
+load_all_attached_buckets() {
+  local bucket
+  load_function_policy
+  attached_buckets >"$S3EA_TMP/attached"
+  if find_ingest_queue; then
+    load_queue_policy_buckets
+    printf '%s\n' ${QUEUE_POLICY_BUCKETS[@]+"${QUEUE_POLICY_BUCKETS[@]}"} >>"$S3EA_TMP/attached"
+  fi
+  if rule_exists; then
+    load_rule_buckets
+    printf '%s\n' ${RULE_BUCKETS[@]+"${RULE_BUCKETS[@]}"} >>"$S3EA_TMP/attached"
+  fi
+  ALL_BUCKETS=()
+  while IFS= read -r bucket; do
+    if [ -n "$bucket" ]; then ALL_BUCKETS+=("$bucket"); fi
+  done < <(sort -u "$S3EA_TMP/attached")
 }
 
 # Whether the aggregator function exists.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Lints every IAM policy document in iam/ with parliament (PyPI `parliament`), after
-# filling in its placeholders the way scripts/create-stack.sh does. The identity
-# policies must have no finding at all. A trust policy has no Resource element, which
-# parliament (an identity-policy linter) always reports as MALFORMED; that one finding
-# is accepted (iam/README.md), and any other finding fails.
+# filling in its placeholders the way scripts/create-stack.sh and scripts/lib/stack.sh
+# do. The identity policies and the queues' resource policies (*-queue-policy.json)
+# must have no finding at all. A trust policy has no Resource element, which parliament
+# (an identity-policy linter) always reports as MALFORMED; that one finding is accepted
+# (iam/README.md), and any other finding fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -35,10 +36,12 @@ for file in iam/*.json; do
     refresher-*) function=$REFRESHER_FUNCTION ;;
     *) function=Function ;;
   esac
-  render_policy "$file" "$function" >"$rendered/$name"
-  if grep -Eq 'REGION|ACCOUNT_ID|TABLE_NAME|ACTION_QUEUE|AGGREGATOR_DLQ|FUNCTION_NAME' "$rendered/$name"; then
+  # Two buckets for the ingest queue's policy, which lists the attached buckets.
+  render_policy "$file" "$function" example-bucket example.bucket.two >"$rendered/$name"
+  if grep -Eq 'REGION|ACCOUNT_ID|TABLE_NAME|ACTION_QUEUE|INGEST_QUEUE|AGGREGATOR_DLQ|EVENT_RULE|FUNCTION_NAME|SOURCE_BUCKET_ARNS' "$rendered/$name"; then
     die "$file: a placeholder is left after rendering"
   fi
+  python3 -m json.tool "$rendered/$name" >/dev/null || die "$file: not JSON after rendering"
   case $name in
     *-trust.json) trust+=("$rendered/$name") ;;
     *) identity+=("$rendered/$name") ;;
@@ -47,7 +50,7 @@ done
 [ "${#identity[@]}" -gt 0 ] || die "no identity policy found in iam/"
 
 failed=0
-step "parliament: ${#identity[@]} identity policies (no finding allowed)"
+step "parliament: ${#identity[@]} identity and queue policies (no finding allowed)"
 list=$(IFS=,; printf '%s' "${identity[*]}")
 # --files, with stdin closed: --file reads stdin and fails without a terminal.
 if "${PARLIAMENT[@]}" --files "$list" </dev/null >"$S3EA_TMP/identity.txt" 2>&1 && [ ! -s "$S3EA_TMP/identity.txt" ]; then

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The deployment test: runs scripts/create-stack.sh, attach-bucket.sh, detach-bucket.sh
 # and delete-stack.sh with the real AWS CLI against a moto server, and checks every
-# resource they make, through the AWS APIs.
+# resource they make, through the AWS APIs: first a stack with the default ingest mode
+# (direct), then one with --ingest sqs and one with --ingest eventbridge.
 #
 # It starts its own moto server on a free loopback port, or uses MOTO_ENDPOINT when it
 # is set (then the names get a unique prefix, so that other users of that server are
 # not disturbed). The first run builds the functions for arm64 in release mode (about
-# 10 minutes on 2 cores); later runs reuse the build. The last line is
-# "N passed, M failed".
+# 10 minutes on 2 cores); later runs reuse the build. With S3EA_SKIP_BUILD=1, the
+# scripts deploy the zip files already in target/lambda/ and build nothing (moto
+# stores the code and never runs it). The last line is "N passed, M failed".
 #
 # Test code may use python3 (moto needs it anyway); the scripts under test may not.
 set -euo pipefail
@@ -75,7 +77,7 @@ trap cleanup EXIT
 # Only the variables set here reach the AWS CLI and the scripts: no profile, no
 # configuration file, no real credentials.
 unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_REGION \
-  S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL AWS_ACCOUNT_ID \
+  S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL S3EA_INGEST AWS_ACCOUNT_ID \
   REFRESH_DELAY_SECONDS LOG_LEVEL
 export AWS_CONFIG_FILE="$WORK/aws-config" AWS_SHARED_CREDENTIALS_FILE="$WORK/aws-credentials"
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=eu-west-1
@@ -116,20 +118,30 @@ export AWS_ENDPOINT_URL=$MOTO_ENDPOINT
 awsm() { aws --endpoint-url "$AWS_ENDPOINT_URL" --region "$REGION" "$@"; }
 ACCOUNT=$(awsm sts get-caller-identity --query Account --output text)
 
-# The names that the scripts must use (docs/deploy.md).
-TABLE=$PREFIX
-ACTION_QUEUE=${PREFIX}ActionQueue
-ACTION_DLQ=${PREFIX}ActionDLQ
-AGGREGATOR_DLQ=${PREFIX}AggregatorDLQ
-AGGREGATOR=$PREFIX
-REFRESHER=${PREFIX}Refresher
-AGGREGATOR_ROLE=${PREFIX}AggregatorRole
-REFRESHER_ROLE=${PREFIX}RefresherRole
-AGGREGATOR_POLICY=${PREFIX}AggregatorPolicy
-REFRESHER_POLICY=${PREFIX}RefresherPolicy
-NOTIFICATION_ID=${PREFIX}ObjectEvents
+# The names that the scripts must use (README.md, Deploy to AWS), for one prefix.
 SQS_ARN=arn:aws:sqs:$REGION:$ACCOUNT
-AGGREGATOR_ARN=arn:aws:lambda:$REGION:$ACCOUNT:function:$AGGREGATOR
+use_prefix() { # PREFIX
+  PREFIX=$1
+  TABLE=$PREFIX
+  ACTION_QUEUE=${PREFIX}ActionQueue
+  ACTION_DLQ=${PREFIX}ActionDLQ
+  AGGREGATOR_DLQ=${PREFIX}AggregatorDLQ
+  AGGREGATOR=$PREFIX
+  REFRESHER=${PREFIX}Refresher
+  AGGREGATOR_ROLE=${PREFIX}AggregatorRole
+  REFRESHER_ROLE=${PREFIX}RefresherRole
+  AGGREGATOR_POLICY=${PREFIX}AggregatorPolicy
+  REFRESHER_POLICY=${PREFIX}RefresherPolicy
+  NOTIFICATION_ID=${PREFIX}ObjectEvents
+  AGGREGATOR_ARN=arn:aws:lambda:$REGION:$ACCOUNT:function:$AGGREGATOR
+  # --ingest sqs and --ingest eventbridge
+  INGEST_QUEUE=${PREFIX}IngestQueue
+  INGEST_DLQ=${PREFIX}IngestDLQ
+  INGEST_POLICY=${PREFIX}AggregatorIngestPolicy
+  EVENT_RULE=${PREFIX}S3Events
+  EVENT_RULE_ARN=arn:aws:events:$REGION:$ACCOUNT:rule/$EVENT_RULE
+}
+use_prefix "$PREFIX"
 ONE=s3ea-test-one$BUCKET_SUFFIX
 TWO=s3ea-test-two$BUCKET_SUFFIX
 THREE=s3ea-test-three$BUCKET_SUFFIX
@@ -158,16 +170,18 @@ permission_line() {
   printf 'S3Invoke-%s|{"Service": "s3.amazonaws.com"}|lambda:InvokeFunction|arn:aws:s3:::%s|%s' "$1" "$1" "$ACCOUNT"
 }
 count_lines() { if [ -z "$1" ]; then echo 0; else printf '%s\n' "$1" | wc -l | tr -d ' '; fi; }
-# Our entries in a bucket's notification configuration, as "Id|FunctionArn|Events".
+# Our entries in a bucket's notification configuration, Lambda entries then queue
+# entries, as "Id|FunctionArn or QueueArn|Events".
 our_entries() {
+  # shellcheck disable=SC2016 # JMESPath literals
   awsm s3api get-bucket-notification-configuration --bucket "$1" --output text \
-    --query "LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'].[Id, LambdaFunctionArn, join(',', Events)]" |
+    --query "[LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'].[Id, LambdaFunctionArn, join(',', Events)] || \`[]\`, QueueConfigurations[?Id == '$NOTIFICATION_ID'].[Id, QueueArn, join(',', Events)] || \`[]\`][]" |
     tr '\t' '|' | grep -v '^None$' || true
 }
 # Everything in a bucket's notification configuration except our entry, as compact JSON.
 foreign_entries() {
   awsm s3api get-bucket-notification-configuration --bucket "$1" --output json \
-    --query "{Queue: QueueConfigurations, Topic: TopicConfigurations, Lambda: LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID']}" |
+    --query "{Queue: QueueConfigurations[?Id != '$NOTIFICATION_ID'], Topic: TopicConfigurations, Lambda: LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID']}" |
     tr -d '[:space:]' # no value here has a space
 }
 queue_attribute() { # QUEUE ATTRIBUTE
@@ -179,7 +193,8 @@ function_field() { awsm lambda get-function-configuration --function-name "$1" -
 # The rendered policy document that the scripts must have deployed, without white space.
 expected_policy() { # TEMPLATE FUNCTION
   sed -e "s/REGION/$REGION/g" -e "s/ACCOUNT_ID/$ACCOUNT/g" -e "s/TABLE_NAME/$TABLE/g" \
-    -e "s/ACTION_QUEUE/$ACTION_QUEUE/g" -e "s/AGGREGATOR_DLQ/$AGGREGATOR_DLQ/g" \
+    -e "s/ACTION_QUEUE/$ACTION_QUEUE/g" -e "s/INGEST_QUEUE/$INGEST_QUEUE/g" \
+    -e "s/AGGREGATOR_DLQ/$AGGREGATOR_DLQ/g" -e "s/EVENT_RULE/$EVENT_RULE/g" \
     -e "s/FUNCTION_NAME/$2/g" "$ROOT/iam/$1" | tr -d '[:space:]'
 }
 deployed_policy() { # POLICY_NAME
@@ -197,6 +212,8 @@ count_prefixed() { # what: roles policies queues functions loggroups
     loggroups) awsm logs describe-log-groups --log-group-name-prefix "/aws/lambda/$PREFIX" --query 'length(logGroups)' --output text ;;
     tables) awsm dynamodb list-tables --query "length(TableNames[?@ == '$TABLE'])" --output text ;;
     mappings) awsm lambda list-event-source-mappings --event-source-arn "$SQS_ARN:$ACTION_QUEUE" --query 'length(EventSourceMappings)' --output text ;;
+    ingestmappings) awsm lambda list-event-source-mappings --event-source-arn "$SQS_ARN:$INGEST_QUEUE" --query 'length(EventSourceMappings)' --output text ;;
+    rules) awsm events list-rules --name-prefix "$PREFIX" --query 'length(Rules)' --output text ;;
   esac
 }
 
@@ -216,6 +233,16 @@ check_run "create-stack.sh --delay 901" 2 scripts/create-stack.sh --delay 901 bu
 check_run "create-stack.sh --log-level LOUD" 2 scripts/create-stack.sh --log-level LOUD bucket-x
 check_run "create-stack.sh --arch sparc" 2 scripts/create-stack.sh --arch sparc bucket-x
 check_run "attach-bucket.sh with two buckets" 2 scripts/attach-bucket.sh bucket-x bucket-y
+for script in create-stack attach-bucket; do
+  check_run "$script.sh --help" 0 "scripts/$script.sh" --help
+  check_log_has "$script.sh --help documents --ingest" "--ingest (MODE|direct\\|sqs\\|eventbridge)"
+  check_run "$script.sh --ingest kafka" 2 "scripts/$script.sh" --ingest kafka bucket-x
+  check_log_has "$script.sh --ingest kafka names the accepted values" "invalid --ingest 'kafka': direct, sqs or eventbridge"
+  check_run "$script.sh --ingest without a value" 2 "scripts/$script.sh" bucket-x --ingest
+done
+check_run "create-stack.sh --ingest= (empty)" 2 scripts/create-stack.sh --ingest= bucket-x
+check_run "S3EA_INGEST=pubsub create-stack.sh" 2 env S3EA_INGEST=pubsub scripts/create-stack.sh bucket-x
+check_log_has "S3EA_INGEST=pubsub names the accepted values" "invalid --ingest 'pubsub': direct, sqs or eventbridge"
 
 # The IAM propagation retry (scripts/lib/stack.sh), with a stand-in for the step: it
 # fails twice the way Lambda does with a role that IAM has not propagated yet.
@@ -468,6 +495,354 @@ phase "9. delete-stack.sh again"
 check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}" "$ONE"
 check_log_has "second delete finds the function absent" "==> Lambda function $AGGREGATOR"
 check_foreign_intact "after the second delete"
+
+# ---------------------------------------------------------------------------------
+# --ingest sqs and --ingest eventbridge: one stack each, with its own prefix and its
+# own buckets, after the direct stack is gone.
+
+# Readers for these modes.
+function_tag() { # TAG
+  awsm lambda list-tags --resource "$AGGREGATOR_ARN" --query "Tags.\"$1\"" --output text
+}
+attached_policies() { # ROLE: the names of its managed policies, sorted, space-separated
+  awsm iam list-attached-role-policies --role-name "$1" --query 'AttachedPolicies[].PolicyName' --output text |
+    tr '\t' '\n' | sort | tr '\n' ' ' | sed 's/ $//'
+}
+# A queue's policy as "Principal|Action|Resource|SourceAccount|SourceArns" lines, one per
+# statement ("none" when the queue has no policy).
+queue_policy() { # QUEUE
+  local policy
+  policy=$(queue_attribute "$1" Policy)
+  if [ "$policy" = None ] || [ -z "$policy" ]; then
+    echo none
+    return
+  fi
+  printf '%s' "$policy" | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["Statement"]:
+    c = s.get("Condition", {})
+    arns = []
+    for op in ("ArnLike", "ArnEquals"):
+        v = c.get(op, {}).get("aws:SourceArn", [])
+        arns += v if isinstance(v, list) else [v]
+    print("|".join([s["Principal"]["Service"], s["Action"], s["Resource"],
+        c.get("StringEquals", {}).get("aws:SourceAccount", ""), ",".join(sorted(arns))]))
+'
+}
+# The mapping from the ingest queue: "FunctionArn|BatchSize|Window|ResponseTypes|State".
+ingest_mapping() {
+  awsm lambda list-event-source-mappings --event-source-arn "$SQS_ARN:$INGEST_QUEUE" --output text \
+    --query "EventSourceMappings[].[FunctionArn, BatchSize, MaximumBatchingWindowInSeconds, join(',', FunctionResponseTypes), State]" |
+    tr '\t' '|'
+}
+# The rule: "State|source|detail-type|bucket names (sorted)".
+rule_summary() {
+  awsm events describe-rule --name "$EVENT_RULE" --query '[State, EventPattern]' --output json | python3 -c '
+import json, sys
+state, pattern = json.load(sys.stdin)
+p = json.loads(pattern)
+print("|".join([state, ",".join(p["source"]), ",".join(p["detail-type"]), ",".join(sorted(p["detail"]["bucket"]["name"]))]))
+'
+}
+rule_targets() { # "Id|Arn|DLQ|MaximumRetryAttempts|MaximumEventAgeInSeconds" per target
+  awsm events list-targets-by-rule --rule "$EVENT_RULE" --output text \
+    --query 'Targets[].[Id, Arn, DeadLetterConfig.Arn, RetryPolicy.MaximumRetryAttempts, RetryPolicy.MaximumEventAgeInSeconds]' |
+    tr '\t' '|'
+}
+rule_tag_keys() {
+  awsm events list-tags-for-resource --resource-arn "$EVENT_RULE_ARN" --query 'Tags[].Key' --output text |
+    tr '\t' '\n' | sort | tr '\n' ' ' | sed 's/ $//'
+}
+arns_of() { # BUCKET...: their ARNs, sorted, comma-separated
+  printf 'arn:aws:s3:::%s\n' "$@" | sort | tr '\n' ',' | sed 's/,$//'
+}
+names_of() { # BUCKET...: sorted, comma-separated
+  printf '%s\n' "$@" | sort | tr '\n' ',' | sed 's/,$//'
+}
+: >"$WORK/empty"
+put_object() { awsm s3api put-object --bucket "$1" --key "$2" --body "$WORK/empty" >/dev/null; }
+# receive_bodies QUEUE_URL: the bodies of the messages waiting in the queue (one
+# receive of up to 10), one JSON document per line.
+receive_bodies() {
+  awsm sqs receive-message --queue-url "$1" --max-number-of-messages 10 --wait-time-seconds 1 \
+    --query 'Messages[].Body' --output json | python3 -c '
+import json, sys
+for body in json.load(sys.stdin) or []:
+    print(json.dumps(json.loads(body)))
+'
+}
+# Another team's notification entries (event types that do not overlap ours).
+put_foreign_config() { # BUCKET
+  awsm s3api put-bucket-notification-configuration --bucket "$1" --notification-configuration "{
+    \"QueueConfigurations\": [{\"Id\": \"foreign-queue\", \"QueueArn\": \"$FOREIGN_QUEUE_ARN\",
+      \"Events\": [\"s3:ObjectRestore:Completed\"],
+      \"Filter\": {\"Key\": {\"FilterRules\": [{\"Name\": \"prefix\", \"Value\": \"archive/\"}]}}}],
+    \"LambdaFunctionConfigurations\": [{\"Id\": \"foreign-lambda\",
+      \"LambdaFunctionArn\": \"arn:aws:lambda:$REGION:$ACCOUNT:function:SomeoneElsesFunction\",
+      \"Events\": [\"s3:ObjectTagging:*\"]}]}"
+}
+# Nothing of the stack is left (prefix PREFIX).
+check_all_gone() { # WHEN
+  for what in roles policies queues functions loggroups tables mappings ingestmappings rules; do
+    check_eq "$what of the stack $PREFIX $1" 0 "$(count_prefixed "$what")"
+  done
+  check_eq "event source mappings of $AGGREGATOR and $REFRESHER $1" 0 \
+    "$(awsm lambda list-event-source-mappings --query "length(EventSourceMappings[?ends_with(FunctionArn, ':function:$AGGREGATOR') || ends_with(FunctionArn, ':function:$REFRESHER')])" --output text)"
+}
+
+if [ -n "$BUCKET_SUFFIX" ]; then PREFIX_BASE=S3EATest${BUCKET_SUFFIX#-}; else PREFIX_BASE=S3EATest; fi
+
+# ---------------------------------------------------------------------------------
+phase "10. --ingest sqs"
+use_prefix "${PREFIX_BASE}Sqs"
+PREFIX_OPT=(--prefix "$PREFIX")
+SA=s3ea-test-sqs-a$BUCKET_SUFFIX
+SB=s3ea-test-sqs-b$BUCKET_SUFFIX
+SC=s3ea-test-sqs-c$BUCKET_SUFFIX
+for bucket in "$SA" "$SB" "$SC"; do
+  awsm s3api create-bucket --bucket "$bucket" --create-bucket-configuration "LocationConstraint=$REGION" >/dev/null
+done
+put_foreign_config "$SA"
+FOREIGN_SA=$(foreign_entries "$SA")
+INGEST_ENTRY="s3:ObjectCreated:*,s3:ObjectRemoved:*"
+
+check_run "create-stack.sh --ingest sqs $SA $SB" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs "$SA" "$SB"
+check_log_has "create says the mode and where it comes from" "==> Ingest: sqs \\(--ingest\\)"
+check_log_has "create prints the ingest queue" "ingest queue +$SQS_ARN:$INGEST_QUEUE"
+
+check_sqs_stack() { # BUCKET...: the attached buckets
+  local timeout
+  timeout=$(function_field "$AGGREGATOR" Timeout)
+  check_ge "queue $INGEST_QUEUE visibility timeout vs 6 x aggregator timeout ($timeout s)" \
+    $((6 * timeout)) "$(queue_attribute "$INGEST_QUEUE" VisibilityTimeout)"
+  check_eq "queue $INGEST_QUEUE redrive policy" "$SQS_ARN:$INGEST_DLQ maxReceiveCount=5" \
+    "$(queue_attribute "$INGEST_QUEUE" RedrivePolicy | python3 -c 'import json, sys; p = json.load(sys.stdin); print(p["deadLetterTargetArn"], "maxReceiveCount=%s" % p["maxReceiveCount"])')"
+  for queue in "$INGEST_QUEUE" "$INGEST_DLQ"; do
+    check_eq "queue $queue SSE (SqsManagedSseEnabled)" true "$(queue_attribute "$queue" SqsManagedSseEnabled)"
+  done
+  check_eq "queue $INGEST_DLQ retention" 1209600 "$(queue_attribute "$INGEST_DLQ" MessageRetentionPeriod)"
+  check_eq "queue $INGEST_QUEUE policy: S3 of this account may send the attached buckets' events" \
+    "s3.amazonaws.com|sqs:SendMessage|$SQS_ARN:$INGEST_QUEUE|$ACCOUNT|$(arns_of "$@")" "$(queue_policy "$INGEST_QUEUE")"
+  check_eq "event source mapping $INGEST_QUEUE -> $AGGREGATOR: function, batch, window, response types, state" \
+    "$AGGREGATOR_ARN|10000|5|ReportBatchItemFailures|Enabled" "$(ingest_mapping)"
+  check_eq "role $AGGREGATOR_ROLE attached policies" \
+    "$(printf '%s\n' "$AGGREGATOR_POLICY" "$INGEST_POLICY" | sort | tr '\n' ' ' | sed 's/ $//')" "$(attached_policies "$AGGREGATOR_ROLE")"
+  check_eq "policy $INGEST_POLICY document = iam/aggregator-ingest-policy.json rendered" \
+    "$(expected_policy aggregator-ingest-policy.json "$AGGREGATOR")" "$(deployed_policy "$INGEST_POLICY")"
+  check_eq "policy $AGGREGATOR_POLICY document = iam/aggregator-policy.json rendered" \
+    "$(expected_policy aggregator-policy.json "$AGGREGATOR")" "$(deployed_policy "$AGGREGATOR_POLICY")"
+  check_eq "function $AGGREGATOR tag s3ea:ingest" sqs "$(function_tag s3ea:ingest)"
+  check_eq "permission statements on $AGGREGATOR (none with --ingest sqs)" 0 "$(count_lines "$(permissions)")"
+  for bucket in "$@"; do
+    check_eq "notification entry on $bucket: a queue entry to $INGEST_QUEUE, and no other of ours" \
+      "$NOTIFICATION_ID|$SQS_ARN:$INGEST_QUEUE|$INGEST_ENTRY" "$(our_entries "$bucket")"
+  done
+  check_eq "queues with prefix $PREFIX" 5 "$(count_prefixed queues)"
+  check_eq "event source mappings on $INGEST_QUEUE" 1 "$(count_prefixed ingestmappings)"
+  check_eq "event source mappings on $ACTION_QUEUE" 1 "$(count_prefixed mappings)"
+  check_eq "customer managed policies with prefix $PREFIX" 3 "$(count_prefixed policies)"
+  for policy in "$AGGREGATOR_POLICY" "$INGEST_POLICY" "$REFRESHER_POLICY"; do
+    check_eq "versions of policy $policy" 1 \
+      "$(awsm iam list-policy-versions --policy-arn "arn:aws:iam::$ACCOUNT:policy/$policy" --query 'length(Versions)' --output text)"
+  done
+  check_eq "rules with prefix $PREFIX (none with --ingest sqs)" 0 "$(count_prefixed rules)"
+  check_eq "foreign entries on $SA unchanged" "$FOREIGN_SA" "$(foreign_entries "$SA")"
+}
+check_sqs_stack "$SA" "$SB"
+
+# moto delivers S3's events to the queue (the mapping's attempt to run the function,
+# which moto cannot do, leaves the message in the queue).
+INGEST_URL=$(awsm sqs get-queue-url --queue-name "$INGEST_QUEUE" --query QueueUrl --output text)
+awsm sqs purge-queue --queue-url "$INGEST_URL"
+put_object "$SB" "new-object.txt"
+check_eq "an object put in $SB reaches $INGEST_QUEUE as an S3 event" \
+  "ObjectCreated:Put|$SB|new-object.txt" \
+  "$(receive_bodies "$INGEST_URL" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    for r in json.loads(line).get("Records", []):
+        print("|".join([r["eventName"], r["s3"]["bucket"]["name"], r["s3"]["object"]["key"]]))
+' | sort -u)"
+
+check_run "create-stack.sh $SA $SB again, without --ingest (aws-cli deploy)" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$SA" "$SB"
+check_log_has "second create keeps the recorded mode" "==> Ingest: sqs \\(recorded on $AGGREGATOR\\)"
+check_log_has "second create finds the ingest mapping" "Event source mapping $INGEST_QUEUE -> $AGGREGATOR"
+check_log_has "second create keeps the buckets in the queue policy" "queue policy of $INGEST_QUEUE: $SA present"
+check_sqs_stack "$SA" "$SB"
+
+check_run "attach-bucket.sh --ingest eventbridge on the sqs stack" 1 \
+  scripts/attach-bucket.sh "${PREFIX_OPT[@]}" --ingest eventbridge "$SC"
+check_log_has "it says which mode the stack has" "was created with --ingest sqs, not eventbridge"
+check_eq "nothing of ours on $SC after the refused attach" "" "$(our_entries "$SC")"
+
+check_run "attach-bucket.sh $SC (the stack's mode)" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$SC"
+check_log_has "attach uses the recorded mode" "==> Ingest: sqs \\(the stack's mode, recorded on $AGGREGATOR\\)"
+check_run "attach-bucket.sh $SC again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$SC"
+check_sqs_stack "$SA" "$SB" "$SC"
+
+check_run "attach-bucket.sh --ingest direct $SC (every stack can use direct)" 0 \
+  scripts/attach-bucket.sh "${PREFIX_OPT[@]}" --ingest direct "$SC"
+check_eq "entry on $SC after the switch to direct: our Lambda entry only" \
+  "$NOTIFICATION_ID|$AGGREGATOR_ARN|$INGEST_ENTRY" "$(our_entries "$SC")"
+check_eq "permissions after the switch to direct" "$(permission_line "$SC")" "$(permissions)"
+check_eq "queue policy after the switch to direct: $SC gone" \
+  "s3.amazonaws.com|sqs:SendMessage|$SQS_ARN:$INGEST_QUEUE|$ACCOUNT|$(arns_of "$SA" "$SB")" "$(queue_policy "$INGEST_QUEUE")"
+check_eq "function $AGGREGATOR tag s3ea:ingest after an attach with --ingest direct" sqs "$(function_tag s3ea:ingest)"
+
+check_run "detach-bucket.sh $SA (the bucket with the foreign entries)" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$SA"
+check_eq "our entry on $SA after detach" "" "$(our_entries "$SA")"
+check_eq "foreign entries on $SA after detach" "$FOREIGN_SA" "$(foreign_entries "$SA")"
+check_eq "queue policy after detaching $SA" \
+  "s3.amazonaws.com|sqs:SendMessage|$SQS_ARN:$INGEST_QUEUE|$ACCOUNT|$(arns_of "$SB")" "$(queue_policy "$INGEST_QUEUE")"
+check_run "detach-bucket.sh $SA again" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$SA"
+check_log_has "second detach finds nothing to remove" "notification $NOTIFICATION_ID: absent"
+
+check_run "delete-stack.sh (finds $SB in the queue policy, $SC in the permissions)" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
+check_log_has "delete found $SB" "==> Bucket $SB"
+check_log_has "delete found $SC" "==> Bucket $SC"
+check_all_gone "after delete"
+for bucket in "$SA" "$SB" "$SC"; do
+  check_eq "our entries on $bucket after delete" "" "$(our_entries "$bucket")"
+done
+check_eq "foreign entries on $SA after delete" "$FOREIGN_SA" "$(foreign_entries "$SA")"
+check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
+
+# ---------------------------------------------------------------------------------
+phase "11. --ingest eventbridge"
+use_prefix "${PREFIX_BASE}Eb"
+PREFIX_OPT=(--prefix "$PREFIX")
+EA=s3ea-test-eb-a$BUCKET_SUFFIX
+EB=s3ea-test-eb-b$BUCKET_SUFFIX
+EC=s3ea-test-eb-c$BUCKET_SUFFIX
+EO=s3ea-test-eb-other$BUCKET_SUFFIX # not ours: its owner turned EventBridge on
+for bucket in "$EA" "$EB" "$EC" "$EO"; do
+  awsm s3api create-bucket --bucket "$bucket" --create-bucket-configuration "LocationConstraint=$REGION" >/dev/null
+done
+put_foreign_config "$EA"
+awsm s3api put-bucket-notification-configuration --bucket "$EO" --notification-configuration '{"EventBridgeConfiguration": {}}'
+FOREIGN_EA=$(foreign_entries "$EA")
+
+# Probes. moto neither invokes a function from a rule nor returns a bucket's
+# EventBridgeConfiguration, so two rules of our own send events on the default bus to
+# queues: "delivery" gets every S3 event (an event of a bucket there shows that its
+# EventBridge delivery is on), and "rule" gets what the stack's rule matches (a copy of
+# its pattern, renewed before each probe). Both must exist before the stack's rule:
+# moto raises NotImplementedError for a rule with a Lambda target, which ends its loop
+# over the rules after it (put-rule on an existing name keeps the rule's place).
+PROBE=s3ea-probe$BUCKET_SUFFIX
+PROBE_URL=$(awsm sqs create-queue --queue-name "$PROBE" --query QueueUrl --output text)
+PROBE_RULE_URL=$(awsm sqs create-queue --queue-name "$PROBE-rule" --query QueueUrl --output text)
+awsm events put-rule --name "$PROBE" --event-pattern '{"source": ["aws.s3"]}' >/dev/null
+awsm events put-targets --rule "$PROBE" --targets "Id=probe,Arn=$SQS_ARN:$PROBE" >/dev/null
+awsm events put-rule --name "$PROBE-rule" --event-pattern '{"source": ["s3ea.nothing"]}' >/dev/null
+awsm events put-targets --rule "$PROBE-rule" --targets "Id=probe,Arn=$SQS_ARN:$PROBE-rule" >/dev/null
+# probe BUCKET KEY: puts and deletes an object; prints the detail types of the bucket's
+# events that each probe got, as "delivery: ... | rule: ...".
+probe() {
+  local pattern
+  pattern=$(awsm events describe-rule --name "$EVENT_RULE" --query EventPattern --output text 2>/dev/null ||
+    echo '{"source": ["s3ea.nothing"]}')
+  awsm events put-rule --name "$PROBE-rule" --event-pattern "$pattern" >/dev/null
+  awsm sqs purge-queue --queue-url "$PROBE_URL"
+  awsm sqs purge-queue --queue-url "$PROBE_RULE_URL"
+  put_object "$1" "$2"
+  awsm s3api delete-object --bucket "$1" --key "$2" >/dev/null
+  printf 'delivery: %s | rule: %s' "$(probe_types "$PROBE_URL" "$1" "$2")" "$(probe_types "$PROBE_RULE_URL" "$1" "$2")"
+}
+probe_types() { # QUEUE_URL BUCKET KEY
+  receive_bodies "$1" | python3 -c '
+import json, sys
+types = set()
+for line in sys.stdin:
+    e = json.loads(line)
+    # moto also sends "Object Tags Added" for a put: only these two matter here.
+    if (e["detail"]["bucket"]["name"] == sys.argv[1] and e["detail"]["object"]["key"] == sys.argv[2]
+            and e["detail-type"] in ("Object Created", "Object Deleted")):
+        types.add(e["detail-type"])
+print(",".join(sorted(types)))
+' "$2" "$3"
+}
+BOTH="Object Created,Object Deleted"
+check_eq "probe $EO (its owner turned EventBridge on; no stack yet)" "delivery: $BOTH | rule: " "$(probe "$EO" k0)"
+check_eq "probe $EA before create" "delivery:  | rule: " "$(probe "$EA" k0)"
+
+check_run "create-stack.sh --ingest eventbridge $EA $EB" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest eventbridge "$EA" "$EB"
+check_log_has "create says the mode" "==> Ingest: eventbridge \\(--ingest\\)"
+check_log_has "create prints the rule" "rule +$EVENT_RULE_ARN"
+
+check_eventbridge_stack() { # BUCKET...: the attached buckets
+  check_eq "rule $EVENT_RULE: state, source, detail types, buckets" \
+    "ENABLED|aws.s3|Object Created,Object Deleted|$(names_of "$@")" "$(rule_summary)"
+  check_eq "rule $EVENT_RULE targets: the aggregator, DLQ, retries, event age" \
+    "Aggregator|$AGGREGATOR_ARN|$SQS_ARN:$AGGREGATOR_DLQ|185|86400" "$(rule_targets)"
+  check_eq "permissions on $AGGREGATOR: the rule only" \
+    "EventBridgeInvoke|{\"Service\": \"events.amazonaws.com\"}|lambda:InvokeFunction|$EVENT_RULE_ARN|" "$(permissions)"
+  check_eq "queue $AGGREGATOR_DLQ policy: the rule may send its undeliverable events" \
+    "events.amazonaws.com|sqs:SendMessage|$SQS_ARN:$AGGREGATOR_DLQ||$EVENT_RULE_ARN" "$(queue_policy "$AGGREGATOR_DLQ")"
+  check_eq "role $AGGREGATOR_ROLE attached policies (no ingest policy)" "$AGGREGATOR_POLICY" "$(attached_policies "$AGGREGATOR_ROLE")"
+  check_eq "function $AGGREGATOR tag s3ea:ingest" eventbridge "$(function_tag s3ea:ingest)"
+  check_eq "queues with prefix $PREFIX (no ingest queues)" 3 "$(count_prefixed queues)"
+  check_eq "rules with prefix $PREFIX" 1 "$(count_prefixed rules)"
+  check_eq "event source mappings on $INGEST_QUEUE" 0 "$(count_prefixed ingestmappings)"
+  for bucket in "$@"; do
+    check_eq "notification entries of ours on $bucket (none with --ingest eventbridge)" "" "$(our_entries "$bucket")"
+  done
+  check_eq "foreign entries on $EA unchanged" "$FOREIGN_EA" "$(foreign_entries "$EA")"
+  # moto's GetBucketNotificationConfiguration never returns EventBridgeConfiguration,
+  # so the rule's tags, which record where attach-bucket turned it on, stand in here;
+  # the probe below checks that the events really flow.
+  check_eq "rule tags: the buckets whose EventBridge delivery attach-bucket turned on" \
+    "$(printf 's3ea:eventbridge-enabled:%s\n' "$@" | sort | tr '\n' ' ' | sed 's/ $//')" "$(rule_tag_keys)"
+}
+check_eventbridge_stack "$EA" "$EB"
+
+check_eq "probe $EA: EventBridge delivery on, the rule matches its events" "delivery: $BOTH | rule: $BOTH" "$(probe "$EA" k1)"
+check_eq "probe $EB: the same" "delivery: $BOTH | rule: $BOTH" "$(probe "$EB" k1)"
+check_eq "probe $EO: delivery on (its owner's), not matched by the rule" "delivery: $BOTH | rule: " "$(probe "$EO" k1)"
+check_eq "probe $EC (not attached yet)" "delivery:  | rule: " "$(probe "$EC" k1)"
+
+check_run "create-stack.sh $EA $EB again, without --ingest" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" "$EA" "$EB"
+check_log_has "second create keeps the recorded mode" "==> Ingest: eventbridge \\(recorded on $AGGREGATOR\\)"
+check_log_has "second create finds the rule with its buckets" "exists \\(2 buckets in its event pattern\\): updating it"
+check_log_has "second create finds the permission" "permission EventBridgeInvoke: present"
+check_eventbridge_stack "$EA" "$EB"
+
+check_run "attach-bucket.sh --ingest sqs on the eventbridge stack" 1 \
+  scripts/attach-bucket.sh "${PREFIX_OPT[@]}" --ingest sqs "$EC"
+check_log_has "it says which mode the stack has" "was created with --ingest eventbridge, not sqs"
+check_run "attach-bucket.sh $EC" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$EC"
+check_run "attach-bucket.sh $EC again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$EC"
+check_eventbridge_stack "$EA" "$EB" "$EC"
+check_eq "probe $EC after attach" "delivery: $BOTH | rule: $BOTH" "$(probe "$EC" k2)"
+
+check_run "detach-bucket.sh $EA (the bucket with the foreign entries)" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$EA"
+check_log_has "detach turns EventBridge off" "EventBridge delivery: turning off"
+check_eq "rule pattern after detaching $EA" "ENABLED|aws.s3|Object Created,Object Deleted|$(names_of "$EB" "$EC")" "$(rule_summary)"
+check_eq "foreign entries on $EA after detach" "$FOREIGN_EA" "$(foreign_entries "$EA")"
+check_eq "probe $EA after detach: delivery off, not matched by the rule" "delivery:  | rule: " "$(probe "$EA" k3)"
+check_eq "probe $EB after detaching $EA: unchanged" "delivery: $BOTH | rule: $BOTH" "$(probe "$EB" k3)"
+check_eq "rule tags after detaching $EA" "s3ea:eventbridge-enabled:$EB s3ea:eventbridge-enabled:$EC" "$(rule_tag_keys)"
+check_run "detach-bucket.sh $EA again" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$EA"
+check_log_has "second detach finds it absent from the pattern" "rule $EVENT_RULE: $EA absent from its event pattern"
+
+check_run "delete-stack.sh (finds $EB and $EC in the rule's pattern)" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
+check_log_has "delete found $EB" "==> Bucket $EB"
+check_log_has "delete found $EC" "==> Bucket $EC"
+check_log_has "delete removed the rule" "==> EventBridge rule $EVENT_RULE"
+check_all_gone "after delete"
+check_eq "probe $EB after delete: delivery off" "delivery:  | rule: " "$(probe "$EB" k4)"
+check_eq "probe $EC after delete: delivery off" "delivery:  | rule: " "$(probe "$EC" k4)"
+check_eq "probe $EO after delete: its owner's EventBridge delivery is untouched" "delivery: $BOTH | rule: " "$(probe "$EO" k4)"
+check_eq "foreign entries on $EA after delete" "$FOREIGN_EA" "$(foreign_entries "$EA")"
+check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
+for rule in "$PROBE" "$PROBE-rule"; do
+  awsm events remove-targets --rule "$rule" --ids probe >/dev/null
+  awsm events delete-rule --name "$rule"
+done
+awsm sqs delete-queue --queue-url "$PROBE_URL"
+awsm sqs delete-queue --queue-url "$PROBE_RULE_URL"
 
 FINISHED=true
 summary
