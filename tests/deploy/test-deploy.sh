@@ -229,7 +229,7 @@ check_run "create-stack.sh without BUCKET" 2 scripts/create-stack.sh
 check_run "attach-bucket.sh without BUCKET" 2 scripts/attach-bucket.sh
 check_run "detach-bucket.sh without BUCKET" 2 scripts/detach-bucket.sh
 check_run "create-stack.sh --prefix without a value" 2 scripts/create-stack.sh bucket-x --prefix
-check_run "create-stack.sh --delay 901" 2 scripts/create-stack.sh --delay 901 bucket-x
+check_run "create-stack.sh --delay 43201" 2 scripts/create-stack.sh --delay 43201 bucket-x
 check_run "create-stack.sh --log-level LOUD" 2 scripts/create-stack.sh --log-level LOUD bucket-x
 check_run "create-stack.sh --arch sparc" 2 scripts/create-stack.sh --arch sparc bucket-x
 check_run "attach-bucket.sh with two buckets" 2 scripts/attach-bucket.sh bucket-x bucket-y
