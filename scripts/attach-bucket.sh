@@ -81,7 +81,7 @@ else
 fi
 case $INGEST in
   direct | sqs | eventbridge) ;;
-  *) die "the aggregator's tag $INGEST_TAG has the value '$INGEST': pass --ingest ($INGEST_MODES)" ;;
+  *) die "the aggregator's tag ${INGEST_TAG:?} has the value '$INGEST': pass --ingest ($INGEST_MODES)" ;;
 esac
 require_ingest "$INGEST"
 attach_bucket "$BUCKET" "$INGEST"

@@ -62,7 +62,7 @@ Options (each overrides the environment variable in brackets):
                        eventbridge  S3 sends to EventBridge (the bucket's EventBridge
                                     delivery is turned on); the rule <prefix>S3Events
                                     invokes the aggregator
-                       The mode is recorded on the aggregator (tag $INGEST_TAG), so that
+                       The mode is recorded on the aggregator (tag ${INGEST_TAG:?}), so that
                        attach-bucket.sh uses it. A new mode adds its resources and moves the
                        given BUCKETs to it; other buckets keep theirs until re-attached.
   --delay SECONDS      aggregator REFRESH_DELAY_SECONDS, 0 to 43200 [REFRESH_DELAY_SECONDS]
