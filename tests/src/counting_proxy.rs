@@ -5,7 +5,9 @@
 //! Point a function at it with `AWS_ENDPOINT_URL_DYNAMODB` (or `_SQS`): the AWS JSON
 //! protocols name the operation in `X-Amz-Target` (`DynamoDB_20120810.UpdateItem`),
 //! which is what gets counted. Each request is forwarded as it is to the upstream and
-//! its response returned as it is.
+//! its response returned as it is. [`CountingProxy::start_recording`] also keeps each
+//! request and answer, so a test can read what a function sent (for example a message
+//! delayed by 900 s, which it cannot receive in time).
 
 use crate::runtime_api::http_request;
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,9 +27,23 @@ use tokio::task::JoinHandle;
 
 type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
 
+/// One request forwarded upstream and its answer (recording proxies only).
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// `X-Amz-Target`, e.g. `AmazonSQS.SendMessage`.
+    pub target: String,
+    pub request: Value,
+    pub status: u16,
+    pub response: Value,
+}
+
+/// `None` for a proxy that only counts.
+type Log = Option<Arc<Mutex<Vec<Exchange>>>>;
+
 pub struct CountingProxy {
     addr: SocketAddr,
     counts: Counts,
+    log: Log,
     task: JoinHandle<()>,
 }
 
@@ -36,13 +53,22 @@ impl Drop for CountingProxy {
     }
 }
 
-fn lock(counts: &Counts) -> MutexGuard<'_, BTreeMap<String, u64>> {
-    counts.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CountingProxy {
     /// Starts a proxy on `127.0.0.1:0` that forwards to `upstream` (`http://host:port`).
     pub async fn start(upstream: &str) -> std::io::Result<CountingProxy> {
+        CountingProxy::start_with(upstream, None).await
+    }
+
+    /// A proxy that also keeps every exchange ([`CountingProxy::exchanges`]).
+    pub async fn start_recording(upstream: &str) -> std::io::Result<CountingProxy> {
+        CountingProxy::start_with(upstream, Some(Arc::default())).await
+    }
+
+    async fn start_with(upstream: &str, log: Log) -> std::io::Result<CountingProxy> {
         let authority = upstream
             .trim_start_matches("http://")
             .trim_end_matches('/')
@@ -51,20 +77,28 @@ impl CountingProxy {
         let addr = listener.local_addr()?;
         let counts: Counts = Arc::default();
         let task_counts = counts.clone();
+        let task_log = log.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let counts = task_counts.clone();
+                let log = task_log.clone();
                 let authority = authority.clone();
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(move |req| forward(req, authority.clone(), counts.clone()));
+                    let service = service_fn(move |req| {
+                        forward(req, authority.clone(), counts.clone(), log.clone())
+                    });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Ok(CountingProxy { addr, counts, task })
+        Ok(CountingProxy {
+            addr,
+            counts,
+            log,
+            task,
+        })
     }
 
     pub fn endpoint(&self) -> String {
@@ -89,12 +123,31 @@ impl CountingProxy {
     pub fn reset(&self) {
         lock(&self.counts).clear();
     }
+
+    /// The successful exchanges of `operation` (e.g. "SendMessage"), in order; empty
+    /// for a proxy that does not record.
+    pub fn exchanges(&self, operation: &str) -> Vec<Exchange> {
+        let suffix = format!(".{operation}");
+        self.all_exchanges()
+            .into_iter()
+            .filter(|e| e.target.ends_with(&suffix) && e.status == 200)
+            .collect()
+    }
+
+    /// Every recorded exchange, in order.
+    pub fn all_exchanges(&self) -> Vec<Exchange> {
+        self.log
+            .as_ref()
+            .map(|l| lock(l).clone())
+            .unwrap_or_default()
+    }
 }
 
 async fn forward(
     req: Request<Incoming>,
     authority: String,
     counts: Counts,
+    log: Log,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = req
         .headers()
@@ -102,7 +155,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("(none)")
         .to_string();
-    *lock(&counts).entry(target).or_default() += 1;
+    *lock(&counts).entry(target.clone()).or_default() += 1;
     let method = req.method().to_string();
     let path = req
         .uri()
@@ -131,6 +184,14 @@ async fn forward(
         .collect();
     match http_request(&authority, &method, &path, &header_refs, &body).await {
         Ok(upstream) => {
+            if let Some(log) = &log {
+                lock(log).push(Exchange {
+                    target,
+                    request: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    status: upstream.status,
+                    response: serde_json::from_slice(&upstream.body).unwrap_or(Value::Null),
+                });
+            }
             let mut response = Response::builder().status(upstream.status);
             for (name, value) in &upstream.headers {
                 let lower = name.to_ascii_lowercase();

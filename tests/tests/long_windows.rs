@@ -8,171 +8,15 @@
 //! as `eventSourceARN`, as the event source mapping would once the delay has passed.
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use integration_tests::aws::{BoxError, ACCOUNT_ID, REGION};
+use integration_tests::counting_proxy::{CountingProxy, Exchange};
 use integration_tests::moto::Moto;
-use integration_tests::runtime_api::{http_request, Invocation};
+use integration_tests::runtime_api::Invocation;
 use integration_tests::sgw_standin::ShareKind;
 use integration_tests::stack::{Stack, StackOptions};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-// ---------------------------------------------------------------------------------
-// A proxy that records the AWS JSON requests that reached moto, with their answers
-// ---------------------------------------------------------------------------------
-
-/// One request forwarded to moto and its answer.
-#[derive(Debug, Clone)]
-struct Exchange {
-    /// `X-Amz-Target`, e.g. `AmazonSQS.SendMessage`.
-    target: String,
-    request: Value,
-    status: u16,
-    response: Value,
-}
-
-type Log = Arc<Mutex<Vec<Exchange>>>;
-
-struct RecordingProxy {
-    addr: SocketAddr,
-    log: Log,
-    task: JoinHandle<()>,
-}
-
-impl Drop for RecordingProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn lock(log: &Log) -> MutexGuard<'_, Vec<Exchange>> {
-    log.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl RecordingProxy {
-    async fn start(upstream: &str) -> std::io::Result<RecordingProxy> {
-        let authority = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let log: Log = Arc::default();
-        let task_log = log.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let log = task_log.clone();
-                let authority = authority.clone();
-                tokio::spawn(async move {
-                    let service =
-                        service_fn(move |req| forward(req, authority.clone(), log.clone()));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Ok(RecordingProxy { addr, log, task })
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The successful exchanges of `operation` (e.g. "SendMessage"), in order.
-    fn exchanges(&self, operation: &str) -> Vec<Exchange> {
-        let suffix = format!(".{operation}");
-        lock(&self.log)
-            .iter()
-            .filter(|e| e.target.ends_with(&suffix) && e.status == 200)
-            .cloned()
-            .collect()
-    }
-
-    fn all(&self) -> Vec<Exchange> {
-        lock(&self.log).clone()
-    }
-}
-
-async fn forward(
-    req: Request<Incoming>,
-    authority: String,
-    log: Log,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let target = req
-        .headers()
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("(none)")
-        .to_string();
-    let method = req.method().to_string();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter(|(name, _)| {
-            !matches!(
-                name.as_str(),
-                "host" | "connection" | "content-length" | "transfer-encoding"
-            )
-        })
-        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
-        .collect();
-    let body = match req.into_body().collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return Ok(plain(StatusCode::BAD_REQUEST, &e.to_string())),
-    };
-    let header_refs: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    match http_request(&authority, &method, &path, &header_refs, &body).await {
-        Ok(upstream) => {
-            lock(&log).push(Exchange {
-                target,
-                request: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                status: upstream.status,
-                response: serde_json::from_slice(&upstream.body).unwrap_or(Value::Null),
-            });
-            let mut response = Response::builder().status(upstream.status);
-            for (name, value) in &upstream.headers {
-                let lower = name.to_ascii_lowercase();
-                if !matches!(
-                    lower.as_str(),
-                    "connection" | "content-length" | "transfer-encoding"
-                ) {
-                    response = response.header(name.as_str(), value.as_str());
-                }
-            }
-            Ok(response
-                .body(Full::new(Bytes::from(upstream.body)))
-                .unwrap_or_else(|e| plain(StatusCode::BAD_GATEWAY, &e.to_string())))
-        }
-        Err(e) => Ok(plain(StatusCode::BAD_GATEWAY, &e.to_string())),
-    }
-}
-
-fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(message.to_string())));
-    *response.status_mut() = status;
-    response
-}
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -186,9 +30,9 @@ fn now_ms() -> i64 {
 }
 
 /// A stack whose functions reach SQS through a recording proxy.
-async fn recorded_stack(refresh_delay_seconds: u32) -> Result<(Stack, RecordingProxy), BoxError> {
+async fn recorded_stack(refresh_delay_seconds: u32) -> Result<(Stack, CountingProxy), BoxError> {
     let moto = Moto::start().await?;
-    let sqs = RecordingProxy::start(moto.endpoint()).await?;
+    let sqs = CountingProxy::start_recording(moto.endpoint()).await?;
     let stack = Stack::start_with_moto(
         moto,
         StackOptions {
@@ -369,7 +213,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
         "{opened}"
     );
     let sends = sqs.exchanges("SendMessage");
-    assert_eq!(sends.len(), 1, "{:?}", sqs.all());
+    assert_eq!(sends.len(), 1, "{:?}", sqs.all_exchanges());
     let first = &sends[0];
     assert_eq!(first.request["QueueUrl"], stack.action_queue_url.as_str());
     assert_eq!(
@@ -408,7 +252,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
         "no refresh and no share lookup before the window ends"
     );
     let lookups = sqs.exchanges("GetQueueUrl");
-    assert_eq!(lookups.len(), 1, "{:?}", sqs.all());
+    assert_eq!(lookups.len(), 1, "{:?}", sqs.all_exchanges());
     assert_eq!(lookups[0].request["QueueName"], queue_name.as_str());
     assert_eq!(lookups[0].request["QueueOwnerAWSAccountId"], ACCOUNT_ID);
     assert_eq!(
@@ -416,7 +260,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
         stack.action_queue_url.as_str()
     );
     let sends = sqs.exchanges("SendMessage");
-    assert_eq!(sends.len(), 2, "{:?}", sqs.all());
+    assert_eq!(sends.len(), 2, "{:?}", sqs.all_exchanges());
     let requeued = &sends[1];
     assert_eq!(
         requeued.request["QueueUrl"],
@@ -458,7 +302,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
     let sends = sqs.exchanges("SendMessage");
-    assert_eq!(sends.len(), 3, "{:?}", sqs.all());
+    assert_eq!(sends.len(), 3, "{:?}", sqs.all_exchanges());
     let delay = sends[2].request["DelaySeconds"]
         .as_i64()
         .ok_or("no DelaySeconds")?;
@@ -531,7 +375,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
         sends.len(),
         sends_before + 1,
         "sent back, not dropped: {:?}",
-        sqs.all()
+        sqs.all_exchanges()
     );
     let back = &sends[sends_before];
     assert_eq!(back.request["QueueUrl"], stack.action_queue_url.as_str());
@@ -609,7 +453,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
     let sends = sqs.exchanges("SendMessage");
-    assert_eq!(sends.len(), sends_before + 1, "{:?}", sqs.all());
+    assert_eq!(sends.len(), sends_before + 1, "{:?}", sqs.all_exchanges());
     assert_eq!(sends[sends_before].request["DelaySeconds"], 60);
     assert_eq!(body_of(&sends[sends_before])?, late);
     assert_eq!(stack.gateway.refreshes().len(), 2);
@@ -641,7 +485,7 @@ async fn a_first_window_message_that_overtakes_its_open_waits_and_a_lost_item_re
         stack.gateway.calls()
     );
     let sends = sqs.exchanges("SendMessage");
-    assert_eq!(sends.len(), 1, "{:?}", sqs.all());
+    assert_eq!(sends.len(), 1, "{:?}", sqs.all_exchanges());
     assert_eq!(
         sends[0].request["QueueUrl"],
         stack.action_queue_url.as_str()
