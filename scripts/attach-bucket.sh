@@ -13,8 +13,9 @@ help() {
   cat <<EOF2
 $USAGE
 
-Sends BUCKET's object created and removed events to the stack's aggregator, the way
-the stack's ingest mode says (the one create-stack.sh recorded; --ingest overrides it):
+Sends BUCKET's object created, removed and lifecycle expiration events to the stack's
+aggregator, the way the stack's ingest mode says (the one create-stack.sh recorded;
+--ingest overrides it):
 
   direct       a Lambda permission S3Invoke-BUCKET (for s3.amazonaws.com, this account
                and this bucket only), and a Lambda entry (Id <prefix>ObjectEvents) in

@@ -6,7 +6,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/stack.sh"
 
-USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--arch arm64|x86_64] [--region REGION] BUCKET..."
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--gateway-regions REGION,...] [--arch arm64|x86_64] [--region REGION] BUCKET..."
 
 # Function settings (the same as [package.metadata.lambda.deploy] in the crates).
 AGGREGATOR_TIMEOUT=30
@@ -69,6 +69,13 @@ Options (each overrides the environment variable in brackets):
                        (default: the function's current value, else 30)
   --log-level LEVEL    LOG_LEVEL of both functions: DEBUG, INFO, WARN, ERROR [LOG_LEVEL]
                        (default: each function's current value, else INFO)
+  --gateway-regions R1,R2
+                       refresher GATEWAY_REGIONS: the regions whose gateways' shares it
+                       refreshes, comma-separated region names [GATEWAY_REGIONS]
+                       (default: the function's current value, else not set, which
+                       means the function's own region). A re-run without it leaves
+                       the current value as it is; to go back to the own region only,
+                       pass that region.
   --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
   --region REGION      AWS region [AWS_REGION, AWS_DEFAULT_REGION, then the CLI config]
   -h, --help           this help
@@ -103,6 +110,8 @@ INGEST_ARG=${S3EA_INGEST:-}
 INGEST_GIVEN=${INGEST_ARG:+yes}
 DELAY_ARG=${REFRESH_DELAY_SECONDS:-}
 LOG_LEVEL_ARG=${LOG_LEVEL:-}
+GATEWAY_REGIONS_ARG=${GATEWAY_REGIONS:-}
+GATEWAY_REGIONS_GIVEN=${GATEWAY_REGIONS_ARG:+yes}
 ARCH=${S3EA_ARCH:-arm64}
 REGION_FLAG=
 BUCKETS=()
@@ -119,6 +128,8 @@ while [ $# -gt 0 ]; do
     --delay=*) DELAY_ARG=${1#*=}; shift ;;
     --log-level) need_value $# "$1"; LOG_LEVEL_ARG=$2; shift 2 ;;
     --log-level=*) LOG_LEVEL_ARG=${1#*=}; shift ;;
+    --gateway-regions) need_value $# "$1"; GATEWAY_REGIONS_ARG=$2 GATEWAY_REGIONS_GIVEN=yes; shift 2 ;;
+    --gateway-regions=*) GATEWAY_REGIONS_ARG=${1#*=} GATEWAY_REGIONS_GIVEN=yes; shift ;;
     --arch) need_value $# "$1"; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#*=}; shift ;;
     --region) need_value $# "$1"; REGION_FLAG=$2; shift 2 ;;
@@ -150,6 +161,24 @@ if [ -n "$LOG_LEVEL_ARG" ]; then
     *) usage_error "invalid --log-level '$LOG_LEVEL_ARG': DEBUG, INFO, WARN (or WARNING) or ERROR" ;;
   esac
 fi
+# check_gateway_regions VALUE: VALUE without the spaces around its entries, or a usage
+# error. The same rule as the refresher's (shared/src/config.rs): a comma-separated
+# list of distinct region names, each like us-east-1, us-gov-west-1 or ap-southeast-5.
+check_gateway_regions() {
+  # ASCII ranges whatever the locale.
+  local LC_ALL=C rest="$1," entry seen=, region_re='^[a-z]{2}(-[a-z]+)+-[0-9]+$'
+  while [ -n "$rest" ]; do
+    entry=${rest%%,*} rest=${rest#*,}
+    entry=${entry#"${entry%%[![:space:]]*}"} entry=${entry%"${entry##*[![:space:]]}"}
+    if ! [[ $entry =~ $region_re ]] || [[ $seen == *",$entry,"* ]]; then
+      usage_error "invalid --gateway-regions '$1': a comma-separated list of distinct AWS region names such as us-east-1,eu-west-2"
+    fi
+    seen="$seen$entry,"
+  done
+  seen=${seen#,}
+  printf '%s' "${seen%,}"
+}
+if [ -n "$GATEWAY_REGIONS_GIVEN" ]; then GATEWAY_REGIONS_ARG=$(check_gateway_regions "$GATEWAY_REGIONS_ARG"); fi
 case $ARCH in
   arm64) BUILD_ARCH_FLAG=--arm64 RUST_TARGET=aarch64-unknown-linux-gnu ;;
   x86_64) BUILD_ARCH_FLAG=--x86-64 RUST_TARGET=x86_64-unknown-linux-gnu ;;
@@ -478,7 +507,7 @@ deploy_function() {
         --query 'keys(Environment.Variables || `{}`)' --output text)
       for key in $keys; do
         case $key in
-          QUEUE_URL | REFRESH_DELAY_SECONDS | LOG_LEVEL | TABLE_NAME) ;;
+          QUEUE_URL | REFRESH_DELAY_SECONDS | LOG_LEVEL | TABLE_NAME | GATEWAY_REGIONS) ;;
           *)
             value=$(aws_cli lambda get-function-configuration --function-name "$name" \
               --query "Environment.Variables.\"$key\"" --output text)
@@ -518,15 +547,27 @@ setting() { # FUNCTION VARIABLE GIVEN DEFAULT
 }
 
 deploy_functions() {
-  local delay aggregator_level refresher_level
+  local delay aggregator_level refresher_level gateway_regions refresher_env
   delay=$(setting "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS "$DELAY_ARG" 30)
   aggregator_level=$(setting "$AGGREGATOR_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
   refresher_level=$(setting "$REFRESHER_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
+  # GATEWAY_REGIONS: the option, else the function's current value (a re-run keeps
+  # it), else not set at all, so that the refresher uses its own region.
+  gateway_regions=$(setting "$REFRESHER_FUNCTION" GATEWAY_REGIONS "$GATEWAY_REGIONS_ARG" "")
+  refresher_env=("LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME")
+  if [ -n "$gateway_regions" ]; then refresher_env+=("GATEWAY_REGIONS=$gateway_regions"); fi
   deploy_function "$AGGREGATOR_FUNCTION" aggregator "$AGGREGATOR_ROLE_ARN" "$AGGREGATOR_TIMEOUT" \
     "$AGGREGATOR_MEMORY" "QUEUE_URL=$URL_ACTION_QUEUE" "REFRESH_DELAY_SECONDS=$delay" \
     "LOG_LEVEL=$aggregator_level" "TABLE_NAME=$TABLE_NAME"
+  if [ -n "$GATEWAY_REGIONS_ARG" ]; then
+    step "Refresher gateway regions: $gateway_regions (--gateway-regions)"
+  elif [ -n "$gateway_regions" ]; then
+    step "Refresher gateway regions: $gateway_regions (the function's current GATEWAY_REGIONS, kept)"
+  else
+    step "Refresher gateway regions: $REGION only (GATEWAY_REGIONS not set: the function's own region)"
+  fi
   deploy_function "$REFRESHER_FUNCTION" refresher "$REFRESHER_ROLE_ARN" "$REFRESHER_TIMEOUT" \
-    "$REFRESHER_MEMORY" "LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME"
+    "$REFRESHER_MEMORY" "${refresher_env[@]}"
 }
 
 ensure_concurrency() {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, skipping what is already there:
-# moto server and the AWS CLI (PyPI); with --all also cargo-lambda and the IAM linter
-# parliament (PyPI), and the Debian package for the shell linter. Safe to run any
-# number of times.
+# moto server and the AWS CLI (PyPI), and name resolution of *.localhost (Debian's
+# libnss-myhostname, for S3 Control on loopback); with --all also cargo-lambda and the
+# IAM linter parliament (PyPI), and the Debian package for the shell linter. Safe to
+# run any number of times.
 set -euo pipefail
 
 usage() { echo "usage: $0 [--all]"; }
@@ -29,6 +30,19 @@ pip_install() {
 
 pip_install moto_server 'moto[server]'
 pip_install aws awscli
+
+# The SDK sends every S3 Control call to {AccountId}.{endpoint host}: the tests point
+# it at http://localhost:PORT, so 123456789012.localhost must resolve to loopback.
+# glibc does not resolve *.localhost by itself; nss-myhostname does (its package puts
+# "myhostname" after "files" in /etc/nsswitch.conf, before any DNS lookup).
+if getent ahosts 123456789012.localhost >/dev/null 2>&1; then
+  echo "==> *.localhost: resolves"
+else
+  echo "==> *.localhost: installing libnss-myhostname with apt-get"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnss-myhostname >/dev/null
+  getent ahosts 123456789012.localhost >/dev/null 2>&1 || { echo "error: 123456789012.localhost still does not resolve; add 'myhostname' to the hosts line of /etc/nsswitch.conf" >&2; exit 1; }
+fi
 if $all; then
   pip_install cargo-lambda cargo-lambda
   pip_install parliament parliament

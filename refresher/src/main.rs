@@ -3,7 +3,9 @@
 
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 use serde_json::Value;
-use shared::adapters::sdk::{load_aws_config, DynamoWindowStore, SdkFileGateway, SqsRequeue};
+use shared::adapters::sdk::{
+    load_aws_config, DynamoWindowStore, SdkAccessPoints, SdkFileGateway, SqsRequeue,
+};
 use shared::clock::SystemClock;
 use shared::config::{from_process_env, RefresherConfig};
 use shared::logging;
@@ -17,14 +19,20 @@ async fn main() -> Result<(), Error> {
         logging::fail_init(&e);
     }
     let aws = load_aws_config().await;
+    // GATEWAY_REGIONS, or the function's own region: one Storage Gateway client each.
+    let regions = config
+        .gateway_regions_or(aws.region().map(|r| r.as_ref()))
+        .unwrap_or_else(|e| logging::fail_init(&e));
     // The share map lives in this value, so warm invocations reuse it.
     let refresher = Refresher::new(
         DynamoWindowStore::from_config(&aws, &config.common.table_name),
-        SdkFileGateway::from_config(&aws),
+        SdkFileGateway::for_regions(&aws, &regions),
         // Windows longer than SQS's 900-second delay go back to the queue they came from.
         SqsRequeue::from_config(&aws),
         SystemClock,
-    );
+    )
+    // Shares on S3 access points: S3 Control says which bucket each one maps.
+    .with_access_points(SdkAccessPoints::from_config(&aws));
     let refresher = &refresher;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
         refresher.handle(&event.payload).await

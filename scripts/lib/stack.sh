@@ -12,8 +12,10 @@
 
 S3EA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DEFAULT_PREFIX=S3EventAggregator
-# The events that reach the aggregator: every object creation and removal.
-S3_EVENTS='["s3:ObjectCreated:*","s3:ObjectRemoved:*"]'
+# The events that reach the aggregator: every change of a listing, that is every object
+# creation and removal, and every expiration by a lifecycle rule (S3 sends those as
+# LifecycleExpiration:*, not as ObjectRemoved:*).
+S3_EVENTS='["s3:ObjectCreated:*","s3:ObjectRemoved:*","s3:LifecycleExpiration:*"]'
 # How the events reach it (--ingest): S3 invokes the aggregator (direct), S3 sends them
 # to the ingest queue that the aggregator consumes (sqs), or S3 sends them to
 # EventBridge, whose rule invokes the aggregator (eventbridge).
@@ -292,12 +294,18 @@ notification_query() {
 }
 
 # load_notification_state BUCKET: OURS_LAMBDA and OURS_QUEUE, the number of our
-# entries in each list (0 or 1), and EVENTBRIDGE_ON (True or False).
+# entries in each list (0 or 1), EVENTBRIDGE_ON (True or False), and OURS_EVENTS, the
+# event types of our entries, sorted and comma-separated (empty without an entry).
 load_notification_state() {
-  local state
+  local state ours="[?Id == '$NOTIFICATION_ID']"
   state=$(aws_cli s3api get-bucket-notification-configuration --bucket "$1" --output text --query \
-    "[length(LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'] || \`[]\`), length(QueueConfigurations[?Id == '$NOTIFICATION_ID'] || \`[]\`), EventBridgeConfiguration != \`null\`]")
-  read -r OURS_LAMBDA OURS_QUEUE EVENTBRIDGE_ON <<<"$state"
+    "[length(LambdaFunctionConfigurations$ours || \`[]\`), length(QueueConfigurations$ours || \`[]\`), EventBridgeConfiguration != \`null\`, join(',', sort([LambdaFunctionConfigurations$ours.Events[], QueueConfigurations$ours.Events[]][] || \`[]\`))]")
+  read -r OURS_LAMBDA OURS_QUEUE EVENTBRIDGE_ON OURS_EVENTS <<<"$state"
+}
+
+# s3_events_sorted: S3_EVENTS as OURS_EVENTS shows them (sorted, comma-separated).
+s3_events_sorted() {
+  printf '%s' "$S3_EVENTS" | tr -d '[]"' | tr ',' '\n' | LC_ALL=C sort | paste -sd, -
 }
 
 # write_notification BUCKET ENTRY EVENTBRIDGE [ARG...]: reads the bucket's notification
@@ -312,7 +320,7 @@ write_notification() {
     --notification-configuration "$config" "$@" 2>"$S3EA_TMP/s3-err"; then
     cat "$S3EA_TMP/s3-err" >&2
     if grep -q 'overlap' "$S3EA_TMP/s3-err"; then
-      die "bucket $bucket already sends object-created/removed events without a filter to another destination; S3 allows one destination per event type and key range. Attach it with --ingest eventbridge instead, which needs no entry of its own (README.md, Deploy to AWS)"
+      die "bucket $bucket already sends object created, removed or lifecycle expiration events without a filter to another destination; S3 allows one destination per event type and key range. Attach it with --ingest eventbridge instead, which needs no entry of its own (README.md, Deploy to AWS)"
     fi
     die "cannot write the notification configuration of $bucket"
   fi
@@ -488,6 +496,9 @@ load_rule_buckets() {
 
 # rule_pattern BUCKET...: the rule's event pattern: object created and deleted events
 # from these buckets. With no bucket, it names only "", which no bucket is called.
+# "Object Deleted" covers lifecycle expirations too (detail.reason "Lifecycle
+# Expiration", detail.deletion-type "Permanently Deleted" or "Delete Marker Created"),
+# so the pattern must not filter on the reason.
 rule_pattern() {
   local names='' bucket
   for bucket in "$@"; do names="$names${names:+,}\"$bucket\""; done
@@ -633,7 +644,11 @@ attach_bucket() {
   elif [ "$OURS_LAMBDA" = 0 ] && [ "$OURS_QUEUE" = 0 ]; then
     info "notification $NOTIFICATION_ID: adding a $kind entry to the bucket's configuration (other entries kept)"
   elif { [ "$entry" = lambda ] && [ "$OURS_LAMBDA" != 0 ]; } || { [ "$entry" = queue ] && [ "$OURS_QUEUE" != 0 ]; }; then
-    info "notification $NOTIFICATION_ID: replacing our entry (other entries kept)"
+    if [ "$OURS_EVENTS" != "$(s3_events_sorted)" ]; then
+      info "notification $NOTIFICATION_ID: updating our entry's events from ${OURS_EVENTS:-none} to $(s3_events_sorted) (other entries kept)"
+    else
+      info "notification $NOTIFICATION_ID: replacing our entry (other entries kept)"
+    fi
   else
     info "notification $NOTIFICATION_ID: replacing our entry by a $kind entry (other entries kept)"
   fi

@@ -3,10 +3,10 @@
 use crate::clock::Clock;
 use crate::error::{QueueError, StoreError};
 use crate::ingest::{decode_invocation, InvocationKind};
+use crate::logging::truncate;
 use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
 use crate::ports::{RefreshQueue, WindowStore};
-use crate::refresh_message::{RefreshMessage, BODY_VERSION};
-use crate::refresher::MAX_SQS_DELAY_SECONDS;
+use crate::refresh_message::{RefreshMessage, BODY_VERSION, MAX_SQS_DELAY_SECONDS};
 use crate::s3_event::{DecodedNotification, NotANotification, SkipReason};
 use crate::window::{ChangeSet, OpenExpectation, WindowItem};
 use serde::Serialize;
@@ -41,7 +41,8 @@ pub enum AggregatorError {
 pub struct AggregatorReport {
     pub records: usize,
     pub changes: usize,
-    pub skipped_gateway_writes: usize,
+    /// Changes written through a gateway: refreshed on the other gateways' shares.
+    pub gateway_writes: usize,
     pub skipped_test_events: usize,
     pub skipped_malformed: usize,
     pub undecodable_keys: usize,
@@ -197,6 +198,11 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                     report.records +=
                         decoded.changes.len() + decoded.skipped.len() + events.ignored.len();
                     report.changes += decoded.changes.len();
+                    report.gateway_writes += decoded
+                        .changes
+                        .iter()
+                        .filter(|c| c.writer.is_some())
+                        .count();
                     report.undecodable_keys += decoded.undecodable_keys.len();
                     report.skipped_not_listing_changes += events.ignored.len();
                     for ignored in &events.ignored {
@@ -220,6 +226,9 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             let batch = buckets.entry(change.bucket.as_str()).or_default();
             batch.events += 1;
             metrics.count(Some(&change.bucket), name::EVENTS_RECEIVED, 1);
+            if change.writer.is_some() {
+                metrics.count(Some(&change.bucket), name::EVENTS_FROM_GATEWAY, 1);
+            }
             if let Some(key) = change
                 .key
                 .as_ref()
@@ -227,9 +236,10 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             {
                 batch.keys.push(key.clone());
             }
-            match change.folder() {
-                Some(folder) => batch.changes.add_folder(folder),
-                None => batch.changes.set_whole_bucket(),
+            match (&change.writer, change.folder()) {
+                (None, Some(folder)) => batch.changes.add_folder(folder),
+                (None, None) => batch.changes.set_whole_bucket(),
+                (Some(writer), folder) => batch.changes.add_gateway_write(writer, folder),
             }
             if let Some(t) = change.event_time_ms {
                 batch.first_event_ms = Some(batch.first_event_ms.map_or(t, |f| f.min(t)));
@@ -307,18 +317,6 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
         for skipped in &decoded.skipped {
             let bucket = skipped.bucket.as_deref();
             match &skipped.reason {
-                SkipReason::GatewayWrite { .. } => {
-                    report.skipped_gateway_writes += 1;
-                    metrics.count(bucket, name::EVENTS_RECEIVED, 1);
-                    metrics.count(bucket, name::EVENTS_SKIPPED_GATEWAY, 1);
-                    info!(
-                        bucket = bucket.unwrap_or(""),
-                        record = skipped.index,
-                        message_id,
-                        "Skipping {}",
-                        skipped.reason
-                    );
-                }
                 SkipReason::TestEvent => {
                     report.skipped_test_events += 1;
                     info!(
@@ -370,10 +368,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             known.is_joinable(now) && now < known.ends_at_ms.saturating_sub(self.clock_margin_ms)
         });
         if let Some(known) = &cached {
-            if batch
-                .changes
-                .is_covered_by(&known.folders, known.whole_bucket)
-            {
+            if known.covers(&batch.changes) {
                 // Safe without a write: the window records these changes and cannot be
                 // closed before its end (see `with_clock_margin_ms`), so its refresh
                 // starts after these events.
@@ -393,9 +388,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 None => (self.store.read(bucket).await.map_err(store_err)?, true),
             };
             if let Some(current) = item.as_ref().filter(|i| i.is_joinable(now)) {
-                let rest = batch
-                    .changes
-                    .not_covered_by(&current.folders, current.whole_bucket);
+                let rest = current.uncovered(&batch.changes);
                 if fresh && rest.is_empty() {
                     // Just read: the window was open after these events happened and
                     // already records their changes.
@@ -421,9 +414,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             }
             let expected = OpenExpectation::from_item(item.as_ref());
             let changes = match item.as_ref().filter(|_| expected.carry) {
-                Some(current) => batch
-                    .changes
-                    .not_covered_by(&current.folders, current.whole_bucket),
+                Some(current) => current.uncovered(&batch.changes),
                 None => batch.changes.clone(),
             };
             let message = RefreshMessage {
@@ -499,17 +490,6 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub(crate) fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 impl AggregatorError {
@@ -588,7 +568,10 @@ mod tests {
             .iter()
             .all(|m| m.delay_seconds == 30 && m.message.generation == 1));
         let item = agg.store().item("bkt1").unwrap();
-        assert_eq!(item.folders, ["a/".to_string(), "c/".to_string()].into());
+        assert_eq!(
+            item.changes.folders,
+            ["a/".to_string(), "c/".to_string()].into()
+        );
         // Past its end the window takes joins until the refresher closes it.
         clock.0.fetch_add(30_000, Ordering::Relaxed);
         let r3 = agg.handle(&event(&[("bkt1", "d")])).await.unwrap();
@@ -647,7 +630,7 @@ mod tests {
         assert_eq!(item.generation, 2);
         // Window 1 was closed but its refreshes were never recorded: carried.
         assert_eq!(
-            item.folders,
+            item.changes.folders,
             ["a/".to_string(), "b/".to_string(), "c/".to_string()].into()
         );
     }
@@ -761,7 +744,7 @@ mod tests {
         );
         let item = agg.store().1.item("bkt1").unwrap();
         assert_eq!(
-            item.folders,
+            item.changes.folders,
             ["f0/".to_string(), "f1/".into(), "f2/".into()].into()
         );
     }
@@ -787,7 +770,7 @@ mod tests {
             (1, Some(InvocationKind::EventBridge))
         );
         assert_eq!(
-            agg.store().item("viaeb").unwrap().folders,
+            agg.store().item("viaeb").unwrap().changes.folders,
             ["x/".to_string()].into()
         );
         assert!(r.into_response().get("windowsOpened").is_some());
@@ -817,10 +800,6 @@ mod tests {
             &clock,
             30,
         );
-        let gw = json!({"Records": [{"userIdentity": {"principalId": "x:StorageGateway-sgw-1"},
-            "s3": {"bucket": {"name": "bkt1"}, "object": {"key": "k"}}}]});
-        let r = agg.handle(&gw).await.unwrap();
-        assert_eq!((r.skipped_gateway_writes, r.messages_sent), (1, 0));
         let r = agg
             .handle(&json!({"Event": "s3:TestEvent", "Bucket": "bkt1"}))
             .await
@@ -834,9 +813,59 @@ mod tests {
         assert_eq!(agg.store().writes(), 0);
     }
 
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
+    fn gateway_event(principal: &str, keys: &[&str]) -> Value {
+        let records: Vec<Value> = keys
+            .iter()
+            .map(|key| {
+                json!({"eventName": "ObjectCreated:Put", "userIdentity": {"principalId": principal},
+                       "s3": {"bucket": {"name": "bkt1"}, "object": {"key": key}}})
+            })
+            .collect();
+        json!({ "Records": records })
+    }
+
+    #[tokio::test]
+    async fn gateway_writes_open_a_window_with_their_writer_and_coalesce() {
+        let clock = TestClock(AtomicI64::new(0));
+        let agg = Aggregator::new(
+            MemoryWindowStore::default(),
+            MemoryQueue::default(),
+            &clock,
+            30,
+        );
+        let principal = "AWS:AROAEXAMPLE:StorageGateway-sgw-12A3456B";
+        let r = agg
+            .handle(&gateway_event(principal, &["a/1", "a/2"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.gateway_writes, r.windows_opened, r.messages_sent),
+            (2, 1, 1)
+        );
+        // Later writes through the same gateway to the same folder cost nothing.
+        for i in 0..100 {
+            clock.0.fetch_add(10, Ordering::Relaxed);
+            let r = agg
+                .handle(&gateway_event(principal, &[&format!("a/k{i}")]))
+                .await
+                .unwrap();
+            assert_eq!(r.coalesced_in_container, 1);
+        }
+        assert_eq!((agg.store().writes(), agg.queue().sent().len()), (1, 1));
+        // Another gateway's write of the folder is a new entry; a plain change too.
+        agg.handle(&gateway_event("x:StorageGateway-sgw-99999999", &["a/x"]))
+            .await
+            .unwrap();
+        agg.handle(&event(&[("bkt1", "a/y")])).await.unwrap();
+        let item = agg.store().item("bkt1").unwrap();
+        assert_eq!(item.changes.folders, ["a/".to_string()].into());
+        let writers: Vec<String> = item
+            .changes
+            .gateway_writes
+            .iter()
+            .map(|c| c.encode())
+            .collect();
+        assert_eq!(writers, ["sgw-12a3456b:/a/", "sgw-99999999:/a/"]);
+        assert_eq!(agg.store().writes(), 3);
     }
 }

@@ -90,6 +90,10 @@ pub struct AggregatorConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefresherConfig {
     pub common: CommonConfig,
+    /// `GATEWAY_REGIONS`: the regions whose gateways' shares are refreshed, in the
+    /// order given. `None` when unset: the function's own region (see
+    /// [`RefresherConfig::gateway_regions_or`]).
+    pub gateway_regions: Option<Vec<String>>,
 }
 
 /// Reads one variable. Tests pass a closure over a map; the binaries use [`from_process_env`].
@@ -144,10 +148,65 @@ impl AggregatorConfig {
 
 impl RefresherConfig {
     pub fn from_env(env: &impl EnvSource) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_env(env)?;
+        let gateway_regions = match env.var("GATEWAY_REGIONS") {
+            None => None,
+            Some(v) => Some(parse_gateway_regions(&v)?),
+        };
         Ok(RefresherConfig {
-            common: CommonConfig::from_env(env)?,
+            common,
+            gateway_regions,
         })
     }
+
+    /// The configured gateway regions, or `[own_region]` (the region that the AWS
+    /// configuration resolved, `AWS_REGION` in Lambda) when `GATEWAY_REGIONS` is
+    /// unset. Without either there is no region to ask: `GATEWAY_REGIONS` is missing.
+    pub fn gateway_regions_or(&self, own_region: Option<&str>) -> Result<Vec<String>, ConfigError> {
+        match (&self.gateway_regions, own_region) {
+            (Some(regions), _) => Ok(regions.clone()),
+            (None, Some(own)) => Ok(vec![own.to_string()]),
+            (None, None) => Err(ConfigError::Missing {
+                name: "GATEWAY_REGIONS",
+                accepted: GATEWAY_REGIONS_ACCEPTED,
+            }),
+        }
+    }
+}
+
+const GATEWAY_REGIONS_ACCEPTED: &str = "accepted: a comma-separated list of distinct AWS region names such as us-east-1,eu-west-2 (default: the function's own region)";
+
+/// Whether `name` looks like an AWS region name: `^[a-z]{2}(-[a-z]+)+-[0-9]+$`
+/// (`us-east-1`, `us-gov-west-1`, `cn-north-1`, `ap-southeast-5`).
+pub fn is_region_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('-').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return false;
+    };
+    first.len() == 2
+        && first.bytes().all(|b| b.is_ascii_lowercase())
+        && !middle.is_empty()
+        && middle
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && !last.is_empty()
+        && last.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn parse_gateway_regions(value: &str) -> Result<Vec<String>, ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        name: "GATEWAY_REGIONS",
+        value: value.to_string(),
+        accepted: GATEWAY_REGIONS_ACCEPTED,
+    };
+    let mut regions: Vec<String> = Vec::new();
+    for entry in value.split(',').map(str::trim) {
+        if !is_region_name(entry) || regions.iter().any(|r| r == entry) {
+            return Err(invalid());
+        }
+        regions.push(entry.to_string());
+    }
+    Ok(regions)
 }
 
 fn parse_delay(value: &str) -> Result<u32, ConfigError> {
@@ -303,6 +362,125 @@ mod tests {
             line.contains("LOG_LEVEL") && line.contains("\"verbose\"") && line.contains("WARNING"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn gateway_regions_default_to_the_own_region() {
+        let config = RefresherConfig::from_env(&env(&[])).unwrap();
+        assert_eq!(config.gateway_regions, None);
+        assert_eq!(
+            config.gateway_regions_or(Some("eu-west-1")).unwrap(),
+            ["eu-west-1"]
+        );
+        // No region anywhere: the line names GATEWAY_REGIONS.
+        let line = config.gateway_regions_or(None).unwrap_err().to_string();
+        assert!(
+            line.contains("GATEWAY_REGIONS") && line.contains("required"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn gateway_regions_are_trimmed_and_kept_in_order() {
+        let config = RefresherConfig::from_env(&env(&[(
+            "GATEWAY_REGIONS",
+            " us-east-1 ,eu-west-2,cn-north-1, us-gov-west-1,ap-southeast-5 ",
+        )]))
+        .unwrap();
+        let expected = [
+            "us-east-1",
+            "eu-west-2",
+            "cn-north-1",
+            "us-gov-west-1",
+            "ap-southeast-5",
+        ];
+        assert_eq!(
+            config.gateway_regions.as_deref(),
+            Some(&expected.map(String::from)[..])
+        );
+        // Configured regions replace the default; the own region is not added.
+        assert_eq!(
+            config.gateway_regions_or(Some("sa-east-1")).unwrap(),
+            expected
+        );
+        assert_eq!(config.gateway_regions_or(None).unwrap(), expected);
+        let one = RefresherConfig::from_env(&env(&[("GATEWAY_REGIONS", "eu-central-1")])).unwrap();
+        assert_eq!(
+            one.gateway_regions_or(Some("us-east-1")).unwrap(),
+            ["eu-central-1"]
+        );
+    }
+
+    #[test]
+    fn gateway_regions_rejects_malformed_lists_in_one_line() {
+        for bad in [
+            "",
+            " ",
+            ",",
+            "us-east-1,",
+            ",us-east-1",
+            "us-east-1,,eu-west-1",
+            "us-east-1,us-east-1",
+            "us-east-1, us-east-1 ",
+            "US-EAST-1",
+            "us-east",
+            "useast1",
+            "us-east-1a",
+            "us--east-1",
+            "u-east-1",
+            "usa-east-1",
+            "us-east-",
+            "-us-east-1",
+            "us-east-1 eu-west-1",
+            "us-east-1;eu-west-1",
+            "us-éast-1",
+            "arn:aws:storagegateway:us-east-1",
+        ] {
+            let err = RefresherConfig::from_env(&env(&[("GATEWAY_REGIONS", bad)])).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        name: "GATEWAY_REGIONS",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err}"
+            );
+            let line = err.to_string();
+            assert!(
+                line.contains("GATEWAY_REGIONS") && line.contains("us-east-1,eu-west-2"),
+                "{line}"
+            );
+            assert!(!line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn region_names() {
+        for good in [
+            "us-east-1",
+            "eu-west-2",
+            "cn-north-1",
+            "us-gov-west-1",
+            "ap-southeast-5",
+            "us-isob-east-1",
+            "il-central-1",
+        ] {
+            assert!(is_region_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "us",
+            "us-1",
+            "us-east",
+            "us-east-x",
+            "1s-east-1",
+            "us-east-1-",
+            "us-East-1",
+        ] {
+            assert!(!is_region_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -51,3 +51,12 @@ impl GatewayError {
         }
     }
 }
+
+/// An S3 Control (access point) failure. "The access point does not exist" is not an
+/// error: the port answers `Ok(None)` for it.
+#[derive(Debug, Error)]
+#[error("S3 Control: {message}")]
+pub struct AccessPointError {
+    pub retry: Retry,
+    pub message: String,
+}

@@ -534,6 +534,9 @@ fn decode_eventbridge(event: &Map<String, Value>) -> Result<UnitEvents, UnitErro
             .get("time")
             .and_then(Value::as_str)
             .and_then(parse_event_time),
+        // EventBridge names the requester's account, not its principal: no gateway
+        // can be told apart, so every share is refreshed.
+        writer: None,
     });
     Ok(events)
 }
@@ -638,6 +641,7 @@ mod tests {
             key: Some(key.into()),
             event_name: event_name.into(),
             event_time_ms: time,
+            writer: None,
         }
     }
 
@@ -867,6 +871,37 @@ mod tests {
                 )]
             );
             assert_eq!(inv.units[0].changes()[0].folder(), Some("dir/"));
+        }
+    }
+
+    /// An object that a lifecycle rule expires sends "Object Deleted" with reason
+    /// "Lifecycle Expiration" (S3 as the requester, no size): a change, whatever the
+    /// deletion type.
+    #[test]
+    fn eventbridge_lifecycle_expiration_is_a_change() {
+        for deletion_type in ["Permanently Deleted", "Delete Marker Created"] {
+            let mut event = eventbridge("Object Deleted", "bkt1", "logs/old.gz");
+            event["detail"]["object"] =
+                json!({"key": "logs/old.gz", "sequencer": "617b398000000000"});
+            event["detail"]["requester"] = json!("s3.amazonaws.com");
+            event["detail"]["reason"] = json!("Lifecycle Expiration");
+            event["detail"]["deletion-type"] = json!(deletion_type);
+            event["detail"]
+                .as_object_mut()
+                .unwrap()
+                .remove("source-ip-address");
+            let inv = decode_invocation(&event).unwrap();
+            let events = inv.units[0].events().unwrap();
+            assert_eq!(events.notification.changes.len(), 1, "{deletion_type}");
+            let c = &events.notification.changes[0];
+            assert_eq!(
+                (c.bucket.as_str(), c.key.as_deref(), c.event_name.as_str()),
+                ("bkt1", Some("logs/old.gz"), "Object Deleted"),
+                "{deletion_type}"
+            );
+            assert_eq!(c.event_time_ms, Some(EB_TIME));
+            assert!(events.notification.skipped.is_empty(), "{deletion_type}");
+            assert!(events.ignored.is_empty(), "{deletion_type}");
         }
     }
 

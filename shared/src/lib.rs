@@ -7,6 +7,7 @@
 //! the same code runs in unit tests (with [`adapters::memory`]), in the simulation and
 //! in production (with [`adapters::sdk`]).
 
+pub mod access_points;
 pub mod adapters;
 pub mod aggregator;
 pub mod clock;

@@ -70,8 +70,28 @@ pub fn fail_init(error: &ConfigError) -> ! {
     std::process::exit(2)
 }
 
+/// The first `max` bytes of `text` at most, cut at a character boundary: payloads
+/// and bodies are logged, but never whole when they are huge.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
     use super::*;
 
     #[test]

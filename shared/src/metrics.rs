@@ -14,7 +14,8 @@ pub const NAMESPACE: &str = "S3EventAggregator";
 /// Metric names, as they appear in CloudWatch.
 pub mod name {
     pub const EVENTS_RECEIVED: &str = "EventsReceived";
-    pub const EVENTS_SKIPPED_GATEWAY: &str = "EventsSkippedGatewayWrite";
+    /// Events written through a gateway: refreshed on every other gateway's shares.
+    pub const EVENTS_FROM_GATEWAY: &str = "EventsFromGateway";
     pub const EVENTS_SKIPPED_MALFORMED: &str = "EventsSkippedMalformed";
     pub const WINDOWS_OPENED: &str = "WindowsOpened";
     pub const EVENTS_COALESCED: &str = "EventsCoalesced";
@@ -22,6 +23,10 @@ pub mod name {
     pub const REFRESHES_REQUESTED: &str = "RefreshesRequested";
     pub const REFRESHES_THROTTLED: &str = "RefreshesThrottled";
     pub const SHARES_NOT_FOUND: &str = "SharesNotFound";
+    /// Access points of shares that S3 Control could not map to a bucket (not found,
+    /// alias not listed, access denied), per share-map resolve: those shares are left
+    /// out until the next resolve.
+    pub const ACCESS_POINTS_UNRESOLVED: &str = "AccessPointsUnresolved";
     pub const MESSAGES_FAILED: &str = "MessagesFailed";
     pub const MESSAGES_UNREADABLE: &str = "MessagesUnreadable";
     /// Refresh messages sent back because their window ends later.

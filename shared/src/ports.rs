@@ -1,7 +1,7 @@
 //! The ports through which the services reach AWS. Each has an SDK adapter
 //! ([`crate::adapters::sdk`]) and an in-memory one ([`crate::adapters::memory`]).
 
-use crate::error::{GatewayError, QueueError, StoreError};
+use crate::error::{AccessPointError, GatewayError, QueueError, StoreError};
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
 use crate::window::{ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
@@ -118,4 +118,59 @@ pub trait FileGateway: Send + Sync {
         &self,
         plan: &RefreshPlan,
     ) -> impl Future<Output = Result<String, GatewayError>> + Send;
+}
+
+/// An S3 access point, as S3 Control describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessPoint {
+    pub name: String,
+    /// `NAME-…-s3alias`; empty when S3 Control did not say.
+    pub alias: String,
+    /// The bucket that the access point belongs to.
+    pub bucket: String,
+}
+
+/// S3 Control's access points (`GetAccessPoint`, `ListAccessPoints`). Both calls go
+/// to `region`, the access point's region, in `account`.
+pub trait AccessPoints: Send + Sync {
+    /// The access point `name`; `Ok(None)` when S3 Control says there is none.
+    fn get_access_point(
+        &self,
+        account: &str,
+        region: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<AccessPoint>, AccessPointError>> + Send;
+
+    /// Every access point of the account in the region, all pages.
+    fn list_access_points(
+        &self,
+        account: &str,
+        region: &str,
+    ) -> impl Future<Output = Result<Vec<AccessPoint>, AccessPointError>> + Send;
+}
+
+/// No S3 Control: every share on an access point is unresolvable (the refresher logs
+/// and counts it). The default of [`crate::refresher::Refresher`], so that a refresher
+/// built without [`crate::refresher::Refresher::with_access_points`] still refreshes
+/// every bucket share.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoAccessPoints;
+
+impl AccessPoints for NoAccessPoints {
+    async fn get_access_point(
+        &self,
+        _account: &str,
+        _region: &str,
+        _name: &str,
+    ) -> Result<Option<AccessPoint>, AccessPointError> {
+        Ok(None)
+    }
+
+    async fn list_access_points(
+        &self,
+        _account: &str,
+        _region: &str,
+    ) -> Result<Vec<AccessPoint>, AccessPointError> {
+        Ok(Vec::new())
+    }
 }

@@ -62,6 +62,10 @@ pub enum BadMessage {
     },
 }
 
+/// SQS caps `DelaySeconds` at 900: a longer window's message is sent again by the
+/// refresher until the window ends.
+pub const MAX_SQS_DELAY_SECONDS: u32 = 900;
+
 /// Reads one SQS record of the refresher's event.
 pub fn decode_sqs_record(record: &Value) -> Result<IncomingRefresh, BadMessage> {
     let message: SqsMessage = serde_json::from_value(record.clone())

@@ -1,17 +1,23 @@
 //! The refresher: refresh messages in, `RefreshCache` on every share that maps the
 //! bucket out, with an SQS partial batch response.
 
-use crate::aggregator::truncate;
+use crate::access_points::{parse_location, share_account_region, AccessPointArn, LocationRef};
 use crate::clock::Clock;
-use crate::error::{GatewayError, QueueError, Retry, StoreError};
+use crate::error::{AccessPointError, GatewayError, QueueError, Retry, StoreError};
+use crate::logging::truncate;
 use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
-use crate::ports::{FileGateway, Requeue, WindowStore};
+use crate::ports::{
+    AccessPoint, AccessPoints, DescribedShare, FileGateway, NoAccessPoints, Requeue, WindowStore,
+};
 use crate::refresh_message::{decode_sqs_record, IncomingRefresh};
-use crate::shares::{parse_location_arn, plan_refreshes, FileShare, ShareKind};
-use crate::window::{CloseOutcome, RefreshLog, RefreshScope, StartedRefresh};
+use crate::shares::{
+    leaves_out_writer_shares, plan_refreshes, FileShare, ShareKind, ShareLocation,
+};
+use crate::window::{ChangeSet, CloseOutcome, RefreshLog, StartedRefresh};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse};
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::Mutex;
@@ -42,6 +48,9 @@ pub enum RecordError {
     SharesUnstable(String),
     #[error("sending the message back for the rest of its window: {0}")]
     Requeue(#[from] QueueError),
+    /// S3 Control failed for now while resolving the shares on access points.
+    #[error("resolving access point shares: {0}")]
+    AccessPoints(#[from] AccessPointError),
 }
 
 /// What happened to one message.
@@ -59,8 +68,7 @@ pub enum RecordOutcome {
     NeverOpened,
 }
 
-/// SQS caps `DelaySeconds` at 900.
-pub const MAX_SQS_DELAY_SECONDS: u32 = 900;
+pub use crate::refresh_message::MAX_SQS_DELAY_SECONDS;
 
 /// The longest a Lambda invocation lasts: an aggregator that sent a window's message
 /// opens the window within this time or never.
@@ -80,13 +88,19 @@ struct ShareCache {
     loaded_at_ms: i64,
 }
 
-pub struct Refresher<S, G, Q, C> {
+/// `A` resolves shares on S3 access points ([`Refresher::with_access_points`]); the
+/// default, [`NoAccessPoints`], leaves them all unresolved.
+pub struct Refresher<S, G, Q, C, A = NoAccessPoints> {
     store: S,
     gateway: G,
     requeue: Q,
     clock: C,
+    access_points: A,
     cache: Mutex<Option<ShareCache>>,
     metrics: Arc<dyn MetricsSink>,
+    /// Access points that the resolves since the last invocation's metrics could not
+    /// map; counted into `AccessPointsUnresolved` when the invocation ends.
+    unresolved_access_points: AtomicU64,
 }
 
 impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C> {
@@ -96,11 +110,38 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
             gateway,
             requeue,
             clock,
+            access_points: NoAccessPoints,
             cache: Mutex::new(None),
             metrics: Arc::new(StdoutSink),
+            unresolved_access_points: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<S, G, Q, C, A> Refresher<S, G, Q, C, A> {
+    /// Resolves shares on access points (ARN or alias) through `access_points` (S3
+    /// Control). The share map is resolved anew.
+    pub fn with_access_points<B: AccessPoints>(self, access_points: B) -> Refresher<S, G, Q, C, B> {
+        Refresher {
+            store: self.store,
+            gateway: self.gateway,
+            requeue: self.requeue,
+            clock: self.clock,
+            access_points,
+            cache: Mutex::new(None),
+            metrics: self.metrics,
+            unresolved_access_points: AtomicU64::new(0),
         }
     }
 
+    pub fn access_points(&self) -> &A {
+        &self.access_points
+    }
+}
+
+impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
+    Refresher<S, G, Q, C, A>
+{
     /// Sends the EMF metric lines somewhere else than stdout.
     pub fn with_metrics_sink(mut self, sink: Arc<dyn MetricsSink>) -> Self {
         self.metrics = sink;
@@ -173,6 +214,14 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                 }
             }
         }
+        let unresolved = self.unresolved_access_points.swap(0, Ordering::Relaxed);
+        if unresolved > 0 {
+            metrics.count(
+                None,
+                name::ACCESS_POINTS_UNRESOLVED,
+                usize::try_from(unresolved).unwrap_or(usize::MAX),
+            );
+        }
         metrics.emit(self.metrics.as_ref(), "refresher", self.clock.now_ms());
         Ok(response)
     }
@@ -207,10 +256,10 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                     // Most likely the bucket's first window, not written yet.
                     Some(requeued) => return Ok(requeued),
                     // Still no item long after: it was deleted; what changed is unknown.
-                    None => RefreshScope::WholeBucket,
+                    None => ChangeSet::whole(),
                 },
             },
-            None => RefreshScope::WholeBucket,
+            None => ChangeSet::whole(),
         };
 
         let mut log = RefreshLog {
@@ -220,7 +269,16 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
         };
         let mut resolved_fresh = false;
         loop {
-            let shares = self.shares(resolved_fresh).await?;
+            let (mut shares, loaded_now) = self.shares(resolved_fresh).await?;
+            if !loaded_now && leaves_out_writer_shares(&shares, bucket, &scope) {
+                // A share is left out because its gateway wrote the change. That holds
+                // only if it is still on that gateway: a share that moved to another
+                // gateway since the map was loaded would never see the change (and, never
+                // called, never reports that it is gone). So judge on a map loaded after
+                // the close (this call's), when no event of the window can come any more.
+                (shares, _) = self.shares(true).await?;
+                resolved_fresh = true;
+            }
             let plans: Vec<_> = plan_refreshes(&shares, bucket, &scope)
                 .into_iter()
                 .filter(|p| {
@@ -232,11 +290,16 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                 })
                 .collect();
             if plans.is_empty() && log.refreshes.is_empty() {
-                warn!(
-                    bucket,
-                    ?scope,
-                    "No file share maps bucket {bucket}; nothing to refresh"
-                );
+                if shares.iter().any(|s| s.location.bucket == bucket) {
+                    info!(bucket, ?scope,
+                        "No share of bucket {bucket} needs these changes (outside its prefix, or written through its own gateway)");
+                } else {
+                    warn!(
+                        bucket,
+                        ?scope,
+                        "No file share maps bucket {bucket}; nothing to refresh"
+                    );
+                }
             }
             let mut share_gone = false;
             for plan in &plans {
@@ -341,12 +404,18 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
     }
 
     /// Every NFS and SMB share in the account, from the cache when it is fresh.
-    async fn shares(&self, force: bool) -> Result<Vec<FileShare>, GatewayError> {
+    ///
+    /// A map that could not be resolved whole (a gateway or S3 Control failure that is
+    /// worth retrying) is not cached: the message fails, and the next one resolves
+    /// again.
+    /// Every NFS and SMB share, and whether the map was loaded by this call (rather
+    /// than taken from the cache).
+    async fn shares(&self, force: bool) -> Result<(Vec<FileShare>, bool), RecordError> {
         let now = self.clock.now_ms();
         let mut cache = self.cache.lock().await;
         if let Some(c) = cache.as_ref() {
             if !force && now.saturating_sub(c.loaded_at_ms) < SHARE_CACHE_TTL_MS {
-                return Ok(c.shares.clone());
+                return Ok((c.shares.clone(), false));
             }
         }
         let shares = self.resolve_shares().await?;
@@ -355,10 +424,10 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
             shares: shares.clone(),
             loaded_at_ms: now,
         });
-        Ok(shares)
+        Ok((shares, true))
     }
 
-    async fn resolve_shares(&self) -> Result<Vec<FileShare>, GatewayError> {
+    async fn resolve_shares(&self) -> Result<Vec<FileShare>, RecordError> {
         let mut summaries = Vec::new();
         let mut marker: Option<String> = None;
         let mut seen_markers = BTreeSet::new();
@@ -371,12 +440,13 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                     return Err(GatewayError::Other {
                         retry: Retry::Later,
                         message: format!("ListFileShares returned marker {repeated:?} twice"),
-                    })
+                    }
+                    .into())
                 }
                 None => break,
             }
         }
-        let mut shares = Vec::with_capacity(summaries.len());
+        let mut described = Vec::with_capacity(summaries.len());
         for kind in [ShareKind::Nfs, ShareKind::Smb] {
             let arns: Vec<String> = summaries
                 .iter()
@@ -384,22 +454,245 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
                 .map(|s| s.arn.clone())
                 .collect();
             for chunk in arns.chunks(DESCRIBE_BATCH) {
-                for described in self.gateway.describe_file_shares(kind, chunk).await? {
-                    match parse_location_arn(&described.location_arn) {
-                        Ok(location) => shares.push(FileShare {
-                            arn: described.arn,
-                            kind,
-                            gateway_arn: described.gateway_arn,
-                            location,
-                        }),
-                        Err(e) => {
-                            warn!(share = %described.arn, error = %e, "Skipping share whose location names no bucket")
+                described.extend(self.gateway.describe_file_shares(kind, chunk).await?);
+            }
+        }
+        self.locate_shares(described).await
+    }
+
+    /// The described shares with the bucket each one maps: the bucket of a bucket
+    /// location as it is, and for an access point (by ARN or alias) the bucket that S3
+    /// Control says it belongs to. The prefix is the location's either way, so
+    /// [`plan_refreshes`] treats both alike.
+    ///
+    /// A share whose access point cannot be resolved (not found, alias not listed,
+    /// access denied: what retrying the same call does not change) is logged with its
+    /// ARN, counted, and left out of this map; the next resolve asks again. Its bucket
+    /// is never guessed.
+    ///
+    /// An S3 Control failure worth retrying (throttling, 5xx, timeouts) fails the whole
+    /// resolve instead, and so the message, before any refresh: SQS redelivers it and
+    /// the map is resolved again then. Leaving the share out would cache a map without
+    /// it for [`SHARE_CACHE_TTL_MS`] and delete messages whose changes it should have
+    /// seen, which is the one thing the product must not do; refreshing the other shares
+    /// and failing the message would refresh them twice. While S3 Control fails, every
+    /// message waits for its redelivery (and ends in the DLQ, alarmed, if it lasts),
+    /// which is the price of never missing a change.
+    async fn locate_shares(
+        &self,
+        described: Vec<DescribedShare>,
+    ) -> Result<Vec<FileShare>, RecordError> {
+        let parsed: Vec<_> = described
+            .into_iter()
+            .map(|d| {
+                let location = parse_location(&d.location_arn);
+                (d, location)
+            })
+            .collect();
+        let mut lookup = AccessPointLookup::new(
+            &self.access_points,
+            parsed.iter().flat_map(|(d, location)| {
+                let access_point_region = match location {
+                    Ok(LocationRef::AccessPoint { access_point, .. }) => {
+                        Some(access_point.region.as_str())
+                    }
+                    _ => None,
+                };
+                share_account_region(&d.arn)
+                    .map(|(_, region)| region)
+                    .into_iter()
+                    .chain(access_point_region)
+            }),
+        );
+        let mut shares = Vec::with_capacity(parsed.len());
+        for (described, location) in parsed {
+            let location = match location {
+                Ok(LocationRef::Bucket(location)) => location,
+                Ok(reference) => match lookup.bucket_of(&described.arn, &reference).await? {
+                    Ok(bucket) => {
+                        info!(share = %described.arn, location = %described.location_arn, bucket = %bucket,
+                            "Share on an access point maps bucket {bucket}");
+                        ShareLocation {
+                            bucket,
+                            prefix: reference.prefix().to_string(),
                         }
+                    }
+                    Err(reason) => {
+                        warn!(share = %described.arn, location = %described.location_arn, %reason,
+                            "Access point of share {} cannot be resolved to a bucket; leaving the share out until the next resolve",
+                            described.arn);
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    warn!(share = %described.arn, error = %e, "Skipping share whose location names no bucket");
+                    continue;
+                }
+            };
+            shares.push(FileShare {
+                arn: described.arn,
+                kind: described.kind,
+                gateway_arn: described.gateway_arn,
+                location,
+            });
+        }
+        self.unresolved_access_points
+            .fetch_add(lookup.unresolved(), Ordering::Relaxed);
+        Ok(shares)
+    }
+}
+
+/// A bucket, or why none is known.
+type Resolution = Result<String, String>;
+
+/// One resolve's answers from S3 Control: each access point is asked about once
+/// (`GetAccessPoint`), and each account and region listed once (`ListAccessPoints`),
+/// however many shares use them.
+struct AccessPointLookup<'a, A> {
+    access_points: &'a A,
+    /// Where an alias is looked for after its share's own region: the regions of this
+    /// resolve's shares and access point ARNs, in order of appearance.
+    regions: Vec<String>,
+    by_arn: HashMap<AccessPointArn, Resolution>,
+    /// `(account, alias)` → its bucket.
+    by_alias: HashMap<(String, String), Resolution>,
+    /// `(account, region)` → its access points.
+    listed: HashMap<(String, String), Vec<AccessPoint>>,
+    /// The access points (ARN, or account and alias) that could not be resolved.
+    unresolved: BTreeSet<String>,
+}
+
+impl<'a, A: AccessPoints> AccessPointLookup<'a, A> {
+    fn new<'r>(access_points: &'a A, regions: impl Iterator<Item = &'r str>) -> Self {
+        let mut unique: Vec<String> = Vec::new();
+        for region in regions {
+            if !unique.iter().any(|r| r == region) {
+                unique.push(region.to_string());
+            }
+        }
+        AccessPointLookup {
+            access_points,
+            regions: unique,
+            by_arn: HashMap::new(),
+            by_alias: HashMap::new(),
+            listed: HashMap::new(),
+            unresolved: BTreeSet::new(),
+        }
+    }
+
+    /// How many access points could not be resolved.
+    fn unresolved(&self) -> u64 {
+        u64::try_from(self.unresolved.len()).unwrap_or(u64::MAX)
+    }
+
+    /// The bucket of an access point location of share `share_arn`; `Err` only for a
+    /// failure worth retrying.
+    async fn bucket_of(
+        &mut self,
+        share_arn: &str,
+        reference: &LocationRef,
+    ) -> Result<Resolution, AccessPointError> {
+        let (key, resolution) = match reference {
+            LocationRef::Bucket(location) => return Ok(Ok(location.bucket.clone())),
+            LocationRef::AccessPoint { access_point, .. } => (
+                access_point.to_string(),
+                self.by_access_point_arn(access_point).await?,
+            ),
+            LocationRef::Alias { alias, .. } => match share_account_region(share_arn) {
+                Some((account, region)) => (
+                    format!("{account}:{alias}"),
+                    self.by_alias(account, region, alias).await?,
+                ),
+                None => (
+                    alias.clone(),
+                    Err(format!(
+                        "the share ARN names no account and region to look alias {alias} up in"
+                    )),
+                ),
+            },
+        };
+        if resolution.is_err() {
+            self.unresolved.insert(key);
+        }
+        Ok(resolution)
+    }
+
+    async fn by_access_point_arn(
+        &mut self,
+        arn: &AccessPointArn,
+    ) -> Result<Resolution, AccessPointError> {
+        if let Some(known) = self.by_arn.get(arn) {
+            return Ok(known.clone());
+        }
+        let resolution = match self
+            .access_points
+            .get_access_point(&arn.account, &arn.region, &arn.name)
+            .await
+        {
+            Ok(Some(point)) => Ok(point.bucket),
+            Ok(None) => Err(format!("S3 Control knows no access point {arn}")),
+            Err(e) if e.retry == Retry::Later => return Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        self.by_arn.insert(arn.clone(), resolution.clone());
+        Ok(resolution)
+    }
+
+    /// Looks `alias` up among the account's access points in `share_region`, then in
+    /// the resolve's other regions.
+    async fn by_alias(
+        &mut self,
+        account: &str,
+        share_region: &str,
+        alias: &str,
+    ) -> Result<Resolution, AccessPointError> {
+        let key = (account.to_string(), alias.to_string());
+        if let Some(known) = self.by_alias.get(&key) {
+            return Ok(known.clone());
+        }
+        let mut regions = vec![share_region.to_string()];
+        regions.extend(self.regions.iter().filter(|r| *r != share_region).cloned());
+        let mut failures = Vec::new();
+        let mut resolution = None;
+        for region in &regions {
+            let listed = (account.to_string(), region.clone());
+            if !self.listed.contains_key(&listed) {
+                match self.access_points.list_access_points(account, region).await {
+                    Ok(points) => {
+                        self.listed.insert(listed.clone(), points);
+                    }
+                    Err(e) if e.retry == Retry::Later => return Err(e),
+                    Err(e) => {
+                        // Listing this region cannot work (access denied): the alias
+                        // may still be found in another one.
+                        failures.push(e.to_string());
+                        self.listed.insert(listed.clone(), Vec::new());
+                        continue;
                     }
                 }
             }
+            if let Some(point) = self
+                .listed
+                .get(&listed)
+                .and_then(|points| points.iter().find(|p| p.alias == alias))
+            {
+                resolution = Some(Ok(point.bucket.clone()));
+                break;
+            }
         }
-        Ok(shares)
+        let resolution = resolution.unwrap_or_else(|| {
+            let mut why = format!(
+                "no access point of account {account} in {} has alias {alias}",
+                regions.join(", ")
+            );
+            for failure in failures {
+                why.push_str("; ");
+                why.push_str(&failure);
+            }
+            Err(why)
+        });
+        self.by_alias.insert(key, resolution.clone());
+        Ok(resolution)
     }
 }
 
@@ -418,7 +711,7 @@ mod tests {
     use super::*;
     use crate::adapters::memory::{MemoryGateway, MemoryQueue, MemoryWindowStore};
     use crate::clock::SystemClock;
-    use crate::window::{ChangeSet, OpenExpectation};
+    use crate::window::{ChangeSet, OpenExpectation, Writer};
     use serde_json::json;
 
     fn message(id: &str, bucket: &str, generation: Option<u64>) -> Value {
@@ -486,6 +779,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.gateway().list_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_share_that_moved_off_the_writing_gateway_is_found_before_skipping() {
+        let r = refresher();
+        let (a, b) = (
+            "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-AAAAAAAA",
+            "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-BBBBBBBB",
+        );
+        r.gateway()
+            .add_share_on(a, "first", ShareKind::Nfs, "arn:aws:s3:::b1");
+        r.gateway()
+            .add_share_on(a, "second", ShareKind::Nfs, "arn:aws:s3:::b1");
+        // Warm: the map is loaded, with both shares on gateway A.
+        r.handle(&json!({"Records": [message("m0", "b1", None)]}))
+            .await
+            .unwrap();
+        assert_eq!(r.gateway().list_calls(), 1);
+        // The second share moves to gateway B; then A writes.
+        r.gateway().remove_share("second");
+        r.gateway()
+            .add_share_on(b, "second-on-b", ShareKind::Nfs, "arn:aws:s3:::b1");
+        let mut changes = ChangeSet::default();
+        changes.add_gateway_write(&Writer::Gateway("sgw-aaaaaaaa".into()), Some("x/"));
+        r.store()
+            .open("b1", OpenExpectation::from_item(None), &changes, 0, 1)
+            .await
+            .unwrap();
+        r.handle(&json!({"Records": [message("m1", "b1", Some(1))]}))
+            .await
+            .unwrap();
+        let refreshed: Vec<_> = r
+            .gateway()
+            .refreshes()
+            .into_iter()
+            .map(|p| p.share_arn)
+            .collect();
+        assert_eq!(refreshed, ["first", "second", "second-on-b"]);
+        assert_eq!(
+            r.gateway().list_calls(),
+            2,
+            "resolved again before skipping"
+        );
     }
 
     #[tokio::test]
@@ -648,5 +984,429 @@ mod tests {
         assert_eq!(plans.len(), 1);
         assert_eq!(plans[0].folders, ["/", "/a", "/a/b"]);
         assert!(!plans[0].recursive);
+    }
+}
+
+#[cfg(test)]
+mod access_point_tests {
+    use super::*;
+    use crate::adapters::memory::{
+        MemoryAccessPoints, MemoryGateway, MemoryQueue, MemoryWindowStore,
+    };
+    use crate::metrics::MemorySink;
+    use crate::window::{ChangeSet, OpenExpectation};
+    use serde_json::json;
+    use std::io::Write;
+    use std::sync::atomic::AtomicI64;
+    use std::sync::Mutex as StdMutex;
+
+    const ACCOUNT: &str = "123456789012";
+    const REGION: &str = "us-east-1";
+
+    /// A clock that the test moves.
+    #[derive(Clone, Default)]
+    struct TestClock(Arc<AtomicI64>);
+
+    impl TestClock {
+        fn advance(&self, ms: i64) {
+            self.0.fetch_add(ms, Ordering::Relaxed);
+        }
+    }
+
+    impl Clock for TestClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    type ApRefresher =
+        Refresher<MemoryWindowStore, MemoryGateway, MemoryQueue, TestClock, MemoryAccessPoints>;
+
+    fn refresher() -> (ApRefresher, TestClock, Arc<MemorySink>) {
+        let clock = TestClock::default();
+        clock.advance(1_000_000);
+        let sink = Arc::new(MemorySink::default());
+        let r = Refresher::new(
+            MemoryWindowStore::default(),
+            MemoryGateway::new(100),
+            MemoryQueue::default(),
+            clock.clone(),
+        )
+        .with_metrics_sink(sink.clone())
+        .with_access_points(MemoryAccessPoints::default());
+        (r, clock, sink)
+    }
+
+    fn share_arn(region: &str, id: &str) -> String {
+        format!("arn:aws:storagegateway:{region}:{ACCOUNT}:share/share-{id}")
+    }
+
+    fn ap_arn(region: &str, name: &str) -> String {
+        format!("arn:aws:s3:{region}:{ACCOUNT}:accesspoint/{name}")
+    }
+
+    /// A message without our body: the whole bucket.
+    fn whole_bucket(id: &str, bucket: &str) -> Value {
+        json!({"Records": [{"messageId": id, "body": "{}",
+               "messageAttributes": {"bucket-name": {"stringValue": bucket, "dataType": "String"}}}]})
+    }
+
+    fn window_message(id: &str, bucket: &str, generation: u64) -> Value {
+        let body =
+            json!({"version": 1, "bucket": bucket, "generation": generation, "windowOpenedAtMs": 0,
+                          "windowEndsAtMs": 0, "timestampMs": 0})
+            .to_string();
+        json!({"Records": [{"messageId": id, "body": body,
+               "messageAttributes": {"bucket-name": {"stringValue": bucket, "dataType": "String"}}}]})
+    }
+
+    fn refreshed<S: WindowStore, Q: Requeue, C: Clock, A: AccessPoints>(
+        r: &Refresher<S, MemoryGateway, Q, C, A>,
+    ) -> Vec<String> {
+        let mut arns: Vec<String> = r
+            .gateway()
+            .refreshes()
+            .into_iter()
+            .map(|p| p.share_arn)
+            .collect();
+        arns.sort();
+        arns
+    }
+
+    /// The sum of `metric` over the function lines emitted so far.
+    fn metric(sink: &MemorySink, metric: &str) -> f64 {
+        sink.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("Bucket").is_none())
+            .filter_map(|v| v.get(metric).and_then(Value::as_f64))
+            .sum()
+    }
+
+    #[derive(Clone, Default)]
+    struct LogBuffer(Arc<StdMutex<Vec<u8>>>);
+
+    impl Write for LogBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut b) = self.0.lock() {
+                b.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogBuffer {
+        fn text(&self) -> String {
+            self.0
+                .lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        }
+    }
+
+    /// WARN and above, written to a buffer, on this thread for the guard's lifetime.
+    fn capture_warnings() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+        let buffer = LogBuffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        (buffer, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn access_point_and_alias_shares_refresh_their_bucket_and_a_decoy_does_not() {
+        let (r, _, _) = refresher();
+        let aps = r.access_points();
+        let alias = aps.add(ACCOUNT, REGION, "main", "b1");
+        aps.add(ACCOUNT, REGION, "decoy", "other");
+        let gw = r.gateway();
+        let on_ap = share_arn(REGION, "AP");
+        let on_alias = share_arn(REGION, "ALIAS");
+        let decoy = share_arn(REGION, "DECOY");
+        let plain = share_arn(REGION, "PLAIN");
+        gw.add_share(&on_ap, ShareKind::Nfs, &ap_arn(REGION, "main"));
+        gw.add_share(&on_alias, ShareKind::Smb, &format!("arn:aws:s3:::{alias}"));
+        gw.add_share(&decoy, ShareKind::Nfs, &ap_arn(REGION, "decoy"));
+        gw.add_share(&plain, ShareKind::Nfs, "arn:aws:s3:::b1");
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        let mut expected = vec![on_ap.clone(), on_alias.clone(), plain.clone()];
+        expected.sort();
+        assert_eq!(refreshed(&r), expected);
+        assert!(r
+            .gateway()
+            .refreshes()
+            .iter()
+            .all(|p| p.folders == ["/"] && p.recursive));
+        // The decoy's bucket gets the decoy only.
+        r.handle(&whole_bucket("m2", "other")).await.unwrap();
+        assert_eq!(r.gateway().refreshes().last().unwrap().share_arn, decoy);
+        // One GetAccessPoint per access point, one ListAccessPoints for the alias; the
+        // second message used the cached map.
+        assert_eq!((aps.get_calls(), aps.list_calls()), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn access_point_prefixes_are_relative_to_the_share_root() {
+        let (r, _, _) = refresher();
+        let alias = r.access_points().add(ACCOUNT, REGION, "main", "b1");
+        let data = share_arn(REGION, "DATA");
+        let logs = share_arn(REGION, "LOGS");
+        let alias_data = share_arn(REGION, "ALIASDATA");
+        r.gateway().add_share(
+            &data,
+            ShareKind::Nfs,
+            &format!("{}/data/", ap_arn(REGION, "main")),
+        );
+        r.gateway().add_share(
+            &logs,
+            ShareKind::Nfs,
+            &format!("{}/logs/", ap_arn(REGION, "main")),
+        );
+        r.gateway().add_share(
+            &alias_data,
+            ShareKind::Smb,
+            &format!("arn:aws:s3:::{alias}/data/x"),
+        );
+        let mut changes = ChangeSet::default();
+        changes.add_folder("data/x/y/");
+        r.store()
+            .open("b1", OpenExpectation::from_item(None), &changes, 0, 1)
+            .await
+            .unwrap();
+        let out = r.handle(&window_message("m1", "b1", 1)).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        let plans = r.gateway().refreshes();
+        let folders = |arn: &str| {
+            plans
+                .iter()
+                .find(|p| p.share_arn == arn)
+                .map(|p| p.folders.clone())
+        };
+        assert_eq!(
+            folders(&data),
+            Some(vec!["/".to_string(), "/x".into(), "/x/y".into()])
+        );
+        assert_eq!(
+            folders(&alias_data),
+            Some(vec!["/".to_string(), "/y".into()])
+        );
+        assert_eq!(folders(&logs), None, "no change under logs/");
+    }
+
+    #[tokio::test]
+    async fn each_access_point_is_asked_about_once_per_resolve() {
+        let (r, clock, _) = refresher();
+        let aps = r.access_points();
+        let alias = aps.add(ACCOUNT, REGION, "main", "b1");
+        for i in 0..3 {
+            r.gateway().add_share(
+                &share_arn(REGION, &format!("AP{i}")),
+                ShareKind::Nfs,
+                &format!("{}/p{i}/", ap_arn(REGION, "main")),
+            );
+            r.gateway().add_share(
+                &share_arn(REGION, &format!("AL{i}")),
+                ShareKind::Smb,
+                &format!("arn:aws:s3:::{alias}/p{i}/"),
+            );
+        }
+        r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert_eq!(r.gateway().refreshes().len(), 6);
+        assert_eq!((aps.get_calls(), aps.list_calls()), (1, 1));
+        // Warm messages use the cached map.
+        r.handle(&whole_bucket("m2", "b1")).await.unwrap();
+        r.handle(&whole_bucket("m3", "b1")).await.unwrap();
+        assert_eq!((aps.get_calls(), aps.list_calls()), (1, 1));
+        assert_eq!(r.gateway().refreshes().len(), 18);
+        // Once the map is stale, the next resolve asks again, once.
+        clock.advance(SHARE_CACHE_TTL_MS);
+        r.handle(&whole_bucket("m4", "b1")).await.unwrap();
+        assert_eq!((aps.get_calls(), aps.list_calls()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_access_point_is_logged_counted_and_tried_again_on_the_next_resolve() {
+        let (r, clock, sink) = refresher();
+        let (logs, _guard) = capture_warnings();
+        let missing = ap_arn(REGION, "missing");
+        let on_missing = share_arn(REGION, "MISSING");
+        let on_alias = share_arn(REGION, "NOALIAS");
+        let unknown_alias = "gone-0123456789abcdef0123456789abcdef01-s3alias";
+        r.gateway().add_share(&on_missing, ShareKind::Nfs, &missing);
+        r.gateway().add_share(
+            &on_alias,
+            ShareKind::Nfs,
+            &format!("arn:aws:s3:::{unknown_alias}"),
+        );
+        r.gateway().add_share(
+            &share_arn(REGION, "PLAIN"),
+            ShareKind::Nfs,
+            "arn:aws:s3:::b1",
+        );
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert!(
+            out.batch_item_failures.is_empty(),
+            "nothing to retry: the map is what S3 Control says"
+        );
+        assert_eq!(refreshed(&r), [share_arn(REGION, "PLAIN")]);
+        assert_eq!(metric(&sink, name::ACCESS_POINTS_UNRESOLVED), 2.0);
+        let text = logs.text();
+        assert!(text.contains("WARN"), "{text}");
+        assert!(
+            text.contains(&missing) && text.contains(&on_missing),
+            "{text}"
+        );
+        assert!(
+            text.contains(unknown_alias) && text.contains(&on_alias),
+            "{text}"
+        );
+        // Cached with the shares left out: a warm message asks nothing and counts nothing.
+        r.handle(&whole_bucket("m2", "b1")).await.unwrap();
+        assert_eq!(
+            (
+                r.access_points().get_calls(),
+                r.access_points().list_calls()
+            ),
+            (1, 1)
+        );
+        assert_eq!(metric(&sink, name::ACCESS_POINTS_UNRESOLVED), 2.0);
+        // The access point appears: the next resolve finds it, and never guessed before.
+        r.access_points().add(ACCOUNT, REGION, "missing", "b1");
+        clock.advance(SHARE_CACHE_TTL_MS);
+        r.handle(&whole_bucket("m3", "b1")).await.unwrap();
+        assert_eq!(r.access_points().get_calls(), 2);
+        assert!(refreshed(&r).contains(&on_missing));
+        assert_eq!(
+            metric(&sink, name::ACCESS_POINTS_UNRESOLVED),
+            3.0,
+            "the alias is still unknown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transient_s3_control_error_fails_the_message_and_caches_nothing() {
+        let (r, _, sink) = refresher();
+        r.access_points().add(ACCOUNT, REGION, "main", "b1");
+        r.gateway().add_share(
+            &share_arn(REGION, "AP"),
+            ShareKind::Nfs,
+            &ap_arn(REGION, "main"),
+        );
+        r.gateway().add_share(
+            &share_arn(REGION, "PLAIN"),
+            ShareKind::Nfs,
+            "arn:aws:s3:::b1",
+        );
+        r.access_points().fail_next(1, Retry::Later);
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert_eq!(out.batch_item_failures.len(), 1);
+        assert_eq!(out.batch_item_failures[0].item_identifier, "m1");
+        assert!(
+            r.gateway().refreshes().is_empty(),
+            "no share refreshed before the map is whole"
+        );
+        assert_eq!(metric(&sink, name::MESSAGES_FAILED), 1.0);
+        assert_eq!(metric(&sink, name::ACCESS_POINTS_UNRESOLVED), 0.0);
+        // Redelivered: resolved again (nothing was cached), and both shares refreshed.
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(r.gateway().list_calls(), 2);
+        assert_eq!(r.access_points().get_calls(), 2);
+        assert_eq!(
+            refreshed(&r),
+            [share_arn(REGION, "AP"), share_arn(REGION, "PLAIN")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_permanent_s3_control_error_leaves_the_share_out_without_failing() {
+        let (r, _, sink) = refresher();
+        r.access_points().add(ACCOUNT, REGION, "main", "b1");
+        r.gateway().add_share(
+            &share_arn(REGION, "AP"),
+            ShareKind::Nfs,
+            &ap_arn(REGION, "main"),
+        );
+        r.gateway().add_share(
+            &share_arn(REGION, "PLAIN"),
+            ShareKind::Nfs,
+            "arn:aws:s3:::b1",
+        );
+        // Access denied, say: retrying the same call cannot help.
+        r.access_points().fail_next(1, Retry::Never);
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(refreshed(&r), [share_arn(REGION, "PLAIN")]);
+        assert_eq!(metric(&sink, name::ACCESS_POINTS_UNRESOLVED), 1.0);
+    }
+
+    #[tokio::test]
+    async fn an_alias_is_looked_up_in_the_share_region_first_then_the_others() {
+        let (r, _, _) = refresher();
+        let aps = r.access_points();
+        // The access point lives in eu-west-1; the alias share is on a us-east-1 gateway,
+        // and another share sits on a gateway in eu-west-1.
+        let alias = aps.add(ACCOUNT, "eu-west-1", "far", "b1");
+        let on_alias = share_arn(REGION, "ALIAS");
+        r.gateway()
+            .add_share(&on_alias, ShareKind::Nfs, &format!("arn:aws:s3:::{alias}"));
+        r.gateway().add_share(
+            &share_arn("eu-west-1", "EU"),
+            ShareKind::Nfs,
+            "arn:aws:s3:::elsewhere",
+        );
+        // A second alias, in a region that only an access point ARN names.
+        let alias_far = aps.add(ACCOUNT, "ap-southeast-2", "syd", "b2");
+        aps.add(ACCOUNT, "ap-southeast-2", "other", "b3");
+        let on_far_alias = share_arn(REGION, "FARALIAS");
+        r.gateway().add_share(
+            &on_far_alias,
+            ShareKind::Nfs,
+            &format!("arn:aws:s3:::{alias_far}"),
+        );
+        r.gateway().add_share(
+            &share_arn(REGION, "SYDAP"),
+            ShareKind::Nfs,
+            &ap_arn("ap-southeast-2", "other"),
+        );
+        r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert_eq!(refreshed(&r).as_slice(), std::slice::from_ref(&on_alias));
+        r.handle(&whole_bucket("m2", "b2")).await.unwrap();
+        assert_eq!(refreshed(&r), [on_alias, on_far_alias]);
+        // us-east-1, eu-west-1 and ap-southeast-2, each listed once for both aliases.
+        assert_eq!(aps.list_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn without_s3_control_access_point_shares_are_unresolved_and_bucket_shares_go_on() {
+        let sink = Arc::new(MemorySink::default());
+        let r = Refresher::new(
+            MemoryWindowStore::default(),
+            MemoryGateway::new(100),
+            MemoryQueue::default(),
+            TestClock::default(),
+        )
+        .with_metrics_sink(sink.clone());
+        r.gateway().add_share(
+            &share_arn(REGION, "AP"),
+            ShareKind::Nfs,
+            &ap_arn(REGION, "main"),
+        );
+        r.gateway().add_share(
+            &share_arn(REGION, "PLAIN"),
+            ShareKind::Nfs,
+            "arn:aws:s3:::b1",
+        );
+        let out = r.handle(&whole_bucket("m1", "b1")).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(refreshed(&r), [share_arn(REGION, "PLAIN")]);
+        assert_eq!(metric(&sink, name::ACCESS_POINTS_UNRESOLVED), 1.0);
     }
 }

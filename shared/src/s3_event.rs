@@ -5,6 +5,7 @@
 //! or the other. We read only the fields we need, treat everything else as optional,
 //! and normalise: keys are form-URL-decoded and times become epoch milliseconds.
 
+use crate::window::Writer;
 use chrono::{DateTime, NaiveDateTime};
 use serde_json::Value;
 use std::fmt;
@@ -20,6 +21,9 @@ pub struct ObjectChange {
     pub event_name: String,
     /// `eventTime` in epoch ms, when present and parseable.
     pub event_time_ms: Option<i64>,
+    /// The gateway that wrote it through one of its shares (`userIdentity.principalId`),
+    /// whose own shares already show it; `None` for every other writer.
+    pub writer: Option<Writer>,
 }
 
 impl ObjectChange {
@@ -41,8 +45,6 @@ pub fn folder_of(key: &str) -> &str {
 /// Why a record (or a whole notification) produced no change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkipReason {
-    /// Written through the gateway itself: its share already knows.
-    GatewayWrite { principal_id: String },
     /// `s3:TestEvent`, sent when a notification is configured.
     TestEvent,
     /// A record without an `s3` section, bucket name or object key.
@@ -52,9 +54,6 @@ pub enum SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SkipReason::GatewayWrite { principal_id } => {
-                write!(f, "gateway write (principalId {principal_id})")
-            }
             SkipReason::TestEvent => f.write_str("s3:TestEvent"),
             SkipReason::Malformed { detail } => write!(f, "malformed record: {detail}"),
         }
@@ -175,18 +174,6 @@ fn decode_record(index: usize, record: &Value, out: &mut DecodedNotification) {
             return;
         }
     };
-    if let Some(principal) = str_at(record, &["userIdentity", "principalId"]) {
-        if principal.contains("StorageGateway") {
-            out.skipped.push(SkippedRecord {
-                index,
-                reason: SkipReason::GatewayWrite {
-                    principal_id: principal.to_string(),
-                },
-                bucket: Some(bucket),
-            });
-            return;
-        }
-    }
     let Some(raw_key) = str_at(s3, &["object", "key"]) else {
         out.skipped
             .push(malformed("no s3.object.key", Some(bucket)));
@@ -209,6 +196,7 @@ fn decode_record(index: usize, record: &Value, out: &mut DecodedNotification) {
         key,
         event_name,
         event_time_ms,
+        writer: str_at(record, &["userIdentity", "principalId"]).and_then(Writer::from_principal),
     });
 }
 
@@ -345,16 +333,23 @@ mod tests {
     }
 
     #[test]
-    fn gateway_writes_are_skipped() {
+    fn gateway_writes_are_changes_that_name_their_gateway() {
         let mut r = aws_record("bkt1", "k");
-        r["userIdentity"]["principalId"] = json!("AWS:AROAEXAMPLE:StorageGateway-sgw-12345678");
-        let d = decode_notification(&json!({"Records": [r]})).unwrap();
-        assert!(d.changes.is_empty());
-        assert!(matches!(
-            d.skipped[0].reason,
-            SkipReason::GatewayWrite { .. }
-        ));
-        assert_eq!(d.skipped[0].bucket.as_deref(), Some("bkt1"));
+        r["userIdentity"]["principalId"] = json!("AWS:AROAEXAMPLE:StorageGateway-sgw-12A3456B");
+        let mut unnamed = aws_record("bkt1", "k2");
+        unnamed["userIdentity"]["principalId"] = json!("AWS:AROAEXAMPLE:StorageGateway");
+        let d = decode_notification(&json!({"Records": [r, unnamed, aws_record("bkt1", "k3")]}))
+            .unwrap();
+        assert!(d.skipped.is_empty());
+        let writers: Vec<_> = d.changes.iter().map(|c| c.writer.clone()).collect();
+        assert_eq!(
+            writers,
+            [
+                Some(Writer::Gateway("sgw-12a3456b".into())),
+                Some(Writer::UnknownGateway),
+                None
+            ]
+        );
     }
 
     #[test]

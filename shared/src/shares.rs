@@ -1,6 +1,6 @@
 //! File shares: which shares map a bucket, and what to refresh on each.
 
-use crate::window::RefreshScope;
+use crate::window::{ChangeSet, Writer};
 use std::collections::BTreeSet;
 use std::fmt;
 use thiserror::Error;
@@ -82,6 +82,13 @@ impl FileShare {
     pub fn covers_folder(&self, folder: &str) -> bool {
         folder.starts_with(&self.location.prefix)
     }
+
+    /// The gateway's id, the last part of its ARN (`.../gateway/sgw-12A3456B`).
+    pub fn gateway_id(&self) -> &str {
+        self.gateway_arn
+            .rsplit_once('/')
+            .map_or(self.gateway_arn.as_str(), |(_, id)| id)
+    }
 }
 
 /// One `RefreshCache` call to make.
@@ -96,33 +103,48 @@ pub struct RefreshPlan {
 /// `FolderList` takes 1 to 50 folders.
 pub const MAX_FOLDER_LIST: usize = 50;
 
-/// The refreshes that cover `scope` in `bucket`, share by share.
+/// The refreshes that cover `changes` in `bucket`, share by share.
 ///
-/// A share whose prefix holds no changed folder gets none. The whole bucket is one
-/// recursive refresh of each share's root. Changed folders are refreshed as narrowly
-/// as [`plan_folders`] can while still making every change visible.
-pub fn plan_refreshes(
-    shares: &[FileShare],
-    bucket: &str,
-    scope: &RefreshScope,
-) -> Vec<RefreshPlan> {
+/// A share whose prefix holds no changed folder gets none, and neither does a share on
+/// the gateway that wrote a change through it (its cache already shows it): a change
+/// written by a gateway whose id is unknown is left out only when all the bucket's
+/// shares are on one gateway. The whole bucket is one recursive refresh of each share's
+/// root. Changed folders are refreshed as narrowly as [`plan_folders`] can while still
+/// making every change visible.
+pub fn plan_refreshes(shares: &[FileShare], bucket: &str, changes: &ChangeSet) -> Vec<RefreshPlan> {
+    let bucket_shares: Vec<&FileShare> = shares
+        .iter()
+        .filter(|s| s.location.bucket == bucket)
+        .collect();
+    let all_on_one_gateway = on_one_gateway(&bucket_shares);
     let mut plans = Vec::new();
-    for share in shares.iter().filter(|s| s.location.bucket == bucket) {
-        let calls = match scope {
-            RefreshScope::WholeBucket => vec![FolderRefresh {
+    for share in bucket_shares {
+        let needs = |writer: &Writer| !writer.wrote_through(share.gateway_id(), all_on_one_gateway);
+        let gateway_writes = changes.gateway_writes.iter().filter(|c| needs(&c.writer));
+        let mut folders: BTreeSet<&str> = changes.folders.iter().map(String::as_str).collect();
+        let mut whole = changes.whole_bucket;
+        for change in gateway_writes {
+            match &change.folder {
+                Some(folder) => {
+                    folders.insert(folder);
+                }
+                None => whole = true,
+            }
+        }
+        let calls = if whole {
+            vec![FolderRefresh {
                 folders: vec![ROOT.to_string()],
                 recursive: true,
-            }],
-            RefreshScope::Folders(folders) => {
-                let relative: BTreeSet<&str> = folders
-                    .iter()
-                    .filter_map(|f| f.strip_prefix(share.location.prefix.as_str()))
-                    .collect();
-                if relative.is_empty() {
-                    continue;
-                }
-                plan_folders(&relative)
+            }]
+        } else {
+            let relative: BTreeSet<&str> = folders
+                .iter()
+                .filter_map(|f| f.strip_prefix(share.location.prefix.as_str()))
+                .collect();
+            if relative.is_empty() {
+                continue;
             }
+            plan_folders(&relative)
         };
         plans.extend(calls.into_iter().map(|c| RefreshPlan {
             share_arn: share.arn.clone(),
@@ -131,6 +153,33 @@ pub fn plan_refreshes(
         }));
     }
     plans
+}
+
+/// Whether [`plan_refreshes`] leaves out some share of `bucket` because the gateway
+/// it sits on wrote (or, for an unnamed writer, must have written) a change.
+pub fn leaves_out_writer_shares(shares: &[FileShare], bucket: &str, changes: &ChangeSet) -> bool {
+    if changes.whole_bucket || changes.gateway_writes.is_empty() {
+        return false;
+    }
+    let bucket_shares: Vec<&FileShare> = shares
+        .iter()
+        .filter(|s| s.location.bucket == bucket)
+        .collect();
+    let all_on_one_gateway = on_one_gateway(&bucket_shares);
+    bucket_shares.iter().any(|share| {
+        changes.gateway_writes.iter().any(|c| {
+            c.writer
+                .wrote_through(share.gateway_id(), all_on_one_gateway)
+        })
+    })
+}
+
+fn on_one_gateway(shares: &[&FileShare]) -> bool {
+    let gateways: BTreeSet<String> = shares
+        .iter()
+        .map(|s| s.gateway_id().to_ascii_lowercase())
+        .collect();
+    gateways.len() <= 1
 }
 
 const ROOT: &str = "/";
@@ -254,12 +303,103 @@ mod tests {
     use super::*;
 
     fn share(arn: &str, location: &str) -> FileShare {
+        share_on(
+            "arn:aws:storagegateway:us-east-1:111122223333:gateway/sgw-00000000",
+            arn,
+            location,
+        )
+    }
+
+    fn share_on(gateway_arn: &str, arn: &str, location: &str) -> FileShare {
         FileShare {
             arn: arn.to_string(),
             kind: ShareKind::Nfs,
-            gateway_arn: "gw".to_string(),
+            gateway_arn: gateway_arn.to_string(),
             location: parse_location_arn(location).unwrap(),
         }
+    }
+
+    const GATEWAY_A: &str = "arn:aws:storagegateway:us-east-1:111122223333:gateway/sgw-AAAA1111";
+    const GATEWAY_B: &str = "arn:aws:storagegateway:eu-west-1:111122223333:gateway/sgw-BBBB2222";
+
+    fn written_by(writer: Writer, folders: &[Option<&str>]) -> ChangeSet {
+        let mut changes = ChangeSet::default();
+        for folder in folders {
+            changes.add_gateway_write(&writer, *folder);
+        }
+        changes
+    }
+
+    fn refreshed(shares: &[FileShare], changes: &ChangeSet) -> Vec<(String, Vec<String>)> {
+        plan_refreshes(shares, "b", changes)
+            .into_iter()
+            .map(|p| (p.share_arn, p.folders))
+            .collect()
+    }
+
+    #[test]
+    fn a_gateway_write_refreshes_every_share_but_the_writers() {
+        let two_sites = [
+            share_on(GATEWAY_A, "a-root", "arn:aws:s3:::b"),
+            share_on(GATEWAY_A, "a-data", "arn:aws:s3:::b/data/"),
+            share_on(GATEWAY_B, "b-root", "arn:aws:s3:::b"),
+        ];
+        assert_eq!(two_sites[0].gateway_id(), "sgw-AAAA1111");
+        let by_a = written_by(Writer::Gateway("sgw-aaaa1111".into()), &[Some("data/x/")]);
+        assert_eq!(
+            refreshed(&two_sites, &by_a),
+            [(
+                "b-root".to_string(),
+                vec!["/".to_string(), "/data".into(), "/data/x".into()]
+            )]
+        );
+        // Too many of A's folders to keep: B's share is refreshed whole, A's not at all.
+        let anywhere_by_a = written_by(Writer::Gateway("sgw-aaaa1111".into()), &[None]);
+        assert_eq!(
+            refreshed(&two_sites, &anywhere_by_a),
+            [("b-root".to_string(), vec!["/".to_string()])]
+        );
+        // A gateway that has no share of the bucket: every share.
+        let by_other = written_by(Writer::Gateway("sgw-cccc3333".into()), &[Some("")]);
+        assert_eq!(refreshed(&two_sites, &by_other).len(), 2);
+        // No id: every share, since two gateways serve the bucket.
+        let unnamed = written_by(Writer::UnknownGateway, &[Some("data/")]);
+        assert_eq!(refreshed(&two_sites, &unnamed).len(), 3);
+        // Mixed with a plain change: the writer's shares get the plain folder only.
+        let mut mixed = by_a.clone();
+        mixed.add_folder("logs/");
+        assert_eq!(
+            refreshed(&two_sites, &mixed),
+            [
+                ("a-root".to_string(), vec!["/".to_string(), "/logs".into()]),
+                (
+                    "b-root".to_string(),
+                    vec![
+                        "/".to_string(),
+                        "/data".into(),
+                        "/data/x".into(),
+                        "/logs".into()
+                    ]
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_through_the_only_gateway_refreshes_nothing() {
+        let one_site = [
+            share_on(GATEWAY_A, "a-root", "arn:aws:s3:::b"),
+            share_on(GATEWAY_A, "a-data", "arn:aws:s3:::b/data/"),
+            // Another bucket's share on another gateway does not count.
+            share_on(GATEWAY_B, "elsewhere", "arn:aws:s3:::c"),
+        ];
+        let by_a = written_by(
+            Writer::Gateway("sgw-AAAA1111".into()),
+            &[Some("data/"), None],
+        );
+        assert!(refreshed(&one_site, &by_a).is_empty());
+        let unnamed = written_by(Writer::UnknownGateway, &[Some("data/"), None]);
+        assert!(refreshed(&one_site, &unnamed).is_empty());
     }
 
     #[test]
@@ -301,18 +441,21 @@ mod tests {
             share("data", "arn:aws:s3:::b/data/"),
             share("other-bucket", "arn:aws:s3:::c"),
         ];
-        let arns = |scope: RefreshScope| -> Vec<String> {
+        let arns = |scope: ChangeSet| -> Vec<String> {
             plan_refreshes(&shares, "b", &scope)
                 .into_iter()
                 .map(|p| p.share_arn)
                 .collect()
         };
-        let folders = |f: &[&str]| RefreshScope::Folders(f.iter().map(|s| s.to_string()).collect());
+        let folders = |f: &[&str]| ChangeSet {
+            folders: f.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
         assert_eq!(arns(folders(&[""])), ["root"]);
         assert_eq!(arns(folders(&["database/"])), ["root"]);
         assert_eq!(arns(folders(&["data/x/"])), ["root", "data"]);
         assert_eq!(arns(folders(&["data/"])), ["root", "data"]);
-        assert_eq!(arns(RefreshScope::WholeBucket), ["root", "data"]);
+        assert_eq!(arns(ChangeSet::whole()), ["root", "data"]);
         assert!(arns(folders(&[])).is_empty());
     }
 
@@ -443,7 +586,10 @@ mod tests {
             share("root", "arn:aws:s3:::b"),
             share("data", "arn:aws:s3:::b/data/"),
         ];
-        let scope = RefreshScope::Folders(["data/x/".to_string(), "logs/".to_string()].into());
+        let scope = ChangeSet {
+            folders: ["data/x/".to_string(), "logs/".to_string()].into(),
+            ..Default::default()
+        };
         let plans = plan_refreshes(&shares, "b", &scope);
         assert_eq!(plans.len(), 2);
         assert_eq!(
@@ -467,7 +613,7 @@ mod tests {
             (plans[1].share_arn.as_str(), plans[1].folders.clone()),
             ("data", vec!["/".to_string(), "/x".into()])
         );
-        let whole = plan_refreshes(&shares, "b", &RefreshScope::WholeBucket);
+        let whole = plan_refreshes(&shares, "b", &ChangeSet::whole());
         assert!(whole.iter().all(|p| p.folders == ["/"] && p.recursive));
     }
 }

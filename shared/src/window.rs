@@ -14,10 +14,13 @@
 //! [`crate::adapters::sdk`] states the same conditions as DynamoDB expressions.
 
 use std::collections::BTreeSet;
+use std::fmt;
 
-/// The most folders a window records. Past this it refreshes its shares whole. A
-/// folder is at most 1,024 bytes (S3's key limit), so 200 keep the item far below
-/// DynamoDB's 400 KB item limit, next to the refresh log (bounded in the SDK adapter).
+/// The most entries (folders, and folders written through a gateway) a window records.
+/// Past this it first forgets which folders each gateway wrote (keeping only that it
+/// wrote), then refreshes its shares whole. A folder is at most 1,024 bytes (S3's key
+/// limit), so 200 keep the item far below DynamoDB's 400 KB item limit, next to the
+/// refresh log (bounded in the SDK adapter).
 pub const MAX_WINDOW_FOLDERS: usize = 200;
 
 /// How long after its end an unclosed window still takes joins. Its message normally
@@ -26,16 +29,130 @@ pub const MAX_WINDOW_FOLDERS: usize = 200;
 /// and carries its folders.
 pub const STALE_WINDOW_GRACE_MS: i64 = 15 * 60 * 1000;
 
-/// What a batch of events changed in one bucket.
+/// The gateway that wrote a change through one of its file shares, as the event's
+/// principal names it. That gateway's own shares already show the change.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Writer {
+    /// The gateway id, lowercase (`sgw-12a3456b`).
+    Gateway(String),
+    /// The principal says `StorageGateway` but names no gateway id.
+    UnknownGateway,
+}
+
+impl Writer {
+    /// The writer named by an event's `userIdentity.principalId`, if a gateway wrote it:
+    /// `...:StorageGateway-sgw-12A3456B`, read case-insensitively and leniently (the
+    /// first `sgw-` followed by letters and digits after `StorageGateway`).
+    pub fn from_principal(principal_id: &str) -> Option<Writer> {
+        let lower = principal_id.to_ascii_lowercase();
+        let after = &lower[lower.find("storagegateway")? + "storagegateway".len()..];
+        let id = after.find("sgw-").map(|i| {
+            let tail = &after[i + 4..];
+            let end = tail
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(tail.len());
+            &tail[..end]
+        });
+        Some(match id {
+            Some(id) if !id.is_empty() => Writer::Gateway(format!("sgw-{id}")),
+            _ => Writer::UnknownGateway,
+        })
+    }
+
+    /// Whether a share on the gateway `gateway_id` already shows this writer's changes.
+    /// `all_on_one_gateway`: every share of the bucket is on one gateway, which then
+    /// must be the one that wrote.
+    pub fn wrote_through(&self, gateway_id: &str, all_on_one_gateway: bool) -> bool {
+        match self {
+            Writer::Gateway(id) => id.eq_ignore_ascii_case(gateway_id),
+            Writer::UnknownGateway => all_on_one_gateway,
+        }
+    }
+
+    /// How the writer is stored ahead of a folder: the id, or `StorageGateway`.
+    pub fn tag(&self) -> &str {
+        match self {
+            Writer::Gateway(id) => id,
+            Writer::UnknownGateway => UNKNOWN_GATEWAY_TAG,
+        }
+    }
+
+    fn from_tag(tag: &str) -> Option<Writer> {
+        if tag == UNKNOWN_GATEWAY_TAG {
+            Some(Writer::UnknownGateway)
+        } else if tag.starts_with("sgw-") && tag.len() > 4 {
+            Some(Writer::Gateway(tag.to_ascii_lowercase()))
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Writer::Gateway(id) => f.write_str(id),
+            Writer::UnknownGateway => f.write_str("an unnamed gateway"),
+        }
+    }
+}
+
+const UNKNOWN_GATEWAY_TAG: &str = "StorageGateway";
+/// A gateway's entry for "somewhere in the bucket": `*` is never a folder, which is
+/// empty or ends with `/`.
+const ANYWHERE: &str = "*";
+
+/// A change written through a gateway: the folder, or `None` when the window stopped
+/// keeping that gateway's folders (too many) and its changes may be anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GatewayChange {
+    pub writer: Writer,
+    pub folder: Option<String>,
+}
+
+impl GatewayChange {
+    /// The stored form: `sgw-12a3456b:/a/b/`, or `sgw-12a3456b:*` for anywhere. Plain
+    /// folders are stored as `/a/b/`, so the two never collide (a gateway id holds no
+    /// `/` and no `:`).
+    pub fn encode(&self) -> String {
+        match &self.folder {
+            Some(folder) => format!("{}:/{folder}", self.writer.tag()),
+            None => format!("{}:{ANYWHERE}", self.writer.tag()),
+        }
+    }
+
+    /// The inverse of [`GatewayChange::encode`]; `None` for anything else.
+    pub fn decode(stored: &str) -> Option<GatewayChange> {
+        let (tag, rest) = stored.split_once(':')?;
+        let writer = Writer::from_tag(tag)?;
+        let folder = match rest {
+            ANYWHERE => None,
+            _ => Some(rest.strip_prefix('/')?.to_string()),
+        };
+        Some(GatewayChange { writer, folder })
+    }
+}
+
+/// What changed in one bucket: by a batch of events, or in a window.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeSet {
     /// Folders holding changed keys, with a trailing slash; "" is the bucket root.
     pub folders: BTreeSet<String>,
+    /// Changes written through a gateway: every share but that gateway's needs them.
+    pub gateway_writes: BTreeSet<GatewayChange>,
     /// A key could not be decoded, or too many folders changed: refresh everything.
     pub whole_bucket: bool,
 }
 
 impl ChangeSet {
+    /// Everything changed (the bucket's item is gone, or the message names no window).
+    pub fn whole() -> Self {
+        ChangeSet {
+            whole_bucket: true,
+            ..Default::default()
+        }
+    }
+
     pub fn add_folder(&mut self, folder: &str) {
         if self.whole_bucket {
             return;
@@ -43,48 +160,129 @@ impl ChangeSet {
         if !self.folders.contains(folder) {
             self.folders.insert(folder.to_string());
         }
-        if self.folders.len() > MAX_WINDOW_FOLDERS {
-            self.set_whole_bucket();
+        self.fit();
+    }
+
+    /// A change in `folder` (`None`: a key that could not be decoded) written through
+    /// `writer`'s share.
+    pub fn add_gateway_write(&mut self, writer: &Writer, folder: Option<&str>) {
+        let change = GatewayChange {
+            writer: writer.clone(),
+            folder: folder.map(str::to_string),
+        };
+        if self.covers_gateway_change(&change) {
+            return;
         }
+        self.gateway_writes.insert(change);
+        self.fit();
     }
 
     /// Everything changed: the folder list no longer matters.
     pub fn set_whole_bucket(&mut self) {
         self.whole_bucket = true;
         self.folders.clear();
+        self.gateway_writes.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.folders.is_empty() && !self.whole_bucket
+        self.folders.is_empty() && self.gateway_writes.is_empty() && !self.whole_bucket
     }
 
-    /// Whether a window that recorded `folders` / `whole_bucket` already covers this.
-    pub fn is_covered_by(&self, folders: &BTreeSet<String>, whole_bucket: bool) -> bool {
-        whole_bucket || (!self.whole_bucket && self.folders.is_subset(folders))
+    /// The entries this takes in a window (the size of the stored `Folders` set).
+    pub fn entries(&self) -> usize {
+        self.folders.len() + self.gateway_writes.len()
     }
 
-    /// The part of this change set that a window with `folders` / `whole_bucket` does
-    /// not record yet, made to fit the window's folder limit.
-    pub fn not_covered_by(&self, folders: &BTreeSet<String>, whole_bucket: bool) -> ChangeSet {
-        if whole_bucket {
+    /// Whether adding this to a window must check the window's room. A gateway's
+    /// "anywhere" entries do not: there is at most one per gateway, each a few bytes,
+    /// and turning them into the whole bucket would refresh that gateway's own shares.
+    pub fn needs_room(&self) -> bool {
+        !self.folders.is_empty() || self.gateway_writes.iter().any(|c| c.folder.is_some())
+    }
+
+    /// Whether this (a window's changes) already records `change`: a plain change of
+    /// the folder covers a gateway's change of it, on every share.
+    fn covers_gateway_change(&self, change: &GatewayChange) -> bool {
+        if self.whole_bucket {
+            return true;
+        }
+        let anywhere = GatewayChange {
+            writer: change.writer.clone(),
+            folder: None,
+        };
+        self.gateway_writes.contains(&anywhere)
+            || change.folder.as_ref().is_some_and(|folder| {
+                self.folders.contains(folder) || self.gateway_writes.contains(change)
+            })
+    }
+
+    /// Whether a window that recorded `window` already covers this.
+    pub fn is_covered_by(&self, window: &ChangeSet) -> bool {
+        window.whole_bucket
+            || (!self.whole_bucket
+                && self.folders.is_subset(&window.folders)
+                && self
+                    .gateway_writes
+                    .iter()
+                    .all(|c| window.covers_gateway_change(c)))
+    }
+
+    /// The part of this change set that a window holding `window` does not record yet,
+    /// made to fit the window's entry limit.
+    pub fn not_covered_by(&self, window: &ChangeSet) -> ChangeSet {
+        if window.whole_bucket {
             return ChangeSet::default();
         }
         let mut rest = ChangeSet {
-            folders: self.folders.difference(folders).cloned().collect(),
+            folders: self.folders.difference(&window.folders).cloned().collect(),
+            gateway_writes: self
+                .gateway_writes
+                .iter()
+                .filter(|c| !window.covers_gateway_change(c))
+                .cloned()
+                .collect(),
             whole_bucket: self.whole_bucket,
         };
-        if rest.whole_bucket || folders.len() + rest.folders.len() > MAX_WINDOW_FOLDERS {
+        if rest.whole_bucket {
             rest.set_whole_bucket();
+        } else {
+            rest.fit_beside(window.entries());
         }
         rest
     }
-}
 
-/// Which part of a bucket a refresh must cover.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefreshScope {
-    WholeBucket,
-    Folders(BTreeSet<String>),
+    /// Adds `other` (as a window absorbs a join).
+    pub fn absorb(&mut self, other: &ChangeSet) {
+        self.folders.extend(other.folders.iter().cloned());
+        self.gateway_writes
+            .extend(other.gateway_writes.iter().cloned());
+        self.whole_bucket |= other.whole_bucket;
+    }
+
+    fn fit(&mut self) {
+        self.fit_beside(0);
+    }
+
+    /// Makes this fit beside `used` entries, by the rule of `WindowItem::has_room_for`:
+    /// first each gateway's folders become "anywhere" for that gateway (its own shares
+    /// still need nothing), then the whole bucket.
+    fn fit_beside(&mut self, used: usize) {
+        let fits = |c: &ChangeSet| !c.needs_room() || used + c.entries() <= MAX_WINDOW_FOLDERS;
+        if fits(self) {
+            return;
+        }
+        self.gateway_writes = self
+            .gateway_writes
+            .iter()
+            .map(|c| GatewayChange {
+                writer: c.writer.clone(),
+                folder: None,
+            })
+            .collect();
+        if !fits(self) {
+            self.set_whole_bucket();
+        }
+    }
 }
 
 /// The bucket's item, as stored.
@@ -103,9 +301,8 @@ pub struct WindowItem {
     pub closed_generation: u64,
     /// The latest generation whose refreshes all started.
     pub refreshed_generation: u64,
-    /// The changed folders of this window and of any unrefreshed window it carries.
-    pub folders: BTreeSet<String>,
-    pub whole_bucket: bool,
+    /// What changed in this window and in any unrefreshed window it carries.
+    pub changes: ChangeSet,
     pub last_event_at_ms: i64,
     /// The latest refresh the refresher recorded, for operators.
     pub last_refresh: Option<RefreshLog>,
@@ -143,23 +340,24 @@ impl WindowItem {
         self.generation > 0 && self.refreshed_generation < self.generation
     }
 
-    pub fn scope(&self) -> RefreshScope {
-        if self.whole_bucket {
-            RefreshScope::WholeBucket
-        } else {
-            RefreshScope::Folders(self.folders.clone())
-        }
+    /// Whether this window already records `changes`.
+    pub fn covers(&self, changes: &ChangeSet) -> bool {
+        changes.is_covered_by(&self.changes)
     }
 
-    /// Whether `changes` fit under the folder limit (DynamoDB: `size(Folders) <= :room`).
+    /// The part of `changes` this window does not record yet, made to fit beside it.
+    pub fn uncovered(&self, changes: &ChangeSet) -> ChangeSet {
+        changes.not_covered_by(&self.changes)
+    }
+
+    /// Whether `changes` fit under the entry limit (DynamoDB: `size(Folders) <= :room`,
+    /// checked only when the changes [`ChangeSet::needs_room`]).
     fn has_room_for(&self, changes: &ChangeSet) -> bool {
-        changes.folders.is_empty()
-            || self.folders.len() + changes.folders.len() <= MAX_WINDOW_FOLDERS
+        !changes.needs_room() || self.changes.entries() + changes.entries() <= MAX_WINDOW_FOLDERS
     }
 
     fn absorb(&mut self, changes: &ChangeSet, now_ms: i64) {
-        self.folders.extend(changes.folders.iter().cloned());
-        self.whole_bucket |= changes.whole_bucket;
+        self.changes.absorb(changes);
         self.last_event_at_ms = now_ms;
     }
 }
@@ -233,8 +431,7 @@ pub fn open(
     current.opened_at_ms = now_ms;
     current.ends_at_ms = now_ms.saturating_add(window_ms);
     if !expected.carry {
-        current.folders.clear();
-        current.whole_bucket = false;
+        current.changes = ChangeSet::default();
     }
     current.absorb(changes, now_ms);
     Some(current.clone())
@@ -245,7 +442,7 @@ pub fn open(
 pub enum CloseOutcome {
     /// Closed now (or already closed by an earlier delivery of the same message, which
     /// then did not finish): refresh this scope.
-    Refresh(RefreshScope),
+    Refresh(ChangeSet),
     /// This generation's refreshes already all started: a duplicate delivery.
     AlreadyRefreshed,
     /// The window ends later (the delay was capped at SQS's 900 s, or clocks differ):
@@ -285,7 +482,7 @@ pub fn close(item: &mut Option<WindowItem>, generation: u64, now_ms: i64) -> Clo
         };
     }
     current.closed_generation = current.closed_generation.max(generation);
-    CloseOutcome::Refresh(current.scope())
+    CloseOutcome::Refresh(current.changes.clone())
 }
 
 /// Record the refreshes of a message: the log always, and for a closed window, that
@@ -366,8 +563,8 @@ mod tests {
             "wrong generation"
         );
         assert_eq!(
-            item.as_ref().unwrap().scope(),
-            RefreshScope::Folders(["a/".into(), "b/".into(), "c/".into()].into())
+            item.as_ref().unwrap().changes.folders,
+            BTreeSet::from(["a/".into(), "b/".into(), "c/".into()])
         );
         assert!(matches!(
             close(&mut item, 1, 40_000),
@@ -422,8 +619,8 @@ mod tests {
         );
         open(&mut item, "b", expected, &folders(&["x/"]), 11, 10).unwrap();
         assert_eq!(
-            item.as_ref().unwrap().scope(),
-            RefreshScope::Folders(["a/".into(), "x/".into()].into())
+            item.as_ref().unwrap().changes.folders,
+            BTreeSet::from(["a/".into(), "x/".into()])
         );
         // The redelivered message of window 1 is covered by window 2.
         assert_eq!(
@@ -438,8 +635,8 @@ mod tests {
         assert!(!OpenExpectation::from_item(item.as_ref()).carry);
         open_next(&mut item, &folders(&["z/"]), 101, 10).unwrap();
         assert_eq!(
-            item.as_ref().unwrap().scope(),
-            RefreshScope::Folders(["z/".into()].into())
+            item.as_ref().unwrap().changes.folders,
+            BTreeSet::from(["z/".into()])
         );
     }
 
@@ -451,8 +648,8 @@ mod tests {
         assert!(join(&mut item, 1, &folders(&["b/"]), stale).is_none());
         open_next(&mut item, &folders(&["b/"]), stale, 10).unwrap();
         assert_eq!(
-            item.as_ref().unwrap().scope(),
-            RefreshScope::Folders(["a/".into(), "b/".into()].into())
+            item.as_ref().unwrap().changes.folders,
+            BTreeSet::from(["a/".into(), "b/".into()])
         );
     }
 
@@ -505,13 +702,13 @@ mod tests {
             "no room for another folder"
         );
         let current = item.clone().unwrap();
-        let rest = extra.not_covered_by(&current.folders, current.whole_bucket);
+        let rest = current.uncovered(&extra);
         assert!(rest.whole_bucket && rest.folders.is_empty());
         join(&mut item, 1, &rest, 1).unwrap();
-        assert_eq!(item.as_ref().unwrap().scope(), RefreshScope::WholeBucket);
-        assert!(folders(&["zzz/"]).is_covered_by(&BTreeSet::new(), true));
-        assert!(folders(&["f1/"]).is_covered_by(&current.folders, false));
-        assert!(!folders(&["g/"]).is_covered_by(&current.folders, false));
+        assert!(item.as_ref().unwrap().changes.whole_bucket);
+        assert!(folders(&["zzz/"]).is_covered_by(&ChangeSet::whole()));
+        assert!(current.covers(&folders(&["f1/"])));
+        assert!(!current.covers(&folders(&["g/"])));
     }
 
     #[test]
@@ -532,5 +729,166 @@ mod tests {
         let mut fresh = None;
         record_refresh(&mut fresh, "b", &RefreshLog::default());
         assert_eq!(fresh.unwrap().last_refresh, Some(RefreshLog::default()));
+    }
+
+    fn gw(id: &str) -> Writer {
+        Writer::Gateway(id.to_string())
+    }
+
+    #[test]
+    fn writers_from_principals() {
+        for (principal, writer) in [
+            (
+                "AWS:AROAEXAMPLE:StorageGateway-sgw-12A3456B",
+                Some(gw("sgw-12a3456b")),
+            ),
+            (
+                "AROAEXAMPLE:storagegateway-SGW-ABCDEF01",
+                Some(gw("sgw-abcdef01")),
+            ),
+            ("x:StorageGateway-sgw-1", Some(gw("sgw-1"))),
+            (
+                "AWS:AROAEXAMPLE:StorageGateway",
+                Some(Writer::UnknownGateway),
+            ),
+            ("StorageGateway-sgw-", Some(Writer::UnknownGateway)),
+            ("AWS:AIDAEXAMPLE", None),
+            ("s3.amazonaws.com", None),
+            // An id before the word is not the gateway's.
+            ("sgw-12A3456B:someone", None),
+        ] {
+            assert_eq!(Writer::from_principal(principal), writer, "{principal}");
+        }
+        assert!(gw("sgw-12a3456b").wrote_through("sgw-12A3456B", false));
+        assert!(!gw("sgw-12a3456b").wrote_through("sgw-00000000", true));
+        assert!(Writer::UnknownGateway.wrote_through("sgw-00000000", true));
+        assert!(!Writer::UnknownGateway.wrote_through("sgw-00000000", false));
+    }
+
+    #[test]
+    fn gateway_changes_round_trip_their_stored_form() {
+        for change in [
+            GatewayChange {
+                writer: gw("sgw-12a3456b"),
+                folder: Some("a/b/".into()),
+            },
+            GatewayChange {
+                writer: gw("sgw-12a3456b"),
+                folder: Some(String::new()),
+            },
+            GatewayChange {
+                writer: gw("sgw-1"),
+                folder: None,
+            },
+            GatewayChange {
+                writer: Writer::UnknownGateway,
+                folder: Some("x:y/".into()),
+            },
+            GatewayChange {
+                writer: Writer::UnknownGateway,
+                folder: None,
+            },
+        ] {
+            let stored = change.encode();
+            assert!(
+                !stored.starts_with('/'),
+                "{stored} must not look like a folder"
+            );
+            assert_eq!(GatewayChange::decode(&stored), Some(change), "{stored}");
+        }
+        for foreign in ["/a/", "a/", "nobody:/a/", "sgw-:/a/", "sgw-1:a/", "sgw-1"] {
+            assert_eq!(GatewayChange::decode(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn gateway_writes_are_covered_by_plain_changes_and_coalesce() {
+        let mut window = folders(&["a/"]);
+        window.add_gateway_write(&gw("sgw-1"), Some("b/"));
+        let mut batch = ChangeSet::default();
+        batch.add_gateway_write(&gw("sgw-1"), Some("a/"));
+        batch.add_gateway_write(&gw("sgw-1"), Some("b/"));
+        assert!(
+            batch.is_covered_by(&window),
+            "a plain change covers every share"
+        );
+        let mut other = ChangeSet::default();
+        other.add_gateway_write(&gw("sgw-2"), Some("b/"));
+        assert!(
+            !other.is_covered_by(&window),
+            "another gateway's write is not covered"
+        );
+        assert_eq!(other.not_covered_by(&window), other);
+        // A plain change is not covered by a gateway's write of the same folder.
+        assert!(!folders(&["b/"]).is_covered_by(&window));
+        // Once a gateway's entries are "anywhere", all its writes are covered.
+        let mut anywhere = ChangeSet::default();
+        anywhere.add_gateway_write(&gw("sgw-2"), None);
+        assert!(other.is_covered_by(&anywhere));
+        assert!(!folders(&["b/"]).is_covered_by(&anywhere));
+    }
+
+    #[test]
+    fn too_many_gateway_folders_become_anywhere_for_that_gateway_first() {
+        let mut changes = folders(&["plain/"]);
+        for i in 0..MAX_WINDOW_FOLDERS {
+            let writer = gw(if i % 2 == 0 { "sgw-1" } else { "sgw-2" });
+            changes.add_gateway_write(&writer, Some(&format!("f{i}/")));
+        }
+        assert!(
+            !changes.whole_bucket,
+            "the gateways' own shares still need nothing"
+        );
+        assert_eq!(changes.folders, BTreeSet::from(["plain/".to_string()]));
+        assert_eq!(
+            changes.gateway_writes,
+            BTreeSet::from([
+                GatewayChange {
+                    writer: gw("sgw-1"),
+                    folder: None
+                },
+                GatewayChange {
+                    writer: gw("sgw-2"),
+                    folder: None
+                },
+            ])
+        );
+        // Plain folders past the limit still mean the whole bucket.
+        for i in 0..MAX_WINDOW_FOLDERS {
+            changes.add_folder(&format!("p{i}/"));
+        }
+        assert!(changes.whole_bucket && changes.entries() == 0);
+        // A join that does not fit beside a full window: gateway entries shrink first.
+        let mut full = ChangeSet::default();
+        for i in 0..MAX_WINDOW_FOLDERS - 1 {
+            full.add_folder(&format!("p{i}/"));
+        }
+        let mut batch = ChangeSet::default();
+        batch.add_gateway_write(&gw("sgw-1"), Some("x/"));
+        batch.add_gateway_write(&gw("sgw-1"), Some("y/"));
+        let rest = batch.not_covered_by(&full);
+        assert!(!rest.whole_bucket);
+        assert_eq!(rest.entries(), 1);
+        // Beside a window that is full to the limit, a gateway's new folder still does
+        // not become the whole bucket: "anywhere" entries need no room.
+        full.add_folder("last/");
+        assert_eq!(full.entries(), MAX_WINDOW_FOLDERS);
+        let rest = batch.not_covered_by(&full);
+        assert!(!rest.whole_bucket && !rest.needs_room(), "{rest:?}");
+        let mut item = None;
+        open(
+            &mut item,
+            "b",
+            OpenExpectation::from_item(None),
+            &full,
+            0,
+            10,
+        )
+        .unwrap();
+        assert!(
+            join(&mut item, 1, &rest, 1).is_some(),
+            "anywhere entries always join"
+        );
+        assert_eq!(item.unwrap().changes.entries(), MAX_WINDOW_FOLDERS + 1);
     }
 }

@@ -151,6 +151,28 @@ fn aws_record() -> Value {
     })
 }
 
+/// An S3 record of an expiration by a lifecycle rule (the S3 documentation's
+/// `s3:LifecycleExpiration:Delete` example): S3 is the principal, and the object has
+/// only its key and sequencer, no size and no eTag.
+fn lifecycle_record() -> Value {
+    json!({
+        "eventVersion": "2.3",
+        "eventSource": "aws:s3",
+        "awsRegion": "us-west-2",
+        "eventTime": "1970-01-01T00:00:00.000Z",
+        "eventName": "LifecycleExpiration:Delete",
+        "userIdentity": {"principalId": "s3.amazonaws.com"},
+        "requestParameters": {"sourceIPAddress": "s3.amazonaws.com"},
+        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810", "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "testConfigRule",
+            "bucket": {"name": "my-bucket", "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": "arn:aws:s3:::my-bucket"},
+            "object": {"key": "expiration/delete", "sequencer": "0055AED6DCD90281E5"}
+        }
+    })
+}
+
 /// An S3 record as moto 5 sends it: no userIdentity, no zone on eventTime, '/' as %2F.
 fn moto_record() -> Value {
     json!({
@@ -415,6 +437,13 @@ proptest! {
     }
 
     #[test]
+    fn notification_decoder_survives_mutated_lifecycle_records(
+        records in prop::collection::vec(mutated(lifecycle_record), 1..4),
+    ) {
+        check_notification(&json!({ "Records": records }));
+    }
+
+    #[test]
     fn notification_decoder_survives_mutated_notifications(
         payload in mutated(|| json!({ "Records": [aws_record(), moto_record()] })),
     ) {
@@ -597,6 +626,51 @@ fn the_templates_decode_before_mutation() {
     );
 }
 
+/// Both lifecycle expiration records, of the real shape, are changes of the expired
+/// key, with their event time, and nothing is skipped.
+#[test]
+fn lifecycle_expiration_records_decode_as_changes() {
+    let mut marker = lifecycle_record();
+    marker["eventName"] = json!("LifecycleExpiration:DeleteMarkerCreated");
+    marker["s3"]["object"]["key"] = json!("logs/2024/old+log%281%29.gz");
+    assert!(marker["s3"]["object"].get("size").is_none());
+    assert!(marker["s3"]["object"].get("eTag").is_none());
+    let decoded = decode_notification(&json!({ "Records": [lifecycle_record(), marker] })).unwrap();
+    assert!(decoded.skipped.is_empty(), "{:?}", decoded.skipped);
+    assert!(decoded.undecodable_keys.is_empty());
+    let changes: Vec<_> = decoded
+        .changes
+        .iter()
+        .map(|c| {
+            (
+                c.bucket.as_str(),
+                c.key.as_deref(),
+                c.event_name.as_str(),
+                c.event_time_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (
+                "my-bucket",
+                Some("expiration/delete"),
+                "LifecycleExpiration:Delete",
+                Some(0)
+            ),
+            (
+                "my-bucket",
+                Some("logs/2024/old log(1).gz"),
+                "LifecycleExpiration:DeleteMarkerCreated",
+                Some(0)
+            ),
+        ]
+    );
+    // S3 itself expired the objects: no gateway wrote them.
+    assert!(decoded.changes.iter().all(|c| c.writer.is_none()));
+}
+
 /// The strategies are not degenerate: together they reach every outcome of both
 /// decoders, so "no panic" above covers every branch that produces one.
 #[test]
@@ -649,10 +723,12 @@ fn the_strategies_reach_every_outcome() {
                     if change.event_time_ms.is_some() {
                         *seen.entry("change with a time").or_default() += 1;
                     }
+                    if change.writer.is_some() {
+                        *seen.entry("gateway write").or_default() += 1;
+                    }
                 }
                 for skipped in &decoded.skipped {
                     let outcome = match skipped.reason {
-                        SkipReason::GatewayWrite { .. } => "gateway write",
                         SkipReason::TestEvent => "test event",
                         SkipReason::Malformed { .. } => "malformed",
                     };

@@ -15,6 +15,7 @@ use shared::ingest::{
     decode_invocation, IgnoredEvent, Invocation, InvocationKind, UnitError, UnitEvents,
 };
 use shared::s3_event::{is_plausible_bucket, ObjectChange, SkipReason, SkippedRecord};
+use shared::window::Writer;
 use std::collections::BTreeMap;
 
 // ---------------------------------------------------------------------------------
@@ -49,6 +50,37 @@ fn s3_record(bucket: &str, key: &str, event_name: &str, principal: &str) -> Valu
                 "eTag": "b21b84d653bb07b05b1e6b33684dc11b",
                 "sequencer": "0C0F6F405D6ED209E1"
             }
+        }
+    })
+}
+
+/// An S3 record of an expiration by a lifecycle rule, as in the S3 User Guide's
+/// *Configuring S3 Lifecycle event notifications* example: S3 itself is the principal
+/// and the source address, and the object has only its key and sequencer (no size, no
+/// eTag). `event_name` is `LifecycleExpiration:Delete` or
+/// `LifecycleExpiration:DeleteMarkerCreated`.
+fn lifecycle_record(bucket: &str, key: &str, event_name: &str) -> Value {
+    json!({
+        "eventVersion": "2.3",
+        "eventSource": "aws:s3",
+        "awsRegion": "us-west-2",
+        "eventTime": "2018-08-12T18:14:02.149Z",
+        "eventName": event_name,
+        "userIdentity": {"principalId": "s3.amazonaws.com"},
+        "requestParameters": {"sourceIPAddress": "s3.amazonaws.com"},
+        "responseElements": {
+            "x-amz-request-id": "C3D13FE58DE4C810",
+            "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD"
+        },
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "testConfigRule",
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "A3NL1KOZZKExample"},
+                "arn": format!("arn:aws:s3:::{bucket}")
+            },
+            "object": {"key": key, "sequencer": "0055AED6DCD90281E5"}
         }
     })
 }
@@ -255,6 +287,15 @@ fn change(bucket: &str, key: &str, event_name: &str, time: i64) -> ObjectChange 
         key: Some(key.to_string()),
         event_name: event_name.to_string(),
         event_time_ms: Some(time),
+        writer: None,
+    }
+}
+
+/// The gateway that [`GATEWAY`] names.
+fn written_by_gateway(change: ObjectChange) -> ObjectChange {
+    ObjectChange {
+        writer: Some(Writer::Gateway("sgw-12345678".to_string())),
+        ..change
     }
 }
 
@@ -290,23 +331,22 @@ fn direct_notification_from_the_s3_guide() {
     let events = events_of(&inv, 0);
     assert_eq!(
         events.notification.changes,
-        [change(
-            "amzn-s3-demo-bucket",
-            "photos/red flower(1).jpg",
-            "ObjectCreated:Put",
-            S3_TIME
-        )]
+        [
+            change(
+                "amzn-s3-demo-bucket",
+                "photos/red flower(1).jpg",
+                "ObjectCreated:Put",
+                S3_TIME
+            ),
+            written_by_gateway(change(
+                "amzn-s3-demo-bucket",
+                "photos/old.jpg",
+                "ObjectRemoved:Delete",
+                S3_TIME
+            ))
+        ]
     );
-    assert_eq!(
-        events.notification.skipped,
-        [SkippedRecord {
-            index: 1,
-            reason: SkipReason::GatewayWrite {
-                principal_id: GATEWAY.to_string()
-            },
-            bucket: Some("amzn-s3-demo-bucket".to_string())
-        }]
-    );
+    assert!(events.notification.skipped.is_empty());
     assert!(events.ignored.is_empty());
 }
 
@@ -355,19 +395,22 @@ fn sqs_batch_of_every_body_shape() {
     let first = events_of(&inv, 0);
     assert_eq!(
         first.notification.changes,
-        [change(
-            "bucket-one",
-            "reports/q1 2024.csv",
-            "ObjectCreated:CompleteMultipartUpload",
-            S3_TIME
-        )]
+        [
+            change(
+                "bucket-one",
+                "reports/q1 2024.csv",
+                "ObjectCreated:CompleteMultipartUpload",
+                S3_TIME
+            ),
+            written_by_gateway(change(
+                "bucket-two",
+                "a/b.txt",
+                "ObjectCreated:Copy",
+                S3_TIME
+            ))
+        ]
     );
-    assert_eq!(
-        first.notification.skipped[0].reason,
-        SkipReason::GatewayWrite {
-            principal_id: GATEWAY.to_string()
-        }
-    );
+    assert!(first.notification.skipped.is_empty());
     assert_eq!(
         inv.units[1].changes(),
         [change(
@@ -423,14 +466,18 @@ fn sqs_batch_of_every_body_shape() {
             "6a8c1d0e-0f25-4d8a-9a8e-1c2f3b4d5e6f"
         ]
     );
-    // The gateway's write in the first message does not make it a contributor.
+    // The gateway's write in the first message is a change of bucket-two too: other
+    // gateways' shares need it, so that message is redelivered if bucket-two fails.
     assert_eq!(
         inv.sqs_message_ids_for_bucket("bucket-two"),
-        ["2e1424d4-f796-459a-8184-9c92662be6da"]
+        [
+            "059f36b4-87a3-44ab-83d2-661975830a7d",
+            "2e1424d4-f796-459a-8184-9c92662be6da"
+        ]
     );
     let groups = inv.changes_by_bucket();
     assert_eq!(groups["bucket-one"].units, [0, 2]);
-    assert_eq!(groups["bucket-two"].units, [1]);
+    assert_eq!(groups["bucket-two"].units, [0, 1]);
 }
 
 /// moto's S3 → SQS notifications: no userIdentity, eventTime without a zone, '/' as %2F.
@@ -541,6 +588,165 @@ fn eventbridge_examples_from_the_s3_guide() {
         events.ignored[0].to_string(),
         "EventBridge \"Object Restore Completed\" event does not change a listing"
     );
+}
+
+const LIFECYCLE_EXPIRATIONS: [&str; 2] = [
+    "LifecycleExpiration:Delete",
+    "LifecycleExpiration:DeleteMarkerCreated",
+];
+
+/// A change's fields, without comparing fields that only some decoders fill in.
+fn fields(change: &ObjectChange) -> (&str, Option<&str>, &str, Option<i64>) {
+    (
+        change.bucket.as_str(),
+        change.key.as_deref(),
+        change.event_name.as_str(),
+        change.event_time_ms,
+    )
+}
+
+/// Objects that a lifecycle rule expires leave the listing: their records, of the
+/// real shape (principal `s3.amazonaws.com`, no size, no eTag), are changes in direct,
+/// SQS, SNS → SQS and SNS → Lambda delivery, and are not skipped as anything else.
+#[test]
+fn lifecycle_expirations_are_changes_in_every_s3_delivery() {
+    let bucket = "amzn-s3-demo-bucket";
+    for event_name in LIFECYCLE_EXPIRATIONS {
+        let notification = s3_notification(vec![lifecycle_record(
+            bucket,
+            "expired/old+report%281%29.csv",
+            event_name,
+        )]);
+        let text = notification.to_string();
+        let deliveries = [
+            (InvocationKind::Direct, notification.clone()),
+            (
+                InvocationKind::Sqs,
+                json!({"Records": [sqs_record("m-direct", &text)]}),
+            ),
+            (
+                InvocationKind::Sqs,
+                json!({"Records": [sqs_record("m-sns", &sns_envelope(&text).to_string())]}),
+            ),
+            (InvocationKind::Sns, sns_event(&text)),
+        ];
+        for (kind, payload) in deliveries {
+            let inv = decode_invocation(&payload).unwrap();
+            assert_eq!(inv.kind, kind, "{event_name}");
+            assert_eq!(inv.units.len(), 1, "{event_name} {kind:?}");
+            let events = events_of(&inv, 0);
+            let changes: Vec<_> = events.notification.changes.iter().map(fields).collect();
+            assert_eq!(
+                changes,
+                [(
+                    bucket,
+                    Some("expired/old report(1).csv"),
+                    event_name,
+                    Some(S3_TIME)
+                )],
+                "{event_name} {kind:?}"
+            );
+            assert!(
+                events.notification.skipped.is_empty(),
+                "{event_name} {kind:?}: {:?}",
+                events.notification.skipped
+            );
+            assert!(events.notification.undecodable_keys.is_empty());
+            assert!(events.ignored.is_empty());
+            // S3 itself expired the object: no gateway wrote it.
+            assert_eq!(events.notification.changes[0].writer, None);
+            assert!(inv.units[0].contributes_to(bucket), "{event_name} {kind:?}");
+            if kind == InvocationKind::Sqs {
+                assert_eq!(inv.sqs_message_ids_for_bucket(bucket).len(), 1);
+            }
+        }
+    }
+}
+
+/// A lifecycle expiration next to ordinary records in one notification: each record
+/// gives its own change, in order.
+#[test]
+fn lifecycle_expirations_among_other_records() {
+    let payload = s3_notification(vec![
+        s3_record("bkt1", "a/new.txt", "ObjectCreated:Put", USER),
+        lifecycle_record("bkt1", "a/old.txt", "LifecycleExpiration:Delete"),
+        lifecycle_record(
+            "bkt2",
+            "b/older.txt",
+            "LifecycleExpiration:DeleteMarkerCreated",
+        ),
+        s3_record("bkt2", "b/gone.txt", "ObjectRemoved:Delete", USER),
+    ]);
+    let inv = decode_invocation(&payload).unwrap();
+    let changes: Vec<_> = inv.units[0].changes().iter().map(fields).collect();
+    assert_eq!(
+        changes,
+        [
+            (
+                "bkt1",
+                Some("a/new.txt"),
+                "ObjectCreated:Put",
+                Some(S3_TIME)
+            ),
+            (
+                "bkt1",
+                Some("a/old.txt"),
+                "LifecycleExpiration:Delete",
+                Some(S3_TIME)
+            ),
+            (
+                "bkt2",
+                Some("b/older.txt"),
+                "LifecycleExpiration:DeleteMarkerCreated",
+                Some(S3_TIME)
+            ),
+            (
+                "bkt2",
+                Some("b/gone.txt"),
+                "ObjectRemoved:Delete",
+                Some(S3_TIME)
+            ),
+        ]
+    );
+    let groups = inv.changes_by_bucket();
+    assert_eq!(groups.len(), 2);
+}
+
+/// In EventBridge mode a lifecycle expiration is an "Object Deleted" event with reason
+/// "Lifecycle Expiration", for either deletion type; it counts as a change, directly
+/// and through SQS.
+#[test]
+fn eventbridge_lifecycle_expirations_are_changes() {
+    for deletion_type in ["Permanently Deleted", "Delete Marker Created"] {
+        let mut event = eb_lifecycle_expiration("bkt1", "expired/a b.txt");
+        event["detail"]["deletion-type"] = json!(deletion_type);
+        if deletion_type == "Permanently Deleted" {
+            // An unversioned object: no version id.
+            event["detail"]["object"]
+                .as_object_mut()
+                .unwrap()
+                .remove("version-id");
+        }
+        assert_eq!(event["detail"]["reason"], "Lifecycle Expiration");
+        let batch = json!({"Records": [sqs_record("m1", &event.to_string())]});
+        for payload in [event, batch] {
+            let inv = decode_invocation(&payload).unwrap();
+            let events = events_of(&inv, 0);
+            let changes: Vec<_> = events.notification.changes.iter().map(fields).collect();
+            assert_eq!(
+                changes,
+                [(
+                    "bkt1",
+                    Some("expired/a b.txt"),
+                    "Object Deleted",
+                    Some(EB_TIME)
+                )],
+                "{deletion_type}"
+            );
+            assert!(events.notification.skipped.is_empty(), "{deletion_type}");
+            assert!(events.ignored.is_empty(), "{deletion_type}");
+        }
+    }
 }
 
 /// Keys with '+', '%' and spaces arrive literally in EventBridge events.
@@ -1027,9 +1233,9 @@ impl Body {
     /// The (bucket, key) of every change this body must produce, in order.
     fn expected(&self) -> Vec<(String, String)> {
         match self {
+            // Gateway writes are changes too: every other gateway's shares need them.
             Body::S3(records) | Body::Sns(records) => records
                 .iter()
-                .filter(|(_, _, gateway)| !gateway)
                 .map(|(b, k, _)| (BUCKETS[*b].to_string(), k.clone()))
                 .collect(),
             Body::EventBridge(_, b, k) => vec![(BUCKETS[*b].to_string(), k.clone())],

@@ -78,7 +78,7 @@ trap cleanup EXIT
 # configuration file, no real credentials.
 unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_REGION \
   S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL S3EA_INGEST AWS_ACCOUNT_ID \
-  REFRESH_DELAY_SECONDS LOG_LEVEL
+  REFRESH_DELAY_SECONDS LOG_LEVEL GATEWAY_REGIONS
 export AWS_CONFIG_FILE="$WORK/aws-config" AWS_SHARED_CREDENTIALS_FILE="$WORK/aws-credentials"
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=eu-west-1
 REGION=$AWS_DEFAULT_REGION
@@ -171,12 +171,42 @@ permission_line() {
 }
 count_lines() { if [ -z "$1" ]; then echo 0; else printf '%s\n' "$1" | wc -l | tr -d ' '; fi; }
 # Our entries in a bucket's notification configuration, Lambda entries then queue
-# entries, as "Id|FunctionArn or QueueArn|Events".
+# entries, as "Id|FunctionArn or QueueArn|Events" (the event types sorted).
 our_entries() {
   # shellcheck disable=SC2016 # JMESPath literals
   awsm s3api get-bucket-notification-configuration --bucket "$1" --output text \
-    --query "[LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'].[Id, LambdaFunctionArn, join(',', Events)] || \`[]\`, QueueConfigurations[?Id == '$NOTIFICATION_ID'].[Id, QueueArn, join(',', Events)] || \`[]\`][]" |
+    --query "[LambdaFunctionConfigurations[?Id == '$NOTIFICATION_ID'].[Id, LambdaFunctionArn, join(',', sort(Events))] || \`[]\`, QueueConfigurations[?Id == '$NOTIFICATION_ID'].[Id, QueueArn, join(',', sort(Events))] || \`[]\`][]" |
     tr '\t' '|' | grep -v '^None$' || true
+}
+# The event types of our entries, as our_entries prints them: every change of a
+# listing, lifecycle expirations included; and those of an entry that a deployment
+# from before s3:LifecycleExpiration:* wrote.
+OUR_EVENTS="s3:LifecycleExpiration:*,s3:ObjectCreated:*,s3:ObjectRemoved:*"
+OLD_EVENTS="s3:ObjectCreated:*,s3:ObjectRemoved:*"
+# put_old_entry BUCKET: our entry becomes what an older deployment wrote (only the two
+# old event types); every other entry of the bucket is put back as it is.
+put_old_entry() {
+  local config
+  config=$(awsm s3api get-bucket-notification-configuration --bucket "$1" --output json | python3 -c '
+import json, sys
+config, ours = json.load(sys.stdin), 0
+for kind in ("LambdaFunctionConfigurations", "QueueConfigurations"):
+    for entry in config.get(kind, []):
+        if entry["Id"] == sys.argv[1]:
+            entry["Events"] = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+            ours += 1
+assert ours == 1, "entries of ours: %d" % ours
+print(json.dumps(config))
+' "$NOTIFICATION_ID")
+  awsm s3api put-bucket-notification-configuration --bucket "$1" --notification-configuration "$config"
+}
+# ere TEXT: TEXT as an extended regular expression that matches it literally.
+ere() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
+# update_line: the line (a pattern for grep -E) with which attach_bucket says that it
+# updates an old entry, for the current prefix.
+update_line() {
+  printf "notification %s: updating our entry's events from %s to %s" \
+    "$NOTIFICATION_ID" "$(ere "$OLD_EVENTS")" "$(ere "$OUR_EVENTS")"
 }
 # Everything in a bucket's notification configuration except our entry, as compact JSON.
 foreign_entries() {
@@ -232,6 +262,16 @@ check_run "create-stack.sh --prefix without a value" 2 scripts/create-stack.sh b
 check_run "create-stack.sh --delay 43201" 2 scripts/create-stack.sh --delay 43201 bucket-x
 check_run "create-stack.sh --log-level LOUD" 2 scripts/create-stack.sh --log-level LOUD bucket-x
 check_run "create-stack.sh --arch sparc" 2 scripts/create-stack.sh --arch sparc bucket-x
+check_run "create-stack.sh --help" 0 scripts/create-stack.sh --help
+check_log_has "create-stack.sh --help documents --gateway-regions" "--gateway-regions R1,R2"
+check_log_has "create-stack.sh --help says that a re-run keeps GATEWAY_REGIONS" "without it leaves"
+for bad in "US-EAST-1" "us-east-1,us-east-1" "us-east-1," "us-east-1,,eu-west-1" "us-east" "us-east-1 eu-west-1"; do
+  check_run "create-stack.sh --gateway-regions '$bad'" 2 scripts/create-stack.sh --gateway-regions "$bad" bucket-x
+  check_log_has "--gateway-regions '$bad' names the accepted values" \
+    "invalid --gateway-regions '$(ere "$bad")': a comma-separated list of distinct AWS region names such as us-east-1,eu-west-2"
+done
+check_run "create-stack.sh --gateway-regions= (empty)" 2 scripts/create-stack.sh --gateway-regions= bucket-x
+check_run "GATEWAY_REGIONS=useast1 create-stack.sh" 2 env GATEWAY_REGIONS=useast1 scripts/create-stack.sh bucket-x
 check_run "attach-bucket.sh with two buckets" 2 scripts/attach-bucket.sh bucket-x bucket-y
 for script in create-stack attach-bucket; do
   check_run "$script.sh --help" 0 "scripts/$script.sh" --help
@@ -381,7 +421,9 @@ check_functions() { # DELAY LOG_LEVEL
     "$(printf '%s\n' "LOG_LEVEL=$level" "QUEUE_URL=$url" "REFRESH_DELAY_SECONDS=$delay" "TABLE_NAME=$TABLE" \
       ${AGGREGATOR_EXTRA_ENV:+"$AGGREGATOR_EXTRA_ENV"} | sort | tr '\n' ' ' | sed 's/ $//')" \
     "$(awsm lambda get-function-configuration --function-name "$AGGREGATOR" --query 'Environment.Variables' --output json | python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted(json.load(sys.stdin).items())))')"
-  check_eq "function $REFRESHER environment" "LOG_LEVEL=$level TABLE_NAME=$TABLE" \
+  check_eq "function $REFRESHER environment" \
+    "$(printf '%s\n' "LOG_LEVEL=$level" "TABLE_NAME=$TABLE" \
+      ${REFRESHER_EXTRA_ENV:+"$REFRESHER_EXTRA_ENV"} | sort | tr '\n' ' ' | sed 's/ $//')" \
     "$(awsm lambda get-function-configuration --function-name "$REFRESHER" --query 'Environment.Variables' --output json | python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted(json.load(sys.stdin).items())))')"
   for pair in "$AGGREGATOR:aggregator" "$REFRESHER:refresher"; do
     check_eq "function ${pair%%:*} code size = size of $ZIP_DIR/${pair#*:}/bootstrap.zip" \
@@ -398,8 +440,8 @@ check_buckets() { # BUCKET...
   for bucket in "$@"; do
     check_eq "permission for $bucket (s3.amazonaws.com, SourceArn, SourceAccount)" \
       "$(permission_line "$bucket")" "$(printf '%s\n' "$perms" | grep -F "S3Invoke-$bucket|" || true)"
-    check_eq "notification entry on $bucket" \
-      "$NOTIFICATION_ID|$AGGREGATOR_ARN|s3:ObjectCreated:*,s3:ObjectRemoved:*" "$(our_entries "$bucket")"
+    check_eq "notification entry on $bucket (with the lifecycle expirations)" \
+      "$NOTIFICATION_ID|$AGGREGATOR_ARN|$OUR_EVENTS" "$(our_entries "$bucket")"
   done
 }
 
@@ -408,6 +450,8 @@ check_foreign_intact() {
 }
 
 AGGREGATOR_EXTRA_ENV=
+# GATEWAY_REGIONS is not set until --gateway-regions: the refresher's own region.
+REFRESHER_EXTRA_ENV=
 check_resources 45 DEBUG
 check_buckets "$ONE" "$TWO"
 check_foreign_intact "after create"
@@ -437,8 +481,11 @@ check_counts "after create"
 
 # ---------------------------------------------------------------------------------
 phase "4. create-stack.sh again (deploy tool: aws lambda create-function/update-function-*): nothing duplicated"
-check_run "create-stack.sh $ONE $TWO, again, with S3EA_DEPLOY_TOOL=aws-cli" 0 \
-  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_run "create-stack.sh --gateway-regions ' $REGION, us-west-2' $ONE $TWO, again, with S3EA_DEPLOY_TOOL=aws-cli" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --gateway-regions " $REGION, us-west-2" "$ONE" "$TWO"
+check_log_has "second create says what it sets GATEWAY_REGIONS to" \
+  "Refresher gateway regions: $REGION,us-west-2 \\(--gateway-regions\\)"
+REFRESHER_EXTRA_ENV="GATEWAY_REGIONS=$REGION,us-west-2"
 check_log_has "second create finds the table" "exists \\(hash key BucketName"
 check_log_has "second create finds the mapping" "exists \\([-0-9a-f]+\\): updating it"
 check_log_has "second create keeps the permissions" "permission S3Invoke-$ONE: present"
@@ -449,6 +496,8 @@ check_buckets "$ONE" "$TWO"
 check_foreign_intact "after the second create"
 check_run "create-stack.sh a third time, with cargo lambda deploy" 0 \
   scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "without --gateway-regions, create keeps the function's GATEWAY_REGIONS" \
+  "Refresher gateway regions: $REGION,us-west-2 \\(the function's current GATEWAY_REGIONS, kept\\)"
 check_counts "after the third create"
 check_functions 45 DEBUG
 check_buckets "$ONE" "$TWO"
@@ -459,6 +508,28 @@ check_run "attach-bucket.sh $THREE" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}
 check_run "attach-bucket.sh $THREE again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
 check_buckets "$ONE" "$THREE" "$TWO"
 check_foreign_intact "after attach"
+
+# ---------------------------------------------------------------------------------
+phase "5b. Entries of an older deployment (without s3:LifecycleExpiration:*) are updated"
+put_old_entry "$ONE"
+put_old_entry "$THREE"
+for bucket in "$ONE" "$THREE"; do
+  check_eq "old entry on $bucket" "$NOTIFICATION_ID|$AGGREGATOR_ARN|$OLD_EVENTS" "$(our_entries "$bucket")"
+done
+check_foreign_intact "with the old entry"
+check_run "create-stack.sh $ONE $TWO again" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "create says that it updates the entry's events" "$(update_line)"
+check_eq "entries updated by create (only $ONE's was old)" 1 "$(grep -Ec -- "$(update_line)" "$LAST_LOG" || true)"
+check_eq "entry on $ONE after create" "$NOTIFICATION_ID|$AGGREGATOR_ARN|$OUR_EVENTS" "$(our_entries "$ONE")"
+check_eq "entry on $THREE after create (not named: left as it was)" \
+  "$NOTIFICATION_ID|$AGGREGATOR_ARN|$OLD_EVENTS" "$(our_entries "$THREE")"
+check_foreign_intact "after create updated the old entry"
+check_run "attach-bucket.sh $THREE again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
+check_log_has "attach says that it updates the entry's events" "$(update_line)"
+check_run "attach-bucket.sh $THREE once more" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
+check_eq "nothing left to update on the next run" 0 "$(grep -Ec -- "$(update_line)" "$LAST_LOG" || true)"
+check_buckets "$ONE" "$THREE" "$TWO"
+check_foreign_intact "after attach updated the old entry"
 
 # ---------------------------------------------------------------------------------
 phase "6. detach-bucket.sh $ONE (the bucket with the foreign entries)"
@@ -604,7 +675,7 @@ for bucket in "$SA" "$SB" "$SC"; do
 done
 put_foreign_config "$SA"
 FOREIGN_SA=$(foreign_entries "$SA")
-INGEST_ENTRY="s3:ObjectCreated:*,s3:ObjectRemoved:*"
+INGEST_ENTRY=$OUR_EVENTS
 
 check_run "create-stack.sh --ingest sqs $SA $SB" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs "$SA" "$SB"
 check_log_has "create says the mode and where it comes from" "==> Ingest: sqs \\(--ingest\\)"
@@ -679,6 +750,14 @@ check_eq "nothing of ours on $SC after the refused attach" "" "$(our_entries "$S
 check_run "attach-bucket.sh $SC (the stack's mode)" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$SC"
 check_log_has "attach uses the recorded mode" "==> Ingest: sqs \\(the stack's mode, recorded on $AGGREGATOR\\)"
 check_run "attach-bucket.sh $SC again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$SC"
+check_sqs_stack "$SA" "$SB" "$SC"
+
+# An entry of an older deployment, on the bucket with the foreign entries.
+put_old_entry "$SA"
+check_eq "old queue entry on $SA" "$NOTIFICATION_ID|$SQS_ARN:$INGEST_QUEUE|$OLD_EVENTS" "$(our_entries "$SA")"
+check_eq "foreign entries on $SA with the old entry" "$FOREIGN_SA" "$(foreign_entries "$SA")"
+check_run "attach-bucket.sh $SA (its entry is old)" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$SA"
+check_log_has "attach says that it updates the entry's events" "$(update_line)"
 check_sqs_stack "$SA" "$SB" "$SC"
 
 check_run "attach-bucket.sh --ingest direct $SC (every stack can use direct)" 0 \
@@ -763,6 +842,42 @@ for line in sys.stdin:
 print(",".join(sorted(types)))
 ' "$2" "$3"
 }
+# probe_lifecycle BUCKET KEY: puts the two "Object Deleted" events of a lifecycle
+# expiration (reason "Lifecycle Expiration", S3 as the requester; moto's lifecycle
+# rules send none) on the default bus, as S3 sends them; prints the deletion types of
+# those that a copy of the stack's rule matched, sorted. One event per call, and its
+# failure ignored: moto fails PutEvents with a 500 when an event matches the stack's
+# rule (a Lambda target), after the probe rules, which come first, got it.
+probe_lifecycle() {
+  local pattern kind entry
+  pattern=$(awsm events describe-rule --name "$EVENT_RULE" --query EventPattern --output text 2>/dev/null ||
+    echo '{"source": ["s3ea.nothing"]}')
+  awsm events put-rule --name "$PROBE-rule" --event-pattern "$pattern" >/dev/null
+  awsm sqs purge-queue --queue-url "$PROBE_RULE_URL"
+  for kind in "Permanently Deleted" "Delete Marker Created"; do
+    entry=$(python3 -c '
+import json, sys
+bucket, key, kind = sys.argv[1:4]
+print(json.dumps([{"Source": "aws.s3", "DetailType": "Object Deleted", "Resources": ["arn:aws:s3:::" + bucket],
+    "Detail": json.dumps({"version": "0", "bucket": {"name": bucket},
+        "object": {"key": key, "sequencer": "617b398000000000"}, "request-id": "20EB74C14654DC47",
+        "requester": "s3.amazonaws.com", "reason": "Lifecycle Expiration", "deletion-type": kind})}]))
+' "$1" "$2" "$kind")
+    AWS_MAX_ATTEMPTS=1 awsm events put-events --entries "$entry" >/dev/null 2>&1 || true
+  done
+  receive_bodies "$PROBE_RULE_URL" | python3 -c '
+import json, sys
+kinds = set()
+for line in sys.stdin:
+    e = json.loads(line)
+    d = e["detail"]
+    if (d["bucket"]["name"] == sys.argv[1] and d["object"]["key"] == sys.argv[2]
+            and e["detail-type"] == "Object Deleted" and d.get("reason") == "Lifecycle Expiration"):
+        kinds.add(d["deletion-type"])
+print(",".join(sorted(kinds)))
+' "$1" "$2"
+}
+LIFECYCLE="Delete Marker Created,Permanently Deleted"
 BOTH="Object Created,Object Deleted"
 check_eq "probe $EO (its owner turned EventBridge on; no stack yet)" "delivery: $BOTH | rule: " "$(probe "$EO" k0)"
 check_eq "probe $EA before create" "delivery:  | rule: " "$(probe "$EA" k0)"
@@ -775,6 +890,13 @@ check_log_has "create prints the rule" "rule +$EVENT_RULE_ARN"
 check_eventbridge_stack() { # BUCKET...: the attached buckets
   check_eq "rule $EVENT_RULE: state, source, detail types, buckets" \
     "ENABLED|aws.s3|Object Created,Object Deleted|$(names_of "$@")" "$(rule_summary)"
+  check_eq "rule $EVENT_RULE: its pattern filters the detail on the bucket only (no reason, no deletion type)" \
+    bucket "$(awsm events describe-rule --name "$EVENT_RULE" --query EventPattern --output text |
+      python3 -c 'import json, sys; print(",".join(sorted(json.load(sys.stdin)["detail"])))')"
+  for bucket in "$@"; do
+    check_eq "rule $EVENT_RULE matches the lifecycle expirations of $bucket" "$LIFECYCLE" \
+      "$(probe_lifecycle "$bucket" "expired/k$PASSED")"
+  done
   check_eq "rule $EVENT_RULE targets: the aggregator, DLQ, retries, event age" \
     "Aggregator|$AGGREGATOR_ARN|$SQS_ARN:$AGGREGATOR_DLQ|185|86400" "$(rule_targets)"
   check_eq "permissions on $AGGREGATOR: the rule only" \
@@ -802,6 +924,8 @@ check_eq "probe $EA: EventBridge delivery on, the rule matches its events" "deli
 check_eq "probe $EB: the same" "delivery: $BOTH | rule: $BOTH" "$(probe "$EB" k1)"
 check_eq "probe $EO: delivery on (its owner's), not matched by the rule" "delivery: $BOTH | rule: " "$(probe "$EO" k1)"
 check_eq "probe $EC (not attached yet)" "delivery:  | rule: " "$(probe "$EC" k1)"
+check_eq "rule $EVENT_RULE does not match the lifecycle expirations of $EO (not attached)" "" \
+  "$(probe_lifecycle "$EO" expired/k1)"
 
 check_run "create-stack.sh $EA $EB again, without --ingest" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" "$EA" "$EB"
 check_log_has "second create keeps the recorded mode" "==> Ingest: eventbridge \\(recorded on $AGGREGATOR\\)"

@@ -30,6 +30,12 @@ pub async fn sdk_config(endpoint: &str) -> SdkConfig {
         .await
 }
 
+/// An S3 Control client for `endpoint`: an [`crate::s3control::S3ControlForwarder`]'s
+/// (see there why moto cannot be called directly).
+pub async fn s3control_client(endpoint: &str) -> aws_sdk_s3control::Client {
+    aws_sdk_s3control::Client::new(&sdk_config(endpoint).await)
+}
+
 /// The environment a Lambda binary needs to reach moto and the stand-in.
 pub fn lambda_aws_env(moto_endpoint: &str, gateway_endpoint: &str) -> Vec<(String, String)> {
     [

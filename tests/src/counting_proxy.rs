@@ -4,10 +4,12 @@
 //!
 //! Point a function at it with `AWS_ENDPOINT_URL_DYNAMODB` (or `_SQS`): the AWS JSON
 //! protocols name the operation in `X-Amz-Target` (`DynamoDB_20120810.UpdateItem`),
-//! which is what gets counted. Each request is forwarded as it is to the upstream and
-//! its response returned as it is. [`CountingProxy::start_recording`] also keeps each
-//! request and answer, so a test can read what a function sent (for example a message
-//! delayed by 900 s, which it cannot receive in time).
+//! which is what gets counted. S3 Control (`AWS_ENDPOINT_URL_S3_CONTROL`, REST-XML) has
+//! no such header: its access point calls count as `S3Control.GetAccessPoint`,
+//! `S3Control.ListAccessPoints` and so on. Each request is forwarded as it is to the
+//! upstream and its response returned as it is. [`CountingProxy::start_recording`] also
+//! keeps each request and answer, so a test can read what a function sent (for example
+//! a message delayed by 900 s, which it cannot receive in time).
 
 use crate::runtime_api::http_request;
 use bytes::Bytes;
@@ -153,8 +155,9 @@ async fn forward(
         .headers()
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("(none)")
-        .to_string();
+        .map(str::to_string)
+        .or_else(|| s3control_operation(req.method().as_str(), req.uri().path()))
+        .unwrap_or_else(|| "(none)".to_string());
     *lock(&counts).entry(target.clone()).or_default() += 1;
     let method = req.method().to_string();
     let path = req
@@ -208,6 +211,20 @@ async fn forward(
         }
         Err(e) => Ok(error(StatusCode::BAD_GATEWAY, &e.to_string())),
     }
+}
+
+/// S3 Control speaks REST-XML, without `X-Amz-Target`: its access point operations
+/// are named from the method and the path, as `S3Control.GetAccessPoint`.
+fn s3control_operation(method: &str, path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v20180820/")?;
+    let operation = match (method, rest.split('/').collect::<Vec<_>>().as_slice()) {
+        ("GET", ["accesspoint"]) => "ListAccessPoints".to_string(),
+        ("GET", ["accesspoint", _]) => "GetAccessPoint".to_string(),
+        ("PUT", ["accesspoint", _]) => "CreateAccessPoint".to_string(),
+        ("DELETE", ["accesspoint", _]) => "DeleteAccessPoint".to_string(),
+        _ => format!("{method} /v20180820/{rest}"),
+    };
+    Some(format!("S3Control.{operation}"))
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {

@@ -6,5 +6,6 @@ pub mod bucket_model;
 pub mod counting_proxy;
 pub mod moto;
 pub mod runtime_api;
+pub mod s3control;
 pub mod sgw_standin;
 pub mod stack;

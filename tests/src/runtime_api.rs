@@ -3,9 +3,10 @@
 //!
 //! [`LambdaProcess::spawn`] binds a Runtime API server on `127.0.0.1:0`, starts the
 //! binary with `AWS_LAMBDA_RUNTIME_API` pointing at it, and captures the binary's
-//! stdout and stderr line by line. [`LambdaProcess::invoke`] queues one event, hands
-//! it out on the next `GET /runtime/invocation/next` and waits for the runtime to post
-//! `/response` or `/error` for that request id.
+//! stdout and stderr line by line ([`ChildOutput`] says where they go besides: this
+//! process's stderr unless told otherwise). [`LambdaProcess::invoke`] queues one event,
+//! hands it out on the next `GET /runtime/invocation/next` and waits for the runtime to
+//! post `/response` or `/error` for that request id.
 //!
 //! Endpoints served (paths and headers as the `lambda_runtime` crate's client uses
 //! them):
@@ -26,8 +27,8 @@
 //! [`LambdaSpawn::env`], which wins over the defaults.
 //!
 //! This module also holds the crate's shared error type, [`HarnessError`], and a
-//! minimal HTTP/1.1 client ([`http_request`]) used by [`crate::moto`] and by tests that
-//! act as a runtime client themselves.
+//! small HTTP/1.1 client on hyper's ([`http_request`]) used by [`crate::moto`], the
+//! proxies and by tests that act as a runtime client themselves.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -45,7 +46,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::client::conn::http1 as client_http1;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
@@ -178,6 +180,8 @@ pub struct LambdaSpawn<'a> {
     /// [`LambdaProcess::invoke`] waits for the event to be picked up and, again, for
     /// the result.
     pub timeout: Duration,
+    /// Where the child's lines go besides [`LambdaProcess::output_lines`].
+    pub output: ChildOutput,
 }
 
 impl<'a> LambdaSpawn<'a> {
@@ -188,6 +192,7 @@ impl<'a> LambdaSpawn<'a> {
             env: Vec::new(),
             function_name: function_name.into(),
             timeout: DEFAULT_TIMEOUT,
+            output: ChildOutput::process_default(),
         }
     }
 
@@ -200,6 +205,12 @@ impl<'a> LambdaSpawn<'a> {
     /// Sets the function timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets where the child's lines go (the default is [`set_default_child_output`]'s).
+    pub fn output(mut self, output: ChildOutput) -> Self {
+        self.output = output;
         self
     }
 }
@@ -301,6 +312,7 @@ struct Shared {
     state: Mutex<State>,
     init_error: watch::Sender<Option<InitError>>,
     output: Mutex<Vec<String>>,
+    echo: ChildOutput,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -309,7 +321,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn push_line(&self, stream: &str, line: String) {
-        eprintln!("[{} {}] {}", self.function_name, stream, line);
+        self.echo.write_line(&self.function_name, stream, &line);
         let mut out = lock(&self.output);
         if out.len() >= MAX_KEPT_LINES {
             out.drain(..MAX_KEPT_LINES / 10);
@@ -387,6 +399,7 @@ impl LambdaProcess {
             state: Mutex::new(State::default()),
             init_error,
             output: Mutex::new(Vec::new()),
+            echo: spec.output.clone(),
         });
 
         let server_task = tokio::spawn(serve(listener, shared.clone()));
@@ -758,6 +771,102 @@ impl Drop for RemovePending<'_> {
 // ------------------------------------------------------------------------------------
 // Output capture
 // ------------------------------------------------------------------------------------
+
+/// Where a child's stdout and stderr lines go besides the buffer that
+/// [`LambdaProcess::output_lines`] reads: this process's stderr, a log file, both or
+/// neither. Each line is written as `[function stream] line`.
+#[derive(Debug, Clone)]
+pub struct ChildOutput {
+    stderr: bool,
+    file: Option<Arc<ChildLog>>,
+}
+
+#[derive(Debug)]
+struct ChildLog {
+    path: std::path::PathBuf,
+    file: Mutex<std::fs::File>,
+}
+
+/// What [`LambdaSpawn::new`] uses; [`ChildOutput::stderr`] until set.
+static DEFAULT_CHILD_OUTPUT: Mutex<Option<ChildOutput>> = Mutex::new(None);
+
+/// Sets the output of every process spawned from a [`LambdaSpawn::new`] made after
+/// this call (unless it sets its own with [`LambdaSpawn::output`]), e.g. a driver
+/// that sends the functions' logs to a file before it starts a
+/// [`crate::stack::Stack`].
+pub fn set_default_child_output(output: ChildOutput) {
+    *lock(&DEFAULT_CHILD_OUTPUT) = Some(output);
+}
+
+impl Default for ChildOutput {
+    fn default() -> Self {
+        ChildOutput::stderr()
+    }
+}
+
+impl ChildOutput {
+    /// Echo each line to this process's stderr (the default).
+    pub fn stderr() -> Self {
+        ChildOutput {
+            stderr: true,
+            file: None,
+        }
+    }
+
+    /// Keep the lines in the buffer only.
+    pub fn quiet() -> Self {
+        ChildOutput {
+            stderr: false,
+            file: None,
+        }
+    }
+
+    /// Append each line to `path` (created, or truncated, now; its directory too)
+    /// instead of echoing it. Clones share the file, so several processes can write to
+    /// one log; lines do not interleave.
+    pub fn file(path: impl AsRef<Path>) -> Result<Self, HarnessError> {
+        let path = path.as_ref();
+        let context = || format!("creating the log file {}", path.display());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(context(), e))?;
+        }
+        let file = std::fs::File::create(path).map_err(|e| HarnessError::io(context(), e))?;
+        Ok(ChildOutput {
+            stderr: false,
+            file: Some(Arc::new(ChildLog {
+                path: path.to_path_buf(),
+                file: Mutex::new(file),
+            })),
+        })
+    }
+
+    /// Also (`true`) or no longer (`false`) echo each line to this process's stderr.
+    pub fn with_stderr(mut self, stderr: bool) -> Self {
+        self.stderr = stderr;
+        self
+    }
+
+    /// The log file, if the lines go to one.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.file.as_deref().map(|log| log.path.as_path())
+    }
+
+    fn process_default() -> Self {
+        lock(&DEFAULT_CHILD_OUTPUT).clone().unwrap_or_default()
+    }
+
+    fn write_line(&self, function_name: &str, stream: &str, line: &str) {
+        if self.stderr {
+            eprintln!("[{function_name} {stream}] {line}");
+        }
+        if let Some(log) = &self.file {
+            use std::io::Write as _;
+            // A full disk must not fail the function under test; the line stays in
+            // the buffer.
+            let _ = writeln!(lock(&log.file), "[{function_name} {stream}] {line}");
+        }
+    }
+}
 
 async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| {
@@ -1139,7 +1248,7 @@ fn new_trace_id() -> String {
 }
 
 // ------------------------------------------------------------------------------------
-// Minimal HTTP/1.1 client
+// HTTP/1.1 client (hyper's, one connection per request)
 // ------------------------------------------------------------------------------------
 
 /// Default timeout of [`http_request`].
@@ -1149,6 +1258,7 @@ pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
     pub status: u16,
+    /// Names in lower case (as hyper gives them), a repeated name's values together.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -1210,6 +1320,8 @@ pub async fn http_request_timeout(
     }
 }
 
+/// The exchange on hyper's HTTP/1.1 client connection. The connection is driven
+/// inside this future, so dropping it (on a timeout) closes the socket.
 async fn http_exchange(
     authority: &str,
     method: &str,
@@ -1218,179 +1330,80 @@ async fn http_exchange(
     body: &[u8],
 ) -> Result<HttpResponse, HarnessError> {
     let ctx = |what: &str| format!("HTTP {method} http://{authority}{path}: {what}");
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, authority);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+    {
+        // Also on an empty body, as before (hyper would send none).
+        request = request.header(CONTENT_LENGTH, body.len());
+    }
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|e| HarnessError::Http(ctx(&format!("invalid request: {e}"))))?;
+
     let stream = TcpStream::connect(authority)
         .await
         .map_err(|e| HarnessError::io(ctx("connect"), e))?;
-    // No `Connection: close`: the response is read by its length, and a keep-alive
-    // connection lets hyper notice when a long-polling client goes away (with
-    // `close`, hyper stops reading the socket and never sees the disconnect).
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
-    let mut has_length = false;
-    for (k, v) in headers {
-        if k.eq_ignore_ascii_case("content-length") {
-            has_length = true;
-        }
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !has_length {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    write_all(&stream, &bytes)
+    // No `Connection: close`: a keep-alive connection lets hyper's server notice when
+    // a long-polling client goes away (with `close`, it stops reading the socket and
+    // never sees the disconnect).
+    let (mut sender, conn) = client_http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| HarnessError::io(ctx("write"), e))?;
-
-    let head_only = method.eq_ignore_ascii_case("HEAD");
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        if let Some(resp) = parse_response(&buf, false, head_only)? {
-            return Ok(resp);
-        }
-        stream
-            .readable()
+        .map_err(|e| client_error(ctx("handshake"), &e))?;
+    let exchange = async {
+        let response = sender
+            .send_request(request)
             .await
-            .map_err(|e| HarnessError::io(ctx("read"), e))?;
-        match stream.try_read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
-            Err(e) => return Err(HarnessError::io(ctx("read"), e)),
-        }
-    }
-    parse_response(&buf, true, head_only)?.ok_or_else(|| {
-        HarnessError::Http(ctx(&format!(
-            "connection closed after {} byte(s) without a complete response",
-            buf.len()
-        )))
-    })
-}
-
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Parses a response from `buf`: `Ok(None)` when more bytes are needed.
-fn parse_response(
-    buf: &[u8],
-    eof: bool,
-    head_only: bool,
-) -> Result<Option<HttpResponse>, HarnessError> {
-    let Some(head_end) = find(buf, b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let status = parts.next().and_then(|s| s.parse::<u16>().ok());
-    let status = match status {
-        Some(s) if version.starts_with("HTTP/") => s,
-        _ => {
-            return Err(HarnessError::Http(format!(
-                "malformed status line {status_line:?}"
-            )))
-        }
-    };
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_owned(), v.trim().to_owned()))
+            .map_err(|e| client_error(ctx("request"), &e))?;
+        let (head, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| client_error(ctx("body"), &e))?
+            .to_bytes();
+        Ok(HttpResponse {
+            status: head.status.as_u16(),
+            headers: head
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    (name.as_str().to_owned(), value)
+                })
+                .collect(),
+            body: body.to_vec(),
         })
-        .collect();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
     };
-    let rest = &buf[head_end + 4..];
-    let done = |body: Vec<u8>| {
-        Ok(Some(HttpResponse {
-            status,
-            headers: headers.clone(),
-            body,
-        }))
-    };
-
-    // 1xx: skip the interim response.
-    if (100..200).contains(&status) {
-        return parse_response(rest, eof, head_only);
-    }
-    if head_only || status == 204 || status == 304 {
-        return done(Vec::new());
-    }
-    if get("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
-        return match decode_chunked(rest)? {
-            Some(body) => done(body),
-            None if eof => Err(HarnessError::Http(
-                "connection closed inside a chunked body".into(),
-            )),
-            None => Ok(None),
-        };
-    }
-    if let Some(len) = get("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| HarnessError::Http(format!("bad Content-Length {len:?}")))?;
-        if rest.len() >= len {
-            return done(rest[..len].to_vec());
-        }
-        if eof {
-            return Err(HarnessError::Http(format!(
-                "connection closed after {} of {len} body bytes",
-                rest.len()
-            )));
-        }
-        return Ok(None);
-    }
-    // No length: the body runs to EOF.
-    if eof {
-        done(rest.to_vec())
-    } else {
-        Ok(None)
-    }
-}
-
-fn decode_chunked(mut data: &[u8]) -> Result<Option<Vec<u8>>, HarnessError> {
-    let mut body = Vec::new();
+    // The connection's own result is not needed: its errors reach the exchange.
+    let mut conn = std::pin::pin!(conn);
+    let mut exchange = std::pin::pin!(exchange);
+    let mut conn_done = false;
     loop {
-        let Some(line_end) = find(data, b"\r\n") else {
-            return Ok(None);
-        };
-        let line = String::from_utf8_lossy(&data[..line_end]);
-        let size_str = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_str, 16)
-            .map_err(|_| HarnessError::Http(format!("bad chunk size {size_str:?}")))?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            // Trailers end with an empty line; accept a missing final CRLF.
-            return Ok(Some(body));
+        tokio::select! {
+            result = &mut exchange => return result,
+            _ = &mut conn, if !conn_done => conn_done = true,
         }
-        if data.len() < size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// A hyper client error with its causes: [`HarnessError::Io`] when one is an I/O
+/// error, else [`HarnessError::Http`].
+fn client_error(context: String, error: &hyper::Error) -> HarnessError {
+    let causes = std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source());
+    let message = causes
+        .clone()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    match causes.clone().find_map(|e| e.downcast_ref::<io::Error>()) {
+        Some(io_error) => HarnessError::io(context, io::Error::new(io_error.kind(), message)),
+        None => HarnessError::Http(format!("{context}: {message}")),
+    }
 }

@@ -13,6 +13,13 @@
 //!   `ServiceUnavailableError`); the generic protocol errors (`ValidationException`,
 //!   `SerializationException`, `UnknownOperationException`) have no `error` object.
 //! * SigV4 signatures are accepted without being checked.
+//! * Regions, as in AWS: a request goes to the region of its SigV4 credential scope
+//!   (`Authorization: AWS4-HMAC-SHA256 Credential=AKID/20260101/eu-west-1/storagegateway/aws4_request, ...`;
+//!   [`REGION`] when a request is not signed). A gateway and its shares live in the
+//!   region of the gateway's ARN ([`SgwStandIn::add_gateway_in`]), and a request to
+//!   another region does not see them: `ListFileShares` leaves them out, and
+//!   `Describe*FileShares` and `RefreshCache` answer "The specified file share was not
+//!   found." as for a share that does not exist.
 //!
 //! Operations: `ListFileShares`, `DescribeNFSFileShares`, `DescribeSMBFileShares` and
 //! `RefreshCache`. Anything else gets `UnknownOperationException`.
@@ -148,6 +155,9 @@ pub struct RecordedCall {
     /// The operation name from `X-Amz-Target` (without the `StorageGateway_20130630.`
     /// prefix), or the raw header value (possibly empty) when it has no such prefix.
     pub operation: String,
+    /// The region the request went to: the SigV4 credential scope's region in its
+    /// `Authorization` header, or [`REGION`] for an unsigned request.
+    pub region: String,
     /// The parsed JSON body; `Value::Null` when the body was not valid JSON.
     pub body: Value,
     /// The HTTP status of the response.
@@ -319,6 +329,8 @@ struct State {
     failures: VecDeque<(String, InjectedFailure)>,
     /// Object sources by bucket name.
     sources: HashMap<String, BucketSource>,
+    /// The bucket of each registered access point, by ARN and by alias.
+    access_points: HashMap<String, String>,
     work_by_share: HashMap<String, ListingWork>,
     total_work: ListingWork,
     /// Per-instance secret, so that markers and ids are not guessable across instances.
@@ -339,6 +351,7 @@ impl State {
             calls: Vec::new(),
             failures: VecDeque::new(),
             sources: HashMap::new(),
+            access_points: HashMap::new(),
             work_by_share: HashMap::new(),
             total_work: ListingWork::default(),
             salt: RandomState::new().hash_one(0x5347_5753_u64),
@@ -388,6 +401,13 @@ impl State {
 
     fn share(&self, arn: &str) -> Option<&Share> {
         self.shares.iter().find(|s| s.arn == arn)
+    }
+
+    /// The share as a request to `region` sees it: only shares of that region's
+    /// gateways exist there.
+    fn share_in(&self, region: &str, arn: &str) -> Option<&Share> {
+        self.share(arn)
+            .filter(|s| region_of(&s.gateway_arn) == region)
     }
 
     /// Drop refreshes that have completed by now.
@@ -599,12 +619,19 @@ impl SgwStandIn {
         lock(&self.state)
     }
 
-    /// Adds a gateway; returns its ARN
+    /// Adds a gateway in [`REGION`]; returns its ARN
     /// (`arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-XXXXXXXX`).
     pub fn add_gateway(&self, name: &str) -> String {
+        self.add_gateway_in(REGION, name)
+    }
+
+    /// Adds a gateway in `region`; returns its ARN
+    /// (`arn:aws:storagegateway:REGION:123456789012:gateway/sgw-XXXXXXXX`). Only
+    /// requests signed for `region` see it and its shares.
+    pub fn add_gateway_in(&self, region: &str, name: &str) -> String {
         let mut st = self.state();
         let arn = format!(
-            "arn:aws:storagegateway:{REGION}:{ACCOUNT_ID}:gateway/sgw-{}",
+            "arn:aws:storagegateway:{region}:{ACCOUNT_ID}:gateway/sgw-{}",
             st.short_id()
         );
         st.gateways.push(Gateway {
@@ -615,8 +642,10 @@ impl SgwStandIn {
     }
 
     /// Adds a share on `gateway_arn` (registered implicitly if unknown) for
-    /// `location_arn` (`arn:aws:s3:::bucket` or `arn:aws:s3:::bucket/prefix/`); returns
-    /// its ARN (`arn:aws:storagegateway:us-east-1:123456789012:share/share-XXXXXXXX`).
+    /// `location_arn` (`arn:aws:s3:::bucket` or `arn:aws:s3:::bucket/prefix/`, or an
+    /// access point ARN or alias, see [`SgwStandIn::add_access_point`]); returns
+    /// its ARN (`arn:aws:storagegateway:REGION:123456789012:share/share-XXXXXXXX`, in
+    /// the gateway's region).
     pub fn add_share(&self, gateway_arn: &str, kind: ShareKind, location_arn: &str) -> String {
         let mut st = self.state();
         if !st.gateway_exists(gateway_arn) {
@@ -626,7 +655,8 @@ impl SgwStandIn {
             });
         }
         let id = format!("share-{}", st.short_id());
-        let arn = format!("arn:aws:storagegateway:{REGION}:{ACCOUNT_ID}:share/{id}");
+        let region = region_of(gateway_arn);
+        let arn = format!("arn:aws:storagegateway:{region}:{ACCOUNT_ID}:share/{id}");
         let seq = st.next();
         let mut share = Share {
             seq,
@@ -639,12 +669,26 @@ impl SgwStandIn {
         };
         // A share created on a modelled bucket starts with the bucket as it is now.
         if let Some(BucketSource::Model(model)) =
-            bucket_of(location_arn).and_then(|b| st.sources.get(b))
+            bucket_in(&st.access_points, location_arn).and_then(|b| st.sources.get(&b))
         {
             snapshot_from_model(&mut share, model);
         }
         st.shares.push(share);
         arn
+    }
+
+    /// Tells the stand-in that the access point `arn`
+    /// (`arn:aws:s3:REGION:ACCOUNT:accesspoint/NAME`), alias `alias`, belongs to
+    /// `bucket`, as S3 Control says (a test that creates the access point in moto
+    /// registers what `CreateAccessPoint` answered). Shares whose `LocationARN` is the
+    /// access point ARN (with or without a prefix) or the alias
+    /// (`arn:aws:s3:::ALIAS[/prefix/]`) then see `bucket` in the cache model, as a real
+    /// gateway does. An access point that is not registered maps no bucket.
+    pub fn add_access_point(&self, arn: &str, alias: &str, bucket: &str) {
+        let mut st = self.state();
+        st.access_points.insert(arn.to_string(), bucket.to_string());
+        st.access_points
+            .insert(alias.to_string(), bucket.to_string());
     }
 
     /// Removes a share; `false` if there was none with that ARN.
@@ -728,10 +772,11 @@ impl SgwStandIn {
     pub fn set_bucket_source(&self, bucket: &str, source: BucketSource) {
         let mut st = self.state();
         let st = &mut *st;
+        let access_points = &st.access_points;
         for share in st
             .shares
             .iter_mut()
-            .filter(|s| bucket_of(&s.location_arn) == Some(bucket))
+            .filter(|s| bucket_in(access_points, &s.location_arn).as_deref() == Some(bucket))
         {
             share.cache.clear();
             if let BucketSource::Model(model) = &source {
@@ -744,11 +789,13 @@ impl SgwStandIn {
     /// Removes `bucket`'s source (and so the cache model of its shares).
     pub fn clear_bucket_source(&self, bucket: &str) {
         let mut st = self.state();
+        let st = &mut *st;
         st.sources.remove(bucket);
+        let access_points = &st.access_points;
         for share in st
             .shares
             .iter_mut()
-            .filter(|s| bucket_of(&s.location_arn) == Some(bucket))
+            .filter(|s| bucket_in(access_points, &s.location_arn).as_deref() == Some(bucket))
         {
             share.cache.clear();
         }
@@ -763,14 +810,14 @@ impl SgwStandIn {
             let share = st
                 .share(share_arn)
                 .ok_or_else(|| format!("no share {share_arn}"))?;
-            let bucket = bucket_of(&share.location_arn)
+            let bucket = bucket_in(&st.access_points, &share.location_arn)
                 .ok_or_else(|| format!("share {share_arn} has no S3 location"))?;
             let source = st
                 .sources
-                .get(bucket)
+                .get(&bucket)
                 .cloned()
                 .ok_or_else(|| format!("bucket {bucket} has no object source"))?;
-            (source, bucket.to_string(), prefix_of(&share.location_arn))
+            (source, bucket, prefix_of(&share.location_arn))
         };
         let listing = match source {
             BucketSource::Model(model) => model.list(&prefix, false),
@@ -838,6 +885,38 @@ impl SgwStandIn {
     }
 }
 
+/// The region of a Storage Gateway ARN (`arn:aws:storagegateway:REGION:...`);
+/// [`REGION`] for anything else (a test may name a gateway by a made-up string).
+fn region_of(arn: &str) -> &str {
+    match arn.split(':').collect::<Vec<_>>().as_slice() {
+        ["arn", _, "storagegateway", region, ..] if !region.is_empty() => region,
+        _ => REGION,
+    }
+}
+
+/// The region a request is for: the region of the SigV4 credential scope
+/// (`Credential=AKID/DATE/REGION/SERVICE/aws4_request`) in the `Authorization`
+/// header, or [`REGION`] when the request is not signed that way.
+fn request_region(headers: &hyper::HeaderMap) -> String {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(credential_scope_region)
+        .unwrap_or(REGION)
+        .to_string()
+}
+
+fn credential_scope_region(authorization: &str) -> Option<&str> {
+    let (_, credential) = authorization.split_once("Credential=")?;
+    let scope = credential.split([',', ' ']).next()?;
+    // AKID/DATE/REGION/SERVICE/aws4_request
+    let parts: Vec<&str> = scope.split('/').collect();
+    match parts.as_slice() {
+        [_, _, region, _, "aws4_request"] if !region.is_empty() => Some(region),
+        _ => None,
+    }
+}
+
 /// Locks the state; a panic elsewhere while holding the lock must not take the
 /// stand-in down, so poisoning is ignored.
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -886,6 +965,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let region = request_region(req.headers());
     let method_ok = req.method() == Method::POST;
 
     let raw = Limited::new(req.into_body(), MAX_BODY_BYTES)
@@ -893,7 +973,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
         .await
         .map(|collected| collected.to_bytes());
 
-    let (status, payload, request_id, pending) = answer(state, &target, method_ok, raw);
+    let (status, payload, request_id, pending) = answer(state, &target, &region, method_ok, raw);
     // An S3 listing is awaited without the lock, then applied, before the answer goes
     // out: once a client sees success, the share's view reflects the refresh.
     if let Some(pending) = pending {
@@ -915,6 +995,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
 fn answer<E>(
     state: &Mutex<State>,
     target: &str,
+    region: &str,
     method_ok: bool,
     raw: Result<Bytes, E>,
 ) -> (StatusCode, Value, String, Option<PendingRefresh>) {
@@ -962,7 +1043,9 @@ fn answer<E>(
                     Err(e) => Err(ApiError::serialization(format!(
                         "The request body is not valid JSON: {e}"
                     ))),
-                    Ok(Value::Object(input)) => dispatch(&mut st, &operation, &input, &mut pending),
+                    Ok(Value::Object(input)) => {
+                        dispatch(&mut st, &operation, region, &input, &mut pending)
+                    }
                     Ok(_) => Err(ApiError::serialization(
                         "The request body must be a JSON object.",
                     )),
@@ -978,6 +1061,7 @@ fn answer<E>(
     };
     st.calls.push(RecordedCall {
         operation,
+        region: region.to_string(),
         body,
         status: status.as_u16(),
         error_type: result.as_ref().err().map(|e| e.type_name.to_string()),
@@ -1081,14 +1165,15 @@ fn take_failure(st: &mut State, operation: &str) -> Option<InjectedFailure> {
 fn dispatch(
     st: &mut State,
     operation: &str,
+    region: &str,
     input: &Map<String, Value>,
     pending: &mut Option<PendingRefresh>,
 ) -> Result<Value, ApiError> {
     match operation {
-        "ListFileShares" => list_file_shares(st, input),
-        "DescribeNFSFileShares" => describe_file_shares(st, input, ShareKind::Nfs),
-        "DescribeSMBFileShares" => describe_file_shares(st, input, ShareKind::Smb),
-        "RefreshCache" => refresh_cache(st, input, pending),
+        "ListFileShares" => list_file_shares(st, region, input),
+        "DescribeNFSFileShares" => describe_file_shares(st, region, input, ShareKind::Nfs),
+        "DescribeSMBFileShares" => describe_file_shares(st, region, input, ShareKind::Smb),
+        "RefreshCache" => refresh_cache(st, region, input, pending),
         _ => Err(ApiError::unknown_operation()),
     }
 }
@@ -1145,7 +1230,11 @@ fn list_repr(items: &[String]) -> String {
 // ---- operations ----
 
 /// `ListFileShares {GatewayARN?, Limit?, Marker?}`.
-fn list_file_shares(st: &mut State, input: &Map<String, Value>) -> Result<Value, ApiError> {
+fn list_file_shares(
+    st: &mut State,
+    region: &str,
+    input: &Map<String, Value>,
+) -> Result<Value, ApiError> {
     let gateway = opt_string(input, "GatewayARN")?;
     let limit = opt_i64(input, "Limit")?;
     let marker = opt_string(input, "Marker")?;
@@ -1171,7 +1260,8 @@ fn list_file_shares(st: &mut State, input: &Map<String, Value>) -> Result<Value,
         }
     }
     if let Some(gateway) = &gateway {
-        if !st.gateway_exists(gateway) {
+        // A gateway of another region is not found here, as in AWS.
+        if !st.gateway_exists(gateway) || region_of(gateway) != region {
             return Err(ApiError::gateway_not_found(gateway));
         }
     }
@@ -1192,8 +1282,11 @@ fn list_file_shares(st: &mut State, input: &Map<String, Value>) -> Result<Value,
     }
     .max(1);
     // Shares are kept in creation order, so a marker ("after seq N") is stable.
+    // Only the shares of this region's gateways.
     let mut matching = st.shares.iter().filter(|s| {
-        gateway.as_deref().is_none_or(|g| s.gateway_arn == g) && after.is_none_or(|a| s.seq > a)
+        region_of(&s.gateway_arn) == region
+            && gateway.as_deref().is_none_or(|g| s.gateway_arn == g)
+            && after.is_none_or(|a| s.seq > a)
     });
     let page: Vec<&Share> = matching.by_ref().take(page_size).collect();
     let more = matching.next().is_some();
@@ -1230,6 +1323,7 @@ fn list_file_shares(st: &mut State, input: &Map<String, Value>) -> Result<Value,
 /// fails the whole call, as in the real service.
 fn describe_file_shares(
     st: &mut State,
+    region: &str,
     input: &Map<String, Value>,
     kind: ShareKind,
 ) -> Result<Value, ApiError> {
@@ -1249,7 +1343,7 @@ fn describe_file_shares(
     let mut infos = Vec::with_capacity(arns.len());
     for arn in &arns {
         let share = st
-            .share(arn)
+            .share_in(region, arn)
             .ok_or_else(|| ApiError::share_not_found(arn))?;
         if share.kind != kind {
             // A share of the other protocol exists: not "gone", so not FileShareNotFound.
@@ -1334,6 +1428,7 @@ fn share_info(s: &Share) -> Value {
 /// caller through `pending`, after the lock is released.
 fn refresh_cache(
     st: &mut State,
+    region: &str,
     input: &Map<String, Value>,
     pending: &mut Option<PendingRefresh>,
 ) -> Result<Value, ApiError> {
@@ -1365,7 +1460,7 @@ fn refresh_cache(
             )));
         }
     }
-    let Some(share) = st.share(&share_arn) else {
+    let Some(share) = st.share_in(region, &share_arn) else {
         return Err(ApiError::share_not_found(&share_arn));
     };
     let location_arn = share.location_arn.clone();
@@ -1405,7 +1500,7 @@ fn refresh_cache(
         listing_error: None,
     });
 
-    let bucket = bucket_of(&location_arn).unwrap_or_default().to_string();
+    let bucket = bucket_in(&st.access_points, &location_arn).unwrap_or_default();
     match st.sources.get(&bucket).cloned() {
         None => {}
         Some(BucketSource::Model(model)) => {
@@ -1491,21 +1586,51 @@ fn finish_refresh(
     }
 }
 
-/// The key prefix of `arn:aws:s3:::bucket/prefix/` (`prefix/`); "" for a whole bucket.
-/// A prefix written without its trailing `/` still names a folder.
-fn prefix_of(location_arn: &str) -> String {
-    let rest = location_arn
-        .strip_prefix("arn:aws:s3:::")
-        .unwrap_or_default();
-    match rest.split_once('/') {
-        Some((_, prefix)) if !prefix.is_empty() => {
-            if prefix.ends_with('/') {
-                prefix.to_string()
-            } else {
-                format!("{prefix}/")
-            }
+/// What a `LocationARN` names, and the rest of it (its prefix, possibly empty):
+/// `arn:aws:s3:::NAME[/prefix/]` names a bucket or an access point alias (`NAME`);
+/// `arn:aws:s3:REGION:ACCOUNT:accesspoint/NAME[/prefix/]` names the access point
+/// (`arn:aws:s3:REGION:ACCOUNT:accesspoint/NAME`); a bare alias names itself.
+fn location_parts(location_arn: &str) -> Option<(String, &str)> {
+    let parts: Vec<&str> = location_arn.splitn(6, ':').collect();
+    let (name, rest) = match parts.as_slice() {
+        ["arn", _, "s3", "", "", resource] => resource.split_once('/').unwrap_or((resource, "")),
+        ["arn", partition, "s3", region, account, resource] => {
+            let name_and_rest = resource.strip_prefix("accesspoint/")?;
+            let (name, rest) = name_and_rest.split_once('/').unwrap_or((name_and_rest, ""));
+            let arn = format!("arn:{partition}:s3:{region}:{account}:accesspoint/{name}");
+            return (!name.is_empty()).then_some((arn, rest));
         }
-        _ => String::new(),
+        [bare] if bare.split('/').next()?.ends_with("-s3alias") => {
+            bare.split_once('/').unwrap_or((bare, ""))
+        }
+        _ => return None,
+    };
+    (!name.is_empty()).then(|| (name.to_string(), rest))
+}
+
+/// The bucket that `location_arn` maps: the bucket it names, or the bucket of the
+/// access point (ARN or alias) registered with [`SgwStandIn::add_access_point`]. An
+/// access point that is not registered maps no bucket.
+fn bucket_in(access_points: &HashMap<String, String>, location_arn: &str) -> Option<String> {
+    let (name, _) = location_parts(location_arn)?;
+    match access_points.get(&name) {
+        Some(bucket) => Some(bucket.clone()),
+        None if name.starts_with("arn:") || name.ends_with("-s3alias") => None,
+        None => Some(name),
+    }
+}
+
+/// The key prefix of a location (`prefix/` for `arn:aws:s3:::bucket/prefix/` or an
+/// access point with that prefix); "" for a whole bucket. A prefix written without its
+/// trailing `/` still names a folder.
+fn prefix_of(location_arn: &str) -> String {
+    let prefix = location_parts(location_arn)
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}/")
     }
 }
 
@@ -1658,6 +1783,59 @@ mod tests {
         let nids: std::collections::HashSet<String> =
             (0..10_000).map(|_| st.notification_id()).collect();
         assert_eq!(nids.len(), 10_000);
+    }
+
+    #[test]
+    fn regions_come_from_the_credential_scope_and_the_arn() {
+        assert_eq!(
+            credential_scope_region(
+                "AWS4-HMAC-SHA256 Credential=test/20260101/eu-west-2/storagegateway/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature=abc"
+            ),
+            Some("eu-west-2")
+        );
+        assert_eq!(credential_scope_region("Bearer x"), None);
+        assert_eq!(
+            credential_scope_region("AWS4-HMAC-SHA256 Credential=test/20260101"),
+            None
+        );
+        assert_eq!(
+            region_of("arn:aws:storagegateway:ap-south-1:1:gateway/sgw-1"),
+            "ap-south-1"
+        );
+        assert_eq!(region_of("gw-made-up"), REGION);
+    }
+
+    #[test]
+    fn access_point_locations_map_their_registered_bucket() {
+        let ap = "arn:aws:s3:us-east-1:123456789012:accesspoint/ap";
+        let alias = "ap-0123456789abcdef-s3alias";
+        let mut registered = HashMap::new();
+        assert_eq!(bucket_in(&registered, ap), None, "never guessed");
+        assert_eq!(
+            bucket_in(&registered, &format!("arn:aws:s3:::{alias}")),
+            None
+        );
+        registered.insert(ap.to_string(), "b".to_string());
+        registered.insert(alias.to_string(), "b".to_string());
+        for location in [
+            ap.to_string(),
+            format!("{ap}/data/"),
+            format!("arn:aws:s3:::{alias}/data"),
+            alias.to_string(),
+            "arn:aws:s3:::b/data/".to_string(),
+        ] {
+            assert_eq!(
+                bucket_in(&registered, &location).as_deref(),
+                Some("b"),
+                "{location}"
+            );
+        }
+        assert_eq!(prefix_of(&format!("{ap}/data")), "data/");
+        assert_eq!(prefix_of(ap), "");
+        assert_eq!(prefix_of(&format!("arn:aws:s3:::{alias}/x/y/")), "x/y/");
+        assert_eq!(prefix_of("arn:aws:s3:::b/p"), "p/");
+        assert_eq!(bucket_in(&registered, "nope"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::aws::{
 };
 use crate::moto::Moto;
 use crate::runtime_api::{Invocation, LambdaProcess, LambdaSpawn};
+use crate::s3control::S3ControlForwarder;
 use crate::sgw_standin::SgwStandIn;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -59,6 +60,9 @@ impl Default for StackOptions {
 pub struct Stack {
     pub moto: Moto,
     pub gateway: SgwStandIn,
+    /// moto's S3 Control as the SDK can reach it (`AWS_ENDPOINT_URL_S3_CONTROL` of
+    /// both functions, unless `options.extra_env` names another).
+    pub s3control: S3ControlForwarder,
     pub clients: Clients,
     pub table: String,
     pub action_queue_url: String,
@@ -109,6 +113,7 @@ impl Stack {
     /// `options.extra_env`) can be set up before the functions start.
     pub async fn start_with_moto(moto: Moto, options: StackOptions) -> Result<Stack, BoxError> {
         let gateway = SgwStandIn::start().await?;
+        let s3control = S3ControlForwarder::start(moto.endpoint()).await?;
         let clients = Clients::new(&sdk_config(moto.endpoint()).await);
         let (table, action_queue) = match &options.prefix {
             Some(prefix) => {
@@ -128,6 +133,7 @@ impl Stack {
         let events_queue_url = clients.create_queue(&unique_name("s3-events")).await?;
 
         let mut env = lambda_aws_env(moto.endpoint(), &gateway.endpoint());
+        env.push(("AWS_ENDPOINT_URL_S3_CONTROL".into(), s3control.endpoint()));
         env.push(("TABLE_NAME".into(), table.clone()));
         env.push(("LOG_LEVEL".into(), options.log_level.clone()));
         env.extend(options.extra_env.iter().cloned());
@@ -148,6 +154,7 @@ impl Stack {
         Ok(Stack {
             moto,
             gateway,
+            s3control,
             clients,
             table,
             action_queue_url,

@@ -1,14 +1,15 @@
 //! In-memory adapters: the window rules applied to a map, a list for a queue, and a
 //! table of shares for a gateway. They count every call, for assertions.
 
-use crate::error::{GatewayError, QueueError, StoreError};
+use crate::error::{AccessPointError, GatewayError, QueueError, Retry, StoreError};
 use crate::ports::{
-    DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage, ShareSummary, WindowStore,
+    AccessPoint, AccessPoints, DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage,
+    ShareSummary, WindowStore,
 };
 use crate::refresh_message::RefreshMessage;
 use crate::shares::{RefreshPlan, ShareKind};
 use crate::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -160,11 +161,20 @@ impl MemoryGateway {
     }
 
     pub fn add_share(&self, arn: &str, kind: ShareKind, location_arn: &str) {
+        self.add_share_on(
+            "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-MEMORY",
+            arn,
+            kind,
+            location_arn,
+        );
+    }
+
+    /// A share on the gateway `gateway_arn`.
+    pub fn add_share_on(&self, gateway_arn: &str, arn: &str, kind: ShareKind, location_arn: &str) {
         lock(&self.shares).push(DescribedShare {
             arn: arn.to_string(),
             kind,
-            gateway_arn: "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-MEMORY"
-                .to_string(),
+            gateway_arn: gateway_arn.to_string(),
             location_arn: location_arn.to_string(),
         });
     }
@@ -249,5 +259,93 @@ impl FileGateway for MemoryGateway {
         let mut refreshes = lock(&self.refreshes);
         refreshes.push(plan.clone());
         Ok(format!("notification-{}", refreshes.len()))
+    }
+}
+
+/// S3 Control's access points in memory, by account and region. Counts every call and
+/// can fail the next ones.
+#[derive(Debug, Default)]
+pub struct MemoryAccessPoints {
+    /// `(account, region, access point)`.
+    points: Mutex<Vec<(String, String, AccessPoint)>>,
+    failures: Mutex<VecDeque<Retry>>,
+    get_calls: AtomicU64,
+    list_calls: AtomicU64,
+}
+
+impl MemoryAccessPoints {
+    /// Adds access point `name` on `bucket`; returns its alias (`NAME-…-s3alias`).
+    pub fn add(&self, account: &str, region: &str, name: &str, bucket: &str) -> String {
+        let mut points = lock(&self.points);
+        let alias = format!("{name}-{:034x}-s3alias", points.len() + 1);
+        points.push((
+            account.to_string(),
+            region.to_string(),
+            AccessPoint {
+                name: name.to_string(),
+                alias: alias.clone(),
+                bucket: bucket.to_string(),
+            },
+        ));
+        alias
+    }
+
+    pub fn remove(&self, account: &str, region: &str, name: &str) {
+        lock(&self.points).retain(|(a, r, p)| !(a == account && r == region && p.name == name));
+    }
+
+    /// The next `count` calls (either operation) fail with `retry`.
+    pub fn fail_next(&self, count: usize, retry: Retry) {
+        lock(&self.failures).extend(std::iter::repeat_n(retry, count));
+    }
+
+    /// `GetAccessPoint` calls so far, failed ones included.
+    pub fn get_calls(&self) -> u64 {
+        self.get_calls.load(Ordering::Relaxed)
+    }
+
+    /// `ListAccessPoints` calls so far (each returns every page), failed ones included.
+    pub fn list_calls(&self) -> u64 {
+        self.list_calls.load(Ordering::Relaxed)
+    }
+
+    fn injected_failure(&self) -> Result<(), AccessPointError> {
+        match lock(&self.failures).pop_front() {
+            None => Ok(()),
+            Some(retry) => Err(AccessPointError {
+                retry,
+                message: format!("injected failure ({retry:?})"),
+            }),
+        }
+    }
+}
+
+impl AccessPoints for MemoryAccessPoints {
+    async fn get_access_point(
+        &self,
+        account: &str,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<AccessPoint>, AccessPointError> {
+        self.get_calls.fetch_add(1, Ordering::Relaxed);
+        self.injected_failure()?;
+        Ok(lock(&self.points)
+            .iter()
+            .find(|(a, r, p)| a == account && r == region && p.name == name)
+            .map(|(_, _, p)| p.clone()))
+    }
+
+    async fn list_access_points(
+        &self,
+        account: &str,
+        region: &str,
+    ) -> Result<Vec<AccessPoint>, AccessPointError> {
+        self.list_calls.fetch_add(1, Ordering::Relaxed);
+        self.injected_failure()?;
+        Ok(lock(&self.points)
+            .iter()
+            .filter(|(a, r, _)| a == account && r == region)
+            .map(|(_, _, p)| p.clone())
+            .collect())
     }
 }

@@ -6,11 +6,12 @@ use crate::error::{QueueError, Retry, StoreError};
 use crate::ports::{RefreshQueue, Requeue, WindowStore};
 use crate::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use crate::window::{
-    self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, StartedRefresh, WindowItem,
+    self, ChangeSet, CloseOutcome, GatewayChange, OpenExpectation, RefreshLog, StartedRefresh,
+    WindowItem,
 };
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt::Debug;
 
 /// Error codes that mean "try again later", across the three services.
@@ -65,6 +66,8 @@ where
 
 #[cfg(feature = "storagegateway")]
 pub use super::sdk_gateway::SdkFileGateway;
+#[cfg(feature = "storagegateway")]
+pub use super::sdk_s3control::SdkAccessPoints;
 
 /// Attribute names of the bucket item. `BucketName` is the hash key (SPEC.md).
 pub mod attr {
@@ -107,10 +110,39 @@ const LOGGED_SHARES: usize = 100;
 const LOGGED_FOLDERS: usize = 64;
 
 /// Folders are stored with a leading '/', so the bucket root is "/" rather than an
-/// empty string (which a string set cannot hold).
-fn encode_folders(folders: &BTreeSet<String>) -> Option<AttributeValue> {
-    (!folders.is_empty())
-        .then(|| AttributeValue::Ss(folders.iter().map(|f| format!("/{f}")).collect()))
+/// empty string (which a string set cannot hold). A gateway's changes share the set,
+/// as `sgw-12a3456b:/folder/` ([`GatewayChange::encode`]), so that one `size()` bounds
+/// both and one `ADD` records both.
+fn encode_folders(changes: &ChangeSet) -> Option<AttributeValue> {
+    let stored: Vec<String> = changes
+        .folders
+        .iter()
+        .map(|f| format!("/{f}"))
+        .chain(changes.gateway_writes.iter().map(GatewayChange::encode))
+        .collect();
+    (!stored.is_empty()).then_some(AttributeValue::Ss(stored))
+}
+
+/// The inverse of [`encode_folders`]. An entry that is neither form (written by
+/// something else) cannot be placed: the window then refreshes the whole bucket.
+fn decode_folders(stored: &[String], whole_bucket: bool) -> ChangeSet {
+    let mut changes = ChangeSet {
+        whole_bucket,
+        ..Default::default()
+    };
+    for entry in stored {
+        if let Some(folder) = entry.strip_prefix('/') {
+            changes.folders.insert(folder.to_string());
+        } else if let Some(change) = GatewayChange::decode(entry) {
+            changes.gateway_writes.insert(change);
+        } else {
+            changes.whole_bucket = true;
+        }
+    }
+    if changes.whole_bucket {
+        changes.set_whole_bucket();
+    }
+    changes
 }
 
 fn n(value: impl ToString) -> AttributeValue {
@@ -125,14 +157,15 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
             .unwrap_or(0)
     };
     let gen = |name: &str| -> u64 { u64::try_from(num(name)).unwrap_or(0) };
-    let folders = item
+    let whole_bucket = item
+        .get(attr::WHOLE_BUCKET)
+        .and_then(|v| v.as_bool().ok())
+        .copied()
+        .unwrap_or(false);
+    let stored = item
         .get(attr::FOLDERS)
         .and_then(|v| v.as_ss().ok())
-        .map(|ss| {
-            ss.iter()
-                .map(|f| f.strip_prefix('/').unwrap_or(f).to_string())
-                .collect()
-        })
+        .map(Vec::as_slice)
         .unwrap_or_default();
     WindowItem {
         bucket: bucket.to_string(),
@@ -142,12 +175,7 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
         sent_generation: gen(attr::SENT),
         closed_generation: gen(attr::CLOSED),
         refreshed_generation: gen(attr::REFRESHED),
-        folders,
-        whole_bucket: item
-            .get(attr::WHOLE_BUCKET)
-            .and_then(|v| v.as_bool().ok())
-            .copied()
-            .unwrap_or(false),
+        changes: decode_folders(stored, whole_bucket),
         last_event_at_ms: num(attr::LAST_EVENT_AT),
         last_refresh: item
             .get(attr::LAST_REFRESH)
@@ -329,12 +357,13 @@ impl WindowStore for DynamoWindowStore {
             expression.push_str(&format!(", {} = :true", attr::WHOLE_BUCKET));
             request = request.expression_attribute_values(":true", AttributeValue::Bool(true));
         }
-        if let Some(folders) = encode_folders(&changes.folders) {
+        if let Some(folders) = encode_folders(changes) {
             expression.push_str(&format!(" ADD {} :folders", attr::FOLDERS));
-            condition = format!("{condition} AND {COND_ROOM}");
-            request = request
-                .expression_attribute_values(":folders", folders)
-                .expression_attribute_values(":room", n(room(changes)));
+            request = request.expression_attribute_values(":folders", folders);
+            if changes.needs_room() {
+                condition = format!("{condition} AND {COND_ROOM}");
+                request = request.expression_attribute_values(":room", n(room(changes)));
+            }
         }
         self.conditional(
             bucket,
@@ -376,7 +405,7 @@ impl WindowStore for DynamoWindowStore {
                 );
             COND_NEXT_WINDOW.to_string()
         };
-        let folders = encode_folders(&changes.folders);
+        let folders = encode_folders(changes);
         let mut tail = String::new();
         if expected.carry {
             // The current window's refreshes are not known to have started: keep its
@@ -387,10 +416,11 @@ impl WindowStore for DynamoWindowStore {
             }
             if let Some(folders) = folders {
                 tail = format!(" ADD {} :folders", attr::FOLDERS);
-                condition = format!("{condition} AND {COND_ROOM}");
-                request = request
-                    .expression_attribute_values(":folders", folders)
-                    .expression_attribute_values(":room", n(room(changes)));
+                request = request.expression_attribute_values(":folders", folders);
+                if changes.needs_room() {
+                    condition = format!("{condition} AND {COND_ROOM}");
+                    request = request.expression_attribute_values(":room", n(room(changes)));
+                }
             }
         } else {
             if expected.generation > 0 {
@@ -435,7 +465,7 @@ impl WindowStore for DynamoWindowStore {
                 .expression_attribute_values(":g", n(generation))
                 .expression_attribute_values(":now", n(now_ms));
             if let Some(item) = self.conditional(bucket, request).await? {
-                return Ok(CloseOutcome::Refresh(item.scope()));
+                return Ok(CloseOutcome::Refresh(item.changes));
             }
             // The rule explains the failed condition from the item. If the item
             // changed in between so that it now says "refresh", close for real first.
@@ -481,7 +511,7 @@ impl WindowStore for DynamoWindowStore {
 
 /// `:room` of [`COND_ROOM`]: the window may hold this many folders before ours.
 fn room(changes: &ChangeSet) -> usize {
-    window::MAX_WINDOW_FOLDERS.saturating_sub(changes.folders.len())
+    window::MAX_WINDOW_FOLDERS.saturating_sub(changes.entries())
 }
 
 /// The action queue.

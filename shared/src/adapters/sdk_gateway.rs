@@ -1,6 +1,7 @@
 //! The Storage Gateway adapter, in its own feature (`storagegateway`) so that only the
 //! refresher links the Storage Gateway SDK.
 
+use super::regional::RegionalGateways;
 use super::sdk::{classify, describe};
 use crate::error::GatewayError;
 use crate::ports::{DescribedShare, FileGateway, SharePage, ShareSummary};
@@ -154,5 +155,23 @@ impl FileGateway for SdkFileGateway {
 impl SdkFileGateway {
     pub fn from_config(config: &aws_config::SdkConfig) -> Self {
         Self::new(aws_sdk_storagegateway::Client::new(config))
+    }
+
+    /// One client per region of `regions` (`GATEWAY_REGIONS`), each built from
+    /// `config` with only its region changed: the credentials, retry settings and
+    /// endpoint (`AWS_ENDPOINT_URL_STORAGE_GATEWAY`) stay as `config` has them.
+    pub fn for_regions(
+        config: &aws_config::SdkConfig,
+        regions: &[String],
+    ) -> RegionalGateways<SdkFileGateway> {
+        RegionalGateways::new(regions.iter().map(|region| {
+            let client_config = aws_sdk_storagegateway::config::Builder::from(config)
+                .region(aws_config::Region::new(region.clone()))
+                .build();
+            (
+                region.clone(),
+                Self::new(aws_sdk_storagegateway::Client::from_conf(client_config)),
+            )
+        }))
     }
 }

@@ -3,23 +3,76 @@
 //! messages through the refresher, and a report of what reached each service.
 //!
 //! Run it with `scripts/demo.sh`, which installs moto and builds the binaries first.
+//! The functions' stdout and stderr (their EMF metrics and logs) go to a log file,
+//! `.demo/functions.log` unless `--log-file` names another; the terminal gets one line
+//! per stage and the report. `--verbose` also shows the functions' lines there.
 
 use integration_tests::aws::BoxError;
 use integration_tests::counting_proxy::CountingProxy;
 use integration_tests::moto::Moto;
+use integration_tests::runtime_api::{set_default_child_output, ChildOutput};
 use integration_tests::sgw_standin::{BucketSource, ShareKind};
 use integration_tests::stack::{Stack, StackOptions};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 const DELAY_SECONDS: u32 = 5;
+const DEFAULT_LOG_FILE: &str = ".demo/functions.log";
+const USAGE: &str = "usage: demo [--verbose] [--log-file PATH]
+  --verbose        also show the functions' stdout and stderr on this terminal
+  --log-file PATH  where the functions' stdout and stderr go (default .demo/functions.log)";
 
 #[tokio::main]
 async fn main() {
+    let mut verbose = false;
+    let mut log_file = PathBuf::from(DEFAULT_LOG_FILE);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-v" | "--verbose" => verbose = true,
+            "--log-file" => match args.next() {
+                Some(path) => log_file = PathBuf::from(path),
+                None => usage_error("--log-file needs a path"),
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return;
+            }
+            other => usage_error(&format!("unknown argument {other}")),
+        }
+    }
+    let log_file = std::path::absolute(&log_file).unwrap_or(log_file);
+    match ChildOutput::file(&log_file) {
+        Ok(output) => set_default_child_output(output.with_stderr(verbose)),
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            std::process::exit(1);
+        }
+    }
+    if verbose {
+        println!("Function logs: here and in {}", log_file.display());
+    } else {
+        println!(
+            "Function logs: {} (--verbose also shows them here)",
+            log_file.display()
+        );
+    }
     if let Err(e) = run().await {
         eprintln!("demo failed: {e}");
+        eprintln!("The functions' output is in {}", log_file.display());
         std::process::exit(1);
     }
+}
+
+fn usage_error(message: &str) -> ! {
+    eprintln!("demo: {message}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// Seconds since `since`, for the progress lines.
+fn secs(since: Instant) -> String {
+    format!("{:.1} s", since.elapsed().as_secs_f64())
 }
 
 async fn run() -> Result<(), BoxError> {
@@ -95,7 +148,8 @@ async fn run() -> Result<(), BoxError> {
             .join("; ")
     );
 
-    println!("\nPutting objects: 200 in {photos} (2026/...), 100 in {logs}...");
+    println!();
+    let stage = Instant::now();
     for i in 0..200 {
         stack
             .clients
@@ -125,15 +179,40 @@ async fn run() -> Result<(), BoxError> {
             *per_bucket.entry(bucket).or_default() += 1;
         }
     }
-
     println!(
-        "Driving {} S3 notifications through the aggregator...",
-        events.len()
+        "[1/4] Objects put:    200 in {photos} (2026/11/...), 100 in {logs} (app/...); \
+         moto queued {} S3 notifications ({})",
+        events.len(),
+        secs(stage)
     );
+
+    let stage = Instant::now();
     let feed = stack.invoke_aggregator(&events).await?;
     let aggregator_requests = proxy.counts();
-    println!("Waiting for the {DELAY_SECONDS} s window, then driving the action queue through the refresher...");
+    println!(
+        "[2/4] Events driven:  {} notifications, one aggregator invocation each, {} failed ({})",
+        feed.invocations,
+        feed.errors.len(),
+        secs(stage)
+    );
+    println!(
+        "[3/4] Windows:        {} opened, {} events coalesced into them, {} refresh messages \
+         sent; waiting out the {DELAY_SECONDS} s window...",
+        feed.total("windowsOpened"),
+        feed.total("windowsJoined"),
+        feed.total("messagesSent")
+    );
+
+    let stage = Instant::now();
     let refresh = stack.run_refresher(2, stack.window_wait()).await?;
+    println!(
+        "[4/4] Refreshes:      {} messages through the refresher in {} invocations, \
+         {} RefreshCache calls ({})",
+        refresh.messages,
+        refresh.invocations,
+        stack.gateway.refreshes().len(),
+        secs(stage)
+    );
 
     println!("\n=== Report ===");
     println!("Events in:");
