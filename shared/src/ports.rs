@@ -76,6 +76,9 @@ pub trait Requeue: Send + Sync {
     ) -> impl Future<Output = Result<String, QueueError>> + Send;
 }
 
+/// `Describe{NFS,SMB}FileShares` takes at most 10 ARNs.
+pub const DESCRIBE_BATCH: usize = 10;
+
 /// A share as `ListFileShares` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareSummary {
@@ -106,7 +109,7 @@ pub trait FileGateway: Send + Sync {
         marker: Option<&str>,
     ) -> impl Future<Output = Result<SharePage, GatewayError>> + Send;
 
-    /// Describes at most [`crate::refresher::DESCRIBE_BATCH`] shares of one kind.
+    /// Describes at most [`DESCRIBE_BATCH`] shares of one kind.
     fn describe_file_shares(
         &self,
         kind: ShareKind,

@@ -23,8 +23,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
-/// `Describe{NFS,SMB}FileShares` takes at most 10 ARNs.
-pub const DESCRIBE_BATCH: usize = 10;
+pub use crate::ports::DESCRIBE_BATCH;
 /// How long a warm container trusts its bucket-to-shares map. A share that is gone
 /// drops the map at once; a new share is found within this time.
 pub const SHARE_CACHE_TTL_MS: i64 = 5 * 60 * 1000;

@@ -228,7 +228,7 @@ impl FileGateway for MemoryGateway {
         arns: &[String],
     ) -> Result<Vec<DescribedShare>, GatewayError> {
         self.describe_calls.fetch_add(1, Ordering::Relaxed);
-        if arns.is_empty() || arns.len() > crate::refresher::DESCRIBE_BATCH {
+        if arns.is_empty() || arns.len() > crate::ports::DESCRIBE_BATCH {
             return Err(GatewayError::Other {
                 retry: crate::error::Retry::Never,
                 message: format!("describe takes 1 to 10 ARNs, got {}", arns.len()),

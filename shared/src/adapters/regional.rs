@@ -19,8 +19,7 @@
 //! simulation use it with [`super::memory::MemoryGateway`].
 
 use crate::error::{GatewayError, Retry};
-use crate::ports::{DescribedShare, FileGateway, SharePage};
-use crate::refresher::DESCRIBE_BATCH;
+use crate::ports::{DescribedShare, FileGateway, SharePage, DESCRIBE_BATCH};
 use crate::shares::{RefreshPlan, ShareKind};
 
 /// One [`FileGateway`] per region.
