@@ -494,8 +494,12 @@ deploy_function() {
     local args=(lambda deploy --binary-name "$binary" --iam-role "$role" --timeout "$timeout"
       --memory "$memory" --region "$REGION" --output-format json)
     if [ -n "${AWS_ENDPOINT_URL:-}" ]; then args+=(--endpoint-url "$AWS_ENDPOINT_URL"); fi
-    local kv
-    for kv in "${env_vars[@]}"; do args+=(--env-var "$kv"); done
+    # An env file, not --env-var: cargo lambda splits --env-var values at commas, and
+    # GATEWAY_REGIONS holds commas. One KEY=VALUE a line; no value of ours has a
+    # newline, quote, '#' or '$'.
+    local env_file="$S3EA_TMP/$binary.env"
+    printf '%s\n' "${env_vars[@]}" >"$env_file"
+    args+=(--env-file "$env_file")
     (cd "$S3EA_ROOT" && retry_for_iam "cargo lambda deploy $name" cargo "${args[@]}" "$name") | sed 's/^/    /'
   else
     local variables
