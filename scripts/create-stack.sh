@@ -5,8 +5,10 @@ set -euo pipefail
 
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/stack.sh"
+# shellcheck source=scripts/lib/monitoring.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/monitoring.sh"
 
-USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--gateway-regions REGION,...] [--arch arm64|x86_64] [--region REGION] BUCKET..."
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--log-format json|text] [--gateway-regions REGION,...] [--arch arm64|x86_64] [--alarm-topic ARN] [--region REGION] BUCKET..."
 
 # Function settings (the same as [package.metadata.lambda.deploy] in the crates).
 AGGREGATOR_TIMEOUT=30
@@ -69,6 +71,15 @@ Options (each overrides the environment variable in brackets):
                        (default: the function's current value, else 30)
   --log-level LEVEL    LOG_LEVEL of both functions: DEBUG, INFO, WARN, ERROR [LOG_LEVEL]
                        (default: each function's current value, else INFO)
+  --log-format FORMAT  json or text: both functions' Lambda logging configuration
+                       [S3EA_LOG_FORMAT] (default: each function's current one):
+                       json  LogFormat=JSON, SystemLogLevel=WARN (no START, END and
+                             REPORT lines), ApplicationLogLevel=DEBUG when LOG_LEVEL
+                             is DEBUG, else INFO (above INFO, Lambda would drop the
+                             EMF metric lines; LOG_LEVEL makes the function quieter)
+                       text  LogFormat=Text
+                       A re-run without it keeps the format; with JSON it sets the
+                       application level from LOG_LEVEL again.
   --gateway-regions R1,R2
                        refresher GATEWAY_REGIONS: the regions whose gateways' shares it
                        refreshes, comma-separated region names [GATEWAY_REGIONS]
@@ -77,6 +88,11 @@ Options (each overrides the environment variable in brackets):
                        the current value as it is; to go back to the own region only,
                        pass that region.
   --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
+  --alarm-topic ARN    puts the CloudWatch alarms <prefix>-* (README.md, Operating it),
+                       each notifying this SNS topic, arn:aws:sns:REGION:ACCOUNT:NAME,
+                       on ALARM and on OK [S3EA_ALARM_TOPIC]. A re-run without it keeps
+                       the existing alarms as they are; with it, puts them all again.
+                       Every run also puts the dashboard <prefix>.
   --region REGION      AWS region [AWS_REGION, AWS_DEFAULT_REGION, then the CLI config]
   -h, --help           this help
 BUCKET... may also come from S3EA_BUCKETS (space-separated) when no BUCKET is given.
@@ -97,8 +113,9 @@ functions S3EventAggregator and S3EventAggregatorRefresher with their log groups
 SQS event source mapping of the refresher. With --ingest sqs also the queues
 S3EventAggregatorIngestQueue and S3EventAggregatorIngestDLQ, the policy
 S3EventAggregatorAggregatorIngestPolicy and the mapping of the ingest queue to the
-aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. See
-README.md, Deploy to AWS, and iam/README.md.
+aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. The
+CloudWatch dashboard S3EventAggregator, and with --alarm-topic the CloudWatch alarms
+S3EventAggregator-*. See README.md, Deploy to AWS, and iam/README.md.
 EOF
 }
 
@@ -110,9 +127,12 @@ INGEST_ARG=${S3EA_INGEST:-}
 INGEST_GIVEN=${INGEST_ARG:+yes}
 DELAY_ARG=${REFRESH_DELAY_SECONDS:-}
 LOG_LEVEL_ARG=${LOG_LEVEL:-}
+LOG_FORMAT_ARG=${S3EA_LOG_FORMAT:-}
 GATEWAY_REGIONS_ARG=${GATEWAY_REGIONS:-}
 GATEWAY_REGIONS_GIVEN=${GATEWAY_REGIONS_ARG:+yes}
 ARCH=${S3EA_ARCH:-arm64}
+ALARM_TOPIC_ARG=${S3EA_ALARM_TOPIC:-}
+ALARM_TOPIC_GIVEN=${ALARM_TOPIC_ARG:+yes}
 REGION_FLAG=
 BUCKETS=()
 
@@ -128,10 +148,14 @@ while [ $# -gt 0 ]; do
     --delay=*) DELAY_ARG=${1#*=}; shift ;;
     --log-level) need_value $# "$1"; LOG_LEVEL_ARG=$2; shift 2 ;;
     --log-level=*) LOG_LEVEL_ARG=${1#*=}; shift ;;
+    --log-format) need_value $# "$1"; LOG_FORMAT_ARG=$2; shift 2 ;;
+    --log-format=*) LOG_FORMAT_ARG=${1#*=}; shift ;;
     --gateway-regions) need_value $# "$1"; GATEWAY_REGIONS_ARG=$2 GATEWAY_REGIONS_GIVEN=yes; shift 2 ;;
     --gateway-regions=*) GATEWAY_REGIONS_ARG=${1#*=} GATEWAY_REGIONS_GIVEN=yes; shift ;;
     --arch) need_value $# "$1"; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#*=}; shift ;;
+    --alarm-topic) need_value $# "$1"; ALARM_TOPIC_ARG=$2 ALARM_TOPIC_GIVEN=yes; shift 2 ;;
+    --alarm-topic=*) ALARM_TOPIC_ARG=${1#*=} ALARM_TOPIC_GIVEN=yes; shift ;;
     --region) need_value $# "$1"; REGION_FLAG=$2; shift 2 ;;
     --region=*) REGION_FLAG=${1#*=}; shift ;;
     --) shift; BUCKETS+=("$@"); break ;;
@@ -145,6 +169,7 @@ fi
 [ "${#BUCKETS[@]}" -gt 0 ] || usage_error "missing BUCKET"
 
 check_prefix "$PREFIX_ARG"
+if [ -n "$ALARM_TOPIC_GIVEN" ]; then check_alarm_topic "$ALARM_TOPIC_ARG"; fi
 if [ -n "$INGEST_GIVEN" ]; then INGEST_ARG=$(check_ingest "$INGEST_ARG"); fi
 for bucket in "${BUCKETS[@]}"; do check_bucket "$bucket"; done
 if [ -n "$DELAY_ARG" ]; then
@@ -159,6 +184,13 @@ if [ -n "$LOG_LEVEL_ARG" ]; then
   case $LOG_LEVEL_ARG in
     DEBUG | INFO | WARN | WARNING | ERROR) ;;
     *) usage_error "invalid --log-level '$LOG_LEVEL_ARG': DEBUG, INFO, WARN (or WARNING) or ERROR" ;;
+  esac
+fi
+if [ -n "$LOG_FORMAT_ARG" ]; then
+  LOG_FORMAT_ARG=$(printf '%s' "$LOG_FORMAT_ARG" | tr '[:upper:]' '[:lower:]')
+  case $LOG_FORMAT_ARG in
+    json | text) ;;
+    *) usage_error "invalid --log-format '$LOG_FORMAT_ARG': json or text" ;;
   esac
 fi
 # check_gateway_regions VALUE: VALUE without the spaces around its entries, or a usage
@@ -207,6 +239,10 @@ command -v aws >/dev/null 2>&1 || die "the AWS CLI is not installed (pip install
 command -v cargo >/dev/null 2>&1 || die "cargo is not installed (https://rustup.rs)"
 cargo lambda --version >/dev/null 2>&1 || die "cargo-lambda is not installed (pip install cargo-lambda)"
 resolve_target "$REGION_FLAG"
+if [ -n "$ALARM_TOPIC_GIVEN" ]; then
+  step "Alarm topic $ALARM_TOPIC_ARG"
+  check_topic_exists "$ALARM_TOPIC_ARG"
+fi
 
 # The ingest mode: --ingest, else the one the stack records, else direct. Besides that
 # mode's resources, the run also keeps the resources of any other mode that the stack
@@ -574,6 +610,50 @@ deploy_functions() {
     "$REFRESHER_MEMORY" "${refresher_env[@]}"
 }
 
+# ensure_logging_config FUNCTION: the function's Lambda logging configuration, from
+# --log-format, else its current format. JSON: the system level WARN drops Lambda's
+# START, END and REPORT lines; the application level (AWS_LAMBDA_LOG_LEVEL) is DEBUG
+# when the function's LOG_LEVEL is DEBUG, else INFO, never above: Lambda counts a line
+# without a level (the EMF metric lines) as INFO and would drop it. LOG_LEVEL, which
+# the function honours before AWS_LAMBDA_LOG_LEVEL, makes it quieter.
+ensure_logging_config() {
+  local name=$1 level format app sys current wanted why=kept note=
+  level=$(current_env "$name" LOG_LEVEL)
+  read -r format app sys <<<"$(aws_cli lambda get-function-configuration --function-name "$name" \
+    --query '[LoggingConfig.LogFormat, LoggingConfig.ApplicationLogLevel, LoggingConfig.SystemLogLevel]' \
+    --output text)"
+  # None: not reported (moto); AWS always reports the format, Text by default.
+  case $format in
+    JSON) current="LogFormat=JSON,ApplicationLogLevel=$app,SystemLogLevel=$sys" ;;
+    None) current= ;;
+    *) current="LogFormat=$format" ;;
+  esac
+  case $LOG_FORMAT_ARG in
+    json) format=JSON sys=WARN why="--log-format json" ;;
+    text) format=Text why="--log-format text" ;;
+  esac
+  case $level in DEBUG) app=DEBUG ;; *) app=INFO ;; esac
+  case $format in
+    JSON)
+      [ "$sys" != None ] || sys=WARN
+      [ "$sys" != WARN ] || note=": no START, END and REPORT lines"
+      wanted="LogFormat=JSON,ApplicationLogLevel=$app,SystemLogLevel=$sys"
+      step "Logging configuration of $name: $wanted ($why; application level from LOG_LEVEL=${level:-INFO}, system level $sys$note)"
+      ;;
+    *)
+      wanted="LogFormat=Text"
+      step "Logging configuration of $name: $wanted ($why; Lambda filters nothing and adds START, END and REPORT lines)"
+      ;;
+  esac
+  if [ "$current" = "$wanted" ] || { [ -z "$current" ] && [ -z "$LOG_FORMAT_ARG" ]; }; then
+    info "up to date"
+    return 0
+  fi
+  info "updating (was ${current:-not reported})"
+  aws_cli lambda update-function-configuration --function-name "$name" --logging-config "$wanted" >/dev/null
+  wait_function_ready "$name"
+}
+
 ensure_concurrency() {
   step "Reserved concurrency: $REFRESHER_FUNCTION $REFRESHER_CONCURRENCY, $AGGREGATOR_FUNCTION unreserved"
   if ! aws_maybe 'ReservedConcurrentExecutions|UnreservedConcurrentExecution|below its minimum' \
@@ -703,6 +783,8 @@ ensure_policy "$REFRESHER_POLICY" "$REFRESHER_POLICY_ARN" refresher-policy.json 
 ensure_log_group "$AGGREGATOR_FUNCTION"
 ensure_log_group "$REFRESHER_FUNCTION"
 deploy_functions
+ensure_logging_config "$AGGREGATOR_FUNCTION"
+ensure_logging_config "$REFRESHER_FUNCTION"
 ensure_concurrency
 ensure_async_config
 ensure_event_source_mapping
@@ -710,6 +792,10 @@ if $WITH_SQS; then ensure_ingest_mapping; fi
 if $WITH_EVENTBRIDGE; then ensure_rule; fi
 record_ingest
 for bucket in "${BUCKETS[@]}"; do attach_bucket "$bucket" "$INGEST"; done
+# Alarms (with --alarm-topic) and the dashboard: scripts/lib/monitoring.sh.
+ensure_alarms "$ALARM_TOPIC_ARG" "$(current_env "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS)" "$WITH_SQS"
+load_all_attached_buckets
+ensure_dashboard "$WITH_SQS" ${ALL_BUCKETS[@]+"${ALL_BUCKETS[@]}"}
 
 step "Done. The stack (prefix $PREFIX, account $ACCOUNT_ID, region $REGION, ingest $INGEST):"
 cat <<EOF

@@ -5,6 +5,8 @@ set -euo pipefail
 
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/stack.sh"
+# shellcheck source=scripts/lib/monitoring.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/monitoring.sh"
 
 USAGE="usage: scripts/delete-stack.sh [--prefix NAME] [--region REGION] [BUCKET...]"
 
@@ -17,7 +19,8 @@ Deletes the stack, whatever its ingest mode: first detaches every attached bucke
 in the EventBridge rule's pattern, plus any BUCKET given) as detach-bucket.sh does,
 then the event source mappings, the EventBridge rule <prefix>S3Events, both functions,
 their log groups, the IAM roles and policies, the SQS queues (action queue and DLQ,
-aggregator DLQ, ingest queue and DLQ) and the DynamoDB table. Every other
+aggregator DLQ, ingest queue and DLQ), the DynamoDB table, the CloudWatch alarms
+<prefix>-<Name> and the CloudWatch dashboard <prefix>. Every other
 notification entry of the buckets stays as it is, and the buckets themselves are not
 touched. What is already gone is skipped, so a second run succeeds.
 
@@ -193,5 +196,11 @@ if aws_maybe 'ResourceNotFoundException' dynamodb delete-table --table-name "$TA
 else
   info "absent"
 fi
+
+# ---------------------------------------------------------------------------------
+# CloudWatch (scripts/lib/monitoring.sh)
+
+delete_alarms
+delete_dashboard
 
 step "Done: the stack $PREFIX is deleted from account $ACCOUNT_ID, region $REGION"

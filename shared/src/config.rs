@@ -27,9 +27,11 @@ pub enum ConfigError {
     },
 }
 
-/// `LOG_LEVEL`: DEBUG, INFO, WARN/WARNING or ERROR, in any case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `LOG_LEVEL`: DEBUG, INFO, WARN/WARNING or ERROR, in any case. `Trace` only comes
+/// from Lambda's `AWS_LAMBDA_LOG_LEVEL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
 pub enum LogLevel {
+    Trace,
     Debug,
     #[default]
     Info,
@@ -54,9 +56,31 @@ impl LogLevel {
         }
     }
 
+    const LAMBDA_ACCEPTED: &'static str =
+        "accepted: TRACE, DEBUG, INFO, WARN, ERROR, FATAL (the application log level of the function's logging configuration)";
+
+    /// `AWS_LAMBDA_LOG_LEVEL`, which Lambda sets from the function's logging
+    /// configuration (`ApplicationLogLevel`). FATAL acts as ERROR: we have no fatal
+    /// lines, and Lambda drops the ERROR lines itself at FATAL.
+    pub fn parse_lambda(value: &str) -> Result<Self, ConfigError> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "TRACE" => Ok(LogLevel::Trace),
+            "DEBUG" => Ok(LogLevel::Debug),
+            "INFO" => Ok(LogLevel::Info),
+            "WARN" => Ok(LogLevel::Warn),
+            "ERROR" | "FATAL" => Ok(LogLevel::Error),
+            _ => Err(ConfigError::Invalid {
+                name: "AWS_LAMBDA_LOG_LEVEL",
+                value: value.to_string(),
+                accepted: Self::LAMBDA_ACCEPTED,
+            }),
+        }
+    }
+
     /// The level as a `tracing` filter directive.
     pub fn directive(self) -> &'static str {
         match self {
+            LogLevel::Trace => "trace",
             LogLevel::Debug => "debug",
             LogLevel::Info => "info",
             LogLevel::Warn => "warn",
@@ -115,9 +139,22 @@ pub fn from_process_env(name: &str) -> Option<String> {
 
 impl CommonConfig {
     pub fn from_env(env: &impl EnvSource) -> Result<Self, ConfigError> {
+        // Precedence (RUST_LOG, when set, overrides both; see `logging`): LOG_LEVEL,
+        // then AWS_LAMBDA_LOG_LEVEL, then INFO. The explicit variable wins because
+        // Lambda sets AWS_LAMBDA_LOG_LEVEL (INFO by default) on every function whose
+        // log format is JSON, so it cannot tell a choice from a default; because Lambda
+        // drops JSON lines below that level by itself anyway; and because a level
+        // above INFO there also drops the EMF metric lines (no "level": INFO to
+        // Lambda), so a quieter function keeps it at INFO and sets LOG_LEVEL. A bad
+        // AWS_LAMBDA_LOG_LEVEL fails init even when LOG_LEVEL is set.
+        let lambda_level = env
+            .var("AWS_LAMBDA_LOG_LEVEL")
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| LogLevel::parse_lambda(&v))
+            .transpose()?;
         let log_level = match env.var("LOG_LEVEL") {
-            None => LogLevel::default(),
             Some(v) => LogLevel::parse(&v)?,
+            None => lambda_level.unwrap_or_default(),
         };
         let table_name = match env.var("TABLE_NAME") {
             None => DEFAULT_TABLE_NAME.to_string(),
@@ -362,6 +399,52 @@ mod tests {
             line.contains("LOG_LEVEL") && line.contains("\"verbose\"") && line.contains("WARNING"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn lambda_log_level_applies_when_log_level_is_not_set() {
+        for (value, level) in [
+            ("TRACE", LogLevel::Trace),
+            ("DEBUG", LogLevel::Debug),
+            ("INFO", LogLevel::Info),
+            ("WARN", LogLevel::Warn),
+            ("ERROR", LogLevel::Error),
+            ("FATAL", LogLevel::Error),
+            ("debug", LogLevel::Debug),
+        ] {
+            let config =
+                RefresherConfig::from_env(&env(&[("AWS_LAMBDA_LOG_LEVEL", value)])).unwrap();
+            assert_eq!(config.common.log_level, level, "{value}");
+        }
+        // LOG_LEVEL, when set, wins over the logging configuration's level.
+        let config = RefresherConfig::from_env(&env(&[
+            ("AWS_LAMBDA_LOG_LEVEL", "DEBUG"),
+            ("LOG_LEVEL", "warn"),
+        ]))
+        .unwrap();
+        assert_eq!(config.common.log_level, LogLevel::Warn);
+        // LOG_LEVEL does not accept TRACE or FATAL: those are Lambda's names.
+        assert!(LogLevel::parse("TRACE").is_err() && LogLevel::parse("FATAL").is_err());
+        // Not set or empty: INFO.
+        let config = RefresherConfig::from_env(&env(&[("AWS_LAMBDA_LOG_LEVEL", " ")])).unwrap();
+        assert_eq!(config.common.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn bad_lambda_log_level_is_named_even_under_log_level() {
+        for pairs in [
+            vec![("AWS_LAMBDA_LOG_LEVEL", "WARNING")],
+            vec![("AWS_LAMBDA_LOG_LEVEL", "WARNING"), ("LOG_LEVEL", "INFO")],
+        ] {
+            let err = RefresherConfig::from_env(&env(&pairs)).unwrap_err();
+            let line = err.to_string();
+            assert!(
+                line.contains("AWS_LAMBDA_LOG_LEVEL=\"WARNING\"")
+                    && line.contains("TRACE, DEBUG, INFO, WARN, ERROR, FATAL")
+                    && !line.contains('\n'),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Logging set-up: `LOG_LEVEL` for our crates, `RUST_LOG` for fine-grained filters,
 //! JSON lines when Lambda's log format is JSON.
+//!
+//! The level of our crates: `RUST_LOG` when set (it replaces the whole filter), else
+//! `LOG_LEVEL`, else `AWS_LAMBDA_LOG_LEVEL` (Lambda's logging configuration,
+//! `ApplicationLogLevel`), else INFO; see [`crate::config::CommonConfig::from_env`]
+//! for why the function's own variable wins. In JSON mode Lambda also drops, by
+//! itself, every line below `ApplicationLogLevel`, whatever we print.
 
 use crate::config::{ConfigError, LogLevel};
 use tracing_subscriber::EnvFilter;
@@ -53,7 +59,25 @@ pub fn init_with(
     } else {
         let _ = builder.without_time().try_init();
     }
+    if let Some(line) = metrics_dropped_warning(lookup) {
+        tracing::error!("{line}");
+    }
     Ok(())
+}
+
+/// In JSON mode Lambda gives a line without a `"level"` the level INFO, so an
+/// application log level above INFO drops the EMF metric lines, and with them every
+/// metric and alarm. Said once per cold start, at ERROR so that it passes that filter.
+fn metrics_dropped_warning(lookup: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let value = lookup("AWS_LAMBDA_LOG_LEVEL")?;
+    let level = LogLevel::parse_lambda(&value).ok()?;
+    (json_format(lookup) && level > LogLevel::Info).then(|| {
+        format!(
+            "AWS_LAMBDA_LOG_LEVEL={} (the function's ApplicationLogLevel) drops the EMF metric lines, which Lambda counts as INFO: no metrics and no alarms; set ApplicationLogLevel to INFO and LOG_LEVEL={} instead",
+            value.trim(),
+            level.directive().to_ascii_uppercase()
+        )
+    })
 }
 
 /// Prints a configuration error as the function's one init line and exits.
@@ -99,6 +123,46 @@ mod tests {
         let f = default_filter(LogLevel::Debug);
         assert!(f.starts_with("warn,"));
         assert!(f.contains("shared=debug") && f.contains("refresher=debug"));
+    }
+
+    #[test]
+    fn application_log_level_above_info_in_json_mode_is_called_out() {
+        let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let json_warn = lookup(&[
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("AWS_LAMBDA_LOG_LEVEL", "WARN"),
+        ]);
+        let line = metrics_dropped_warning(&json_warn).unwrap();
+        assert!(line.contains("AWS_LAMBDA_LOG_LEVEL=WARN") && line.contains("LOG_LEVEL=WARN"));
+        let json_fatal = lookup(&[
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("AWS_LAMBDA_LOG_LEVEL", "FATAL"),
+        ]);
+        assert!(metrics_dropped_warning(&json_fatal).is_some());
+        for quiet in [
+            lookup(&[
+                ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+                ("AWS_LAMBDA_LOG_LEVEL", "INFO"),
+            ]),
+            lookup(&[
+                ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+                ("AWS_LAMBDA_LOG_LEVEL", "DEBUG"),
+            ]),
+            lookup(&[
+                ("AWS_LAMBDA_LOG_FORMAT", "Text"),
+                ("AWS_LAMBDA_LOG_LEVEL", "WARN"),
+            ]),
+            lookup(&[("AWS_LAMBDA_LOG_FORMAT", "JSON")]),
+        ] {
+            assert_eq!(metrics_dropped_warning(&quiet), None);
+        }
     }
 
     #[test]

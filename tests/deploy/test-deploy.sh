@@ -77,7 +77,7 @@ trap cleanup EXIT
 # Only the variables set here reach the AWS CLI and the scripts: no profile, no
 # configuration file, no real credentials.
 unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_REGION \
-  S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL S3EA_INGEST AWS_ACCOUNT_ID \
+  S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL S3EA_INGEST S3EA_ALARM_TOPIC AWS_ACCOUNT_ID \
   REFRESH_DELAY_SECONDS LOG_LEVEL GATEWAY_REGIONS
 export AWS_CONFIG_FILE="$WORK/aws-config" AWS_SHARED_CREDENTIALS_FILE="$WORK/aws-credentials"
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=eu-west-1
@@ -96,7 +96,8 @@ if [ -n "${MOTO_ENDPOINT:-}" ]; then
 else
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
   echo "==> Starting moto server on 127.0.0.1:$port (log: $WORK/moto.log)"
-  moto_server -H 127.0.0.1 -p "$port" >"$WORK/moto.log" 2>&1 &
+  # Phase 5c reads requests back through moto's recorder, which writes this file.
+  MOTO_RECORDER_FILEPATH="$WORK/moto-recording" moto_server -H 127.0.0.1 -p "$port" >"$WORK/moto.log" 2>&1 &
   MOTO_PID=$!
   MOTO_ENDPOINT="http://127.0.0.1:$port"
   tries=0
@@ -261,10 +262,20 @@ check_run "detach-bucket.sh without BUCKET" 2 scripts/detach-bucket.sh
 check_run "create-stack.sh --prefix without a value" 2 scripts/create-stack.sh bucket-x --prefix
 check_run "create-stack.sh --delay 43201" 2 scripts/create-stack.sh --delay 43201 bucket-x
 check_run "create-stack.sh --log-level LOUD" 2 scripts/create-stack.sh --log-level LOUD bucket-x
+check_run "create-stack.sh --log-format xml" 2 scripts/create-stack.sh --log-format xml bucket-x
+check_log_has "create-stack.sh names the accepted log formats" "invalid --log-format 'xml': json or text"
 check_run "create-stack.sh --arch sparc" 2 scripts/create-stack.sh --arch sparc bucket-x
 check_run "create-stack.sh --help" 0 scripts/create-stack.sh --help
 check_log_has "create-stack.sh --help documents --gateway-regions" "--gateway-regions R1,R2"
 check_log_has "create-stack.sh --help says that a re-run keeps GATEWAY_REGIONS" "without it leaves"
+check_log_has "create-stack.sh --help documents --alarm-topic" "--alarm-topic ARN"
+check_log_has "create-stack.sh --help says that a re-run without it keeps the alarms" "without it keeps"
+for bad in not-an-arn "arn:aws:sns:eu-west-1:12345:ops" "arn:aws:sqs:eu-west-1:123456789012:ops" \
+  "arn:aws:sns:eu-west-1:123456789012:ops.fifo" "arn:aws:sns:eu-west-1:123456789012:"; do
+  check_run "create-stack.sh --alarm-topic '$bad'" 2 scripts/create-stack.sh --alarm-topic "$bad" bucket-x
+done
+check_log_has "it says what an alarm topic looks like" "arn:aws:sns:REGION:ACCOUNT:NAME"
+check_run "create-stack.sh --alarm-topic without a value" 2 scripts/create-stack.sh bucket-x --alarm-topic
 for bad in "US-EAST-1" "us-east-1,us-east-1" "us-east-1," "us-east-1,,eu-west-1" "us-east" "us-east-1 eu-west-1"; do
   check_run "create-stack.sh --gateway-regions '$bad'" 2 scripts/create-stack.sh --gateway-regions "$bad" bucket-x
   check_log_has "--gateway-regions '$bad' names the accepted values" \
@@ -503,6 +514,130 @@ check_functions 45 DEBUG
 check_buckets "$ONE" "$TWO"
 
 # ---------------------------------------------------------------------------------
+phase "4b. CloudWatch: the dashboard on every run, the alarms with --alarm-topic"
+# Readers of the stack's alarms and dashboard (scripts/lib/monitoring.sh).
+# alarms: the alarms <prefix>-*, one line each, sorted:
+# name|namespace|metric|dimensions|statistic|period|evaluations|datapoints|threshold|
+# comparison|missing data|alarm actions|OK actions.
+alarms() {
+  awsm cloudwatch describe-alarms --alarm-name-prefix "$PREFIX-" --output json | python3 -c '
+import json, sys
+for a in json.load(sys.stdin)["MetricAlarms"]:
+    dims = ",".join("%s=%s" % (d["Name"], d["Value"]) for d in a.get("Dimensions", []))
+    print("|".join(str(x) for x in [a["AlarmName"], a["Namespace"], a["MetricName"], dims,
+        a["Statistic"], a["Period"], a["EvaluationPeriods"], a.get("DatapointsToAlarm"),
+        int(a["Threshold"]), a["ComparisonOperator"], a.get("TreatMissingData"),
+        ",".join(a["AlarmActions"]), ",".join(a["OKActions"])]))
+' | sort
+}
+# expected_alarms TOPIC OLDEST_EVENT_MS WITH_INGEST_DLQ: the README's alarms. The
+# metrics of the EMF lines are alarmed on with the dimension set {Function} alone: the
+# function's totals line (shared/src/metrics.rs); the DLQs on SQS's QueueName.
+expected_alarms() {
+  local ns=S3EventAggregator tail="GreaterThanThreshold|notBreaching|$1|$1"
+  local sqs="AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName"
+  {
+    echo "$PREFIX-AggregatorDlqNotEmpty|$sqs=$AGGREGATOR_DLQ|Maximum|300|1|1|0|$tail"
+    echo "$PREFIX-ActionDlqNotEmpty|$sqs=$ACTION_DLQ|Maximum|300|1|1|0|$tail"
+    if [ "$3" = true ]; then echo "$PREFIX-IngestDlqNotEmpty|$sqs=$INGEST_DLQ|Maximum|300|1|1|0|$tail"; fi
+    echo "$PREFIX-RefreshesThrottled|$ns|RefreshesThrottled|Function=refresher|Sum|900|1|1|10|$tail"
+    echo "$PREFIX-MessagesFailed|$ns|MessagesFailed|Function=refresher|Sum|300|3|3|0|$tail"
+    echo "$PREFIX-OldestEventTooOld|$ns|OldestEventAgeMs|Function=refresher|Maximum|300|1|1|$2|$tail"
+    echo "$PREFIX-S3DeliveryLate|$ns|OldestEventAgeMs|Function=aggregator|Maximum|300|1|1|300000|$tail"
+    echo "$PREFIX-EventsSkippedMalformed|$ns|EventsSkippedMalformed|Function=aggregator|Sum|3600|1|1|0|$tail"
+    echo "$PREFIX-AccessPointsUnresolved|$ns|AccessPointsUnresolved|Function=refresher|Sum|3600|1|1|0|$tail"
+    echo "$PREFIX-MessagesUnreadable|$ns|MessagesUnreadable|Function=refresher|Sum|300|1|1|0|$tail"
+  } | sort
+}
+alarm_count() { awsm cloudwatch describe-alarms --alarm-name-prefix "$PREFIX-" --query 'length(MetricAlarms)' --output text; }
+alarm_timestamps() { awsm cloudwatch describe-alarms --alarm-name-prefix "$PREFIX-" --query 'MetricAlarms[].[AlarmName, AlarmConfigurationUpdatedTimestamp]' --output text | sort; }
+dashboard_count() {
+  awsm cloudwatch list-dashboards --dashboard-name-prefix "$PREFIX" \
+    --query "length(DashboardEntries[?DashboardName == '$PREFIX'])" --output text
+}
+# dashboard: the dashboard <prefix>'s widgets, one line each: "text", or
+# "title|statistic|metric ..." with each metric as namespace/name/dimension/value...[/stat]
+# or search:namespace/name/function/statistic for a SEARCH over the Bucket dimension. The
+# body must be JSON, and the widgets must not overlap.
+dashboard() {
+  awsm cloudwatch get-dashboard --dashboard-name "$PREFIX" --query DashboardBody --output text | python3 -c '
+import json, re, sys
+widgets = json.load(sys.stdin)["widgets"]
+cells = set()
+for w in widgets:
+    for x in range(w["x"], w["x"] + w["width"]):
+        for y in range(w["y"], w["y"] + w["height"]):
+            assert (x, y) not in cells and x < 24, "widgets overlap at %d,%d" % (x, y)
+            cells.add((x, y))
+    p = w["properties"]
+    if w["type"] != "metric":
+        print(w["type"])
+        continue
+    sig = []
+    for m in p["metrics"]:
+        if "expression" in m[0]:
+            g = re.fullmatch(r"SEARCH\(\x27\{(\w+),Function,Bucket\} MetricName=\"(\w+)\" Function=\"(\w+)\"\x27, \x27(\w+)\x27, 300\)", m[0]["expression"])
+            sig.append("search:%s/%s/%s/%s" % g.groups() if g else "unexpected:" + m[0]["expression"])
+        else:
+            opts = m[-1] if isinstance(m[-1], dict) else {}
+            sig.append("/".join(x for x in m if isinstance(x, str)) + ("/" + opts["stat"] if "stat" in opts else ""))
+    print("%s|%s|%s" % (p["title"], p["stat"], " ".join(sig)))
+'
+}
+# expected_dashboard WITH_INGEST_DLQ BUCKET...: the overview (every bucket, through
+# SEARCH), the DLQ depths, then one row of three widgets per bucket, in name order.
+expected_dashboard() {
+  local ns=S3EventAggregator dlq=AWS/SQS/ApproximateNumberOfMessagesVisible/QueueName b
+  local dlqs="$dlq/$AGGREGATOR_DLQ $dlq/$ACTION_DLQ"
+  if [ "$1" = true ]; then dlqs="$dlqs $dlq/$INGEST_DLQ"; fi
+  shift
+  echo text
+  echo "Events in, per bucket|Sum|search:$ns/EventsReceived/aggregator/Sum"
+  echo "Windows opened, per bucket|Sum|search:$ns/WindowsOpened/aggregator/Sum"
+  echo "Window writes (DynamoDB), per bucket|Sum|search:$ns/WindowWrites/aggregator/Sum"
+  echo "Refreshes requested, per bucket|Sum|search:$ns/RefreshesRequested/refresher/Sum"
+  echo "Failures: messages failed, refreshes throttled, per bucket|Sum|search:$ns/MessagesFailed/refresher/Sum search:$ns/RefreshesThrottled/refresher/Sum"
+  echo "DLQ depths (messages visible)|Maximum|$dlqs"
+  for b in $(printf '%s\n' "$@" | sort); do
+    echo "$b: events in, windows opened, window writes|Sum|$ns/EventsReceived/Function/aggregator/Bucket/$b $ns/WindowsOpened/Function/aggregator/Bucket/$b $ns/WindowWrites/Function/aggregator/Bucket/$b"
+    echo "$b: refreshes requested, oldest event age|Sum|$ns/RefreshesRequested/Function/refresher/Bucket/$b $ns/OldestEventAgeMs/Function/refresher/Bucket/$b/Maximum"
+    echo "$b: failures|Sum|$ns/MessagesFailed/Function/refresher/Bucket/$b $ns/RefreshesThrottled/Function/refresher/Bucket/$b"
+  done
+}
+
+# The runs so far had no --alarm-topic: a dashboard, and no alarm.
+check_log_has "create without --alarm-topic creates no alarm" "CloudWatch alarms: none \\(pass --alarm-topic ARN"
+check_eq "alarms $PREFIX-* before --alarm-topic" 0 "$(alarm_count)"
+check_eq "dashboard $PREFIX: widgets for $ONE and $TWO" "$(expected_dashboard false "$ONE" "$TWO")" "$(dashboard)"
+
+TOPIC_A=$(awsm sns create-topic --name "s3ea-test-ops-a$BUCKET_SUFFIX" --query TopicArn --output text)
+TOPIC_B=$(awsm sns create-topic --name "s3ea-test-ops-b$BUCKET_SUFFIX" --query TopicArn --output text)
+check_run "create-stack.sh --alarm-topic for a topic that does not exist" 1 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic "arn:aws:sns:$REGION:$ACCOUNT:s3ea-test-missing$BUCKET_SUFFIX" "$ONE" "$TWO"
+check_log_has "it says that the topic does not exist" "SNS topic arn:aws:sns:$REGION:$ACCOUNT:s3ea-test-missing$BUCKET_SUFFIX does not exist"
+check_eq "alarms after the refused run" 0 "$(alarm_count)"
+
+check_run "create-stack.sh --alarm-topic $TOPIC_A $ONE $TWO" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic "$TOPIC_A" "$ONE" "$TWO"
+check_log_has "create prints the alarms it puts" "$PREFIX-ActionDlqNotEmpty: ApproximateNumberOfMessagesVisible"
+# REFRESH_DELAY_SECONDS is 45 (phase 2): 2 x 45 x 1000 + 60000.
+check_eq "alarms after --alarm-topic: metric, namespace, dimensions, threshold, actions" \
+  "$(expected_alarms "$TOPIC_A" 150000 false)" "$(alarms)"
+check_eq "dashboard $PREFIX after --alarm-topic" "$(expected_dashboard false "$ONE" "$TWO")" "$(dashboard)"
+before=$(alarm_timestamps)
+sleep 1 # so that a put would change AlarmConfigurationUpdatedTimestamp
+check_run "create-stack.sh again without --alarm-topic" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "a run without --alarm-topic says that it keeps the alarms" "CloudWatch alarms: 9 kept as they are"
+check_eq "alarms kept as they were (same configuration time)" "$before" "$(alarm_timestamps)"
+check_eq "alarms after a run without --alarm-topic" "$(expected_alarms "$TOPIC_A" 150000 false)" "$(alarms)"
+check_run "create-stack.sh --alarm-topic=$TOPIC_B (another topic)" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic="$TOPIC_B" "$ONE" "$TWO"
+check_eq "alarms updated to the new topic" "$(expected_alarms "$TOPIC_B" 150000 false)" "$(alarms)"
+check_eq "alarms $PREFIX-* after three runs: none duplicated" 9 "$(alarm_count)"
+check_eq "dashboards named $PREFIX" 1 "$(dashboard_count)"
+
+# ---------------------------------------------------------------------------------
 phase "5. attach-bucket.sh $THREE"
 check_run "attach-bucket.sh $THREE" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
 check_run "attach-bucket.sh $THREE again" 0 scripts/attach-bucket.sh "${PREFIX_OPT[@]}" "$THREE"
@@ -532,6 +667,65 @@ check_buckets "$ONE" "$THREE" "$TWO"
 check_foreign_intact "after attach updated the old entry"
 
 # ---------------------------------------------------------------------------------
+phase "5c. --log-format json|text: the functions' LoggingConfig"
+# moto 5 accepts LoggingConfig but does not store it (get-function-configuration shows
+# none), so what is checked is what create-stack.sh sends, read back from moto's
+# recorder, and what it prints. On AWS a second json run finds it up to date.
+recorder() { # reset-recording | start-recording | stop-recording
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/moto-api/recorder/" + sys.argv[2], method="POST"), timeout=10).read()' \
+    "$MOTO_ENDPOINT" "$1"
+}
+# recorded_logging_configs: "FUNCTION LoggingConfig" for each recorded
+# UpdateFunctionConfiguration that carried one, sorted.
+recorded_logging_configs() {
+  python3 - "$MOTO_ENDPOINT" <<'PY' | sort
+import base64, json, sys, urllib.request
+data = urllib.request.urlopen(sys.argv[1] + "/moto-api/recorder/download-recording", timeout=120).read()
+for line in data.decode().splitlines():
+    entry = json.loads(line)
+    if entry["method"] != "PUT" or not entry["url"].endswith("/configuration"):
+        continue
+    body = entry.get("body") or ""
+    if entry.get("body_encoded"):
+        body = base64.b64decode(body).decode()
+    config = json.loads(body or "{}").get("LoggingConfig")
+    if config is not None:
+        keys = ("LogFormat", "ApplicationLogLevel", "SystemLogLevel")
+        print(entry["url"].rsplit("/", 2)[-2], ",".join(f"{k}={config[k]}" for k in keys if k in config))
+PY
+}
+# logging_run WHAT ARGS...: create-stack.sh ARGS $ONE $TWO, recorded.
+logging_run() {
+  local what=$1
+  shift
+  recorder reset-recording
+  recorder start-recording
+  check_run "$what" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" "$@" "$ONE" "$TWO"
+  recorder stop-recording
+}
+logging_run "create-stack.sh --log-format json" --log-format json
+check_eq "--log-format json sets both functions' LoggingConfig (LOG_LEVEL is DEBUG)" \
+  "$AGGREGATOR LogFormat=JSON,ApplicationLogLevel=DEBUG,SystemLogLevel=WARN|$REFRESHER LogFormat=JSON,ApplicationLogLevel=DEBUG,SystemLogLevel=WARN" \
+  "$(recorded_logging_configs | paste -sd '|' -)"
+check_log_has "create says what --log-format json does" \
+  "Logging configuration of $AGGREGATOR: LogFormat=JSON,ApplicationLogLevel=DEBUG,SystemLogLevel=WARN \\(--log-format json; .*no START, END and REPORT lines\\)"
+logging_run "create-stack.sh --log-format JSON --log-level warn" --log-format JSON --log-level warn
+check_eq "the application level stays at INFO under LOG_LEVEL=WARN (EMF lines are INFO to Lambda)" \
+  "$AGGREGATOR LogFormat=JSON,ApplicationLogLevel=INFO,SystemLogLevel=WARN|$REFRESHER LogFormat=JSON,ApplicationLogLevel=INFO,SystemLogLevel=WARN" \
+  "$(recorded_logging_configs | paste -sd '|' -)"
+logging_run "create-stack.sh --log-format text --log-level debug" --log-format text --log-level debug
+check_eq "--log-format text sets LogFormat=Text only" \
+  "$AGGREGATOR LogFormat=Text|$REFRESHER LogFormat=Text" "$(recorded_logging_configs | paste -sd '|' -)"
+logging_run "create-stack.sh without --log-format" --log-level debug
+check_eq "without --log-format (moto: no stored format, so Text) nothing is sent" "" "$(recorded_logging_configs)"
+check_log_has "create says it keeps the format" "Logging configuration of $REFRESHER: LogFormat=Text \\(kept;"
+check_functions 45 DEBUG
+
+check_eq "dashboard $PREFIX after attach-bucket.sh $THREE and create-stack.sh: a row for $THREE" \
+  "$(expected_dashboard false "$ONE" "$TWO" "$THREE")" "$(dashboard)"
+check_eq "alarms before delete" "$(expected_alarms "$TOPIC_B" 150000 false)" "$(alarms)"
+
+# ---------------------------------------------------------------------------------
 phase "6. detach-bucket.sh $ONE (the bucket with the foreign entries)"
 check_run "detach-bucket.sh $ONE" 0 scripts/detach-bucket.sh "${PREFIX_OPT[@]}" "$ONE"
 check_eq "our entry on $ONE after detach" "" "$(our_entries "$ONE")"
@@ -558,6 +752,10 @@ for bucket in "$ONE" "$TWO" "$THREE"; do
   check_eq "bucket $bucket still exists" 0 "$(awsm s3api head-bucket --bucket "$bucket" >/dev/null 2>&1; echo $?)"
 done
 check_foreign_intact "after delete"
+check_eq "alarms $PREFIX-* after delete" 0 "$(alarm_count)"
+check_eq "dashboard $PREFIX after delete" 0 "$(dashboard_count)"
+check_eq "alarm topic $TOPIC_B kept (not ours)" "$TOPIC_B" \
+  "$(awsm sns get-topic-attributes --topic-arn "$TOPIC_B" --query Attributes.TopicArn --output text)"
 check_eq "foreign queue still exists" "$FOREIGN_QUEUE_URL" \
   "$(awsm sqs get-queue-url --queue-name "foreign-events$BUCKET_SUFFIX" --query QueueUrl --output text)"
 
@@ -565,6 +763,8 @@ check_eq "foreign queue still exists" "$FOREIGN_QUEUE_URL" \
 phase "9. delete-stack.sh again"
 check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}" "$ONE"
 check_log_has "second delete finds the function absent" "==> Lambda function $AGGREGATOR"
+check_log_has "second delete finds no alarm" "no alarm named $PREFIX-<Name>"
+check_log_has "second delete finds the dashboard absent" "dashboard $PREFIX: absent"
 check_foreign_intact "after the second delete"
 
 # ---------------------------------------------------------------------------------
@@ -677,7 +877,12 @@ put_foreign_config "$SA"
 FOREIGN_SA=$(foreign_entries "$SA")
 INGEST_ENTRY=$OUR_EVENTS
 
-check_run "create-stack.sh --ingest sqs $SA $SB" 0 scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs "$SA" "$SB"
+check_run "create-stack.sh --ingest sqs --alarm-topic $TOPIC_A $SA $SB" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs --alarm-topic "$TOPIC_A" "$SA" "$SB"
+# REFRESH_DELAY_SECONDS is the default 30: 2 x 30 x 1000 + 60000.
+check_eq "alarms of the sqs stack: with the ingest DLQ's" "$(expected_alarms "$TOPIC_A" 120000 true)" "$(alarms)"
+check_eq "dashboard $PREFIX of the sqs stack: with the ingest DLQ's depth" \
+  "$(expected_dashboard true "$SA" "$SB")" "$(dashboard)"
 check_log_has "create says the mode and where it comes from" "==> Ingest: sqs \\(--ingest\\)"
 check_log_has "create prints the ingest queue" "ingest queue +$SQS_ARN:$INGEST_QUEUE"
 
@@ -781,6 +986,8 @@ check_run "delete-stack.sh (finds $SB in the queue policy, $SC in the permission
 check_log_has "delete found $SB" "==> Bucket $SB"
 check_log_has "delete found $SC" "==> Bucket $SC"
 check_all_gone "after delete"
+check_eq "alarms $PREFIX-* after delete" 0 "$(alarm_count)"
+check_eq "dashboard $PREFIX after delete" 0 "$(dashboard_count)"
 for bucket in "$SA" "$SB" "$SC"; do
   check_eq "our entries on $bucket after delete" "" "$(our_entries "$bucket")"
 done

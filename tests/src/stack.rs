@@ -37,6 +37,7 @@ pub fn binary(name: &str) -> Result<PathBuf, BoxError> {
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     pub refresh_delay_seconds: u32,
+    /// `LOG_LEVEL` of both functions; empty: not set.
     pub log_level: String,
     /// Extra environment for both functions.
     pub extra_env: Vec<(String, String)>,
@@ -135,7 +136,9 @@ impl Stack {
         let mut env = lambda_aws_env(moto.endpoint(), &gateway.endpoint());
         env.push(("AWS_ENDPOINT_URL_S3_CONTROL".into(), s3control.endpoint()));
         env.push(("TABLE_NAME".into(), table.clone()));
-        env.push(("LOG_LEVEL".into(), options.log_level.clone()));
+        if !options.log_level.is_empty() {
+            env.push(("LOG_LEVEL".into(), options.log_level.clone()));
+        }
         env.extend(options.extra_env.iter().cloned());
         let aggregator_bin = binary("aggregator")?;
         let mut spec = LambdaSpawn::new(&aggregator_bin, "S3EventAggregator");

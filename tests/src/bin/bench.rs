@@ -59,7 +59,7 @@ usage: bench [--out FILE] [--window SECONDS] [--runs N] [--only SECTION[,SECTION
   --out FILE         write the report here (default: BENCHMARKS.md in the workspace)
   --window SECONDS   REFRESH_DELAY_SECONDS of the bursts (default 5)
   --runs N           runs per figure of the startup section (default 30, at least 20)
-  --only SECTIONS    bursts, startup, sizes (default: all three)
+  --only SECTIONS    bursts, startup, sizes, logs (default: all four)
   --scenario IDS     only these burst scenarios (ids as in the report, e.g. direct-10000x1x1)
   --execute-2018 N   execute the 2018 protocol's writes on moto for bursts of up to N events
                      (default 1000); larger bursts are counted only
@@ -67,6 +67,9 @@ usage: bench [--out FILE] [--window SECONDS] [--runs N] [--only SECTION[,SECTION
 Environment: S3EA_BIN_DIR (the Lambda binaries, e.g. target/release), MOTO_ENDPOINT
 (a running moto server; one is spawned otherwise), BENCH_COMMAND (the command line to
 quote in the report), BENCH_STARTED_MS (epoch ms when scripts/bench.sh started).";
+
+#[path = "bench_logs/logs.rs"]
+mod logs;
 
 #[tokio::main]
 async fn main() {
@@ -94,6 +97,7 @@ enum Section {
     Bursts,
     Startup,
     Sizes,
+    Logs,
 }
 
 #[derive(Debug, Clone)]
@@ -117,7 +121,13 @@ impl Options {
             out: workspace_root().join("BENCHMARKS.md"),
             window_seconds: 5,
             runs: 30,
-            sections: [Section::Bursts, Section::Startup, Section::Sizes].into(),
+            sections: [
+                Section::Bursts,
+                Section::Startup,
+                Section::Sizes,
+                Section::Logs,
+            ]
+            .into(),
             scenarios: Vec::new(),
             execute_2018: 1_000,
             args: args.clone(),
@@ -149,8 +159,9 @@ impl Options {
                             "bursts" => Ok(Section::Bursts),
                             "startup" => Ok(Section::Startup),
                             "sizes" => Ok(Section::Sizes),
+                            "logs" => Ok(Section::Logs),
                             other => Err(format!(
-                                "unknown section {other:?} (bursts, startup, sizes)"
+                                "unknown section {other:?} (bursts, startup, sizes, logs)"
                             )),
                         })
                         .collect::<Result<_, _>>()?;
@@ -268,6 +279,9 @@ async fn run(options: Options) -> Result<(), BoxError> {
     }
     if bench.options.sections.contains(&Section::Sizes) {
         report.sizes = Some(sizes(&bench)?);
+    }
+    if bench.options.sections.contains(&Section::Logs) {
+        report.logs = Some(logs::measure().await?);
     }
     let load_after = read_trimmed("/proc/loadavg");
     let markdown = report.render(
@@ -1488,6 +1502,7 @@ struct Report {
     bursts: Option<Vec<BurstResult>>,
     startup: Option<StartupResult>,
     sizes: Option<Vec<SizeRow>>,
+    logs: Option<Vec<logs::LogRow>>,
 }
 
 struct Target {
@@ -1684,6 +1699,9 @@ impl Report {
         }
         if let Some(sizes) = &self.sizes {
             render_sizes(&mut md, options, sizes);
+        }
+        if let Some(rows) = &self.logs {
+            logs::render(&mut md, &options.command_for("logs", None), rows);
         }
         md
     }
