@@ -9,7 +9,7 @@ use shared::adapters::sdk::{
 use shared::clock::SystemClock;
 use shared::config::{from_process_env, RefresherConfig};
 use shared::logging;
-use shared::refresher::Refresher;
+use shared::refresher::{Refresher, DEFAULT_CLOCK_MARGIN_MS};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
@@ -32,7 +32,8 @@ async fn main() -> Result<(), Error> {
         SystemClock,
     )
     // Shares on S3 access points: S3 Control says which bucket each one maps.
-    .with_access_points(SdkAccessPoints::from_config(&aws));
+    .with_access_points(SdkAccessPoints::from_config(&aws))
+    .with_pace(config.min_refresh_interval_seconds, DEFAULT_CLOCK_MARGIN_MS);
     let refresher = &refresher;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
         refresher.handle(&event.payload).await

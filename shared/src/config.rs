@@ -118,7 +118,14 @@ pub struct RefresherConfig {
     /// order given. `None` when unset: the function's own region (see
     /// [`RefresherConfig::gateway_regions_or`]).
     pub gateway_regions: Option<Vec<String>>,
+    /// `MIN_REFRESH_INTERVAL_SECONDS`: the least time between two `RefreshCache` calls
+    /// on one share.
+    pub min_refresh_interval_seconds: u32,
 }
+
+/// The default `MIN_REFRESH_INTERVAL_SECONDS`: the API reference's 60 s.
+pub const DEFAULT_MIN_REFRESH_INTERVAL_SECONDS: u32 = 60;
+pub const MAX_MIN_REFRESH_INTERVAL_SECONDS: u32 = 3_600;
 
 /// Reads one variable. Tests pass a closure over a map; the binaries use [`from_process_env`].
 pub trait EnvSource {
@@ -190,9 +197,14 @@ impl RefresherConfig {
             None => None,
             Some(v) => Some(parse_gateway_regions(&v)?),
         };
+        let min_refresh_interval_seconds = match env.var("MIN_REFRESH_INTERVAL_SECONDS") {
+            None => DEFAULT_MIN_REFRESH_INTERVAL_SECONDS,
+            Some(v) => parse_min_refresh_interval(&v)?,
+        };
         Ok(RefresherConfig {
             common,
             gateway_regions,
+            min_refresh_interval_seconds,
         })
     }
 
@@ -257,6 +269,23 @@ fn parse_delay(value: &str) -> Result<u32, ConfigError> {
     let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
     if seconds > MAX_REFRESH_DELAY_SECONDS {
         return Err(invalid());
+    }
+    Ok(seconds)
+}
+
+fn parse_min_refresh_interval(value: &str) -> Result<u32, ConfigError> {
+    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 3600 (default 60, the Storage Gateway API reference's least interval between RefreshCache calls on a share)";
+    let seconds: u32 = value.trim().parse().map_err(|_| ConfigError::Invalid {
+        name: "MIN_REFRESH_INTERVAL_SECONDS",
+        value: value.to_string(),
+        accepted: ACCEPTED,
+    })?;
+    if seconds > MAX_MIN_REFRESH_INTERVAL_SECONDS {
+        return Err(ConfigError::Invalid {
+            name: "MIN_REFRESH_INTERVAL_SECONDS",
+            value: value.to_string(),
+            accepted: ACCEPTED,
+        });
     }
     Ok(seconds)
 }
@@ -442,6 +471,32 @@ mod tests {
                 line.contains("AWS_LAMBDA_LOG_LEVEL=\"WARNING\"")
                     && line.contains("TRACE, DEBUG, INFO, WARN, ERROR, FATAL")
                     && !line.contains('\n'),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn min_refresh_interval_defaults_to_60_and_takes_0_to_3600() {
+        let read = |value: Option<&str>| {
+            RefresherConfig::from_env(&|name: &str| match name {
+                "MIN_REFRESH_INTERVAL_SECONDS" => value.map(str::to_string),
+                _ => None,
+            })
+        };
+        assert_eq!(read(None).map(|c| c.min_refresh_interval_seconds), Ok(60));
+        assert_eq!(
+            read(Some("0")).map(|c| c.min_refresh_interval_seconds),
+            Ok(0)
+        );
+        assert_eq!(
+            read(Some(" 3600 ")).map(|c| c.min_refresh_interval_seconds),
+            Ok(3600)
+        );
+        for bad in ["3601", "-1", "1.5", "", "soon"] {
+            let line = read(Some(bad)).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                line.contains("MIN_REFRESH_INTERVAL_SECONDS") && line.contains("0 to 3600"),
                 "{line}"
             );
         }

@@ -36,6 +36,13 @@ pub mod name {
     pub const EVENTS_COALESCED_LOCALLY: &str = "EventsCoalescedInContainer";
     pub const WINDOW_WRITES: &str = "WindowWrites";
     pub const OLDEST_EVENT_AGE: &str = "OldestEventAgeMs";
+    /// From the oldest event that a completed refresh covers to its `completed` time.
+    pub const STALENESS: &str = "StalenessMs";
+    /// Refresh-complete events that freed a slot.
+    pub const REFRESHES_COMPLETED: &str = "RefreshesCompleted";
+    /// Times a share's pending changes had to wait (the interval, or two in flight).
+    pub const REFRESHES_DEFERRED: &str = "RefreshesDeferred";
+    pub const WAKE_UPS_SENT: &str = "WakeUpsSent";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -2,7 +2,8 @@
 //! ([`crate::adapters::sdk`]) and an in-memory one ([`crate::adapters::memory`]).
 
 use crate::error::{AccessPointError, GatewayError, QueueError, StoreError};
-use crate::refresh_message::RefreshMessage;
+use crate::refresh_message::{RefreshMessage, WakeMessage};
+use crate::scheduler::ShareState;
 use crate::shares::{RefreshPlan, ShareKind};
 use crate::window::{ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::future::Future;
@@ -53,6 +54,24 @@ pub trait WindowStore: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// The per-share scheduling items (DynamoDB, the same table as the windows). Each
+/// change is a read, the rule applied in [`crate::scheduler`], and a write that
+/// succeeds only if nobody wrote the item in between.
+pub trait ShareStore: Send + Sync {
+    /// The share's state, read consistently; `None` when it has none.
+    fn read_share(
+        &self,
+        share_arn: &str,
+    ) -> impl Future<Output = Result<Option<ShareState>, StoreError>> + Send;
+
+    /// Stores `state` as version `state.version + 1` if the stored version is still
+    /// `state.version` (0: no item); `Ok(false)` when another write came first.
+    fn write_share(
+        &self,
+        state: &ShareState,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
 /// The action queue (SQS).
 pub trait RefreshQueue: Send + Sync {
     /// Sends `message` with `DelaySeconds = delay_seconds`; returns the message id.
@@ -72,6 +91,14 @@ pub trait Requeue: Send + Sync {
         &self,
         source_arn: Option<&str>,
         message: &RefreshMessage,
+        delay_seconds: u32,
+    ) -> impl Future<Output = Result<String, QueueError>> + Send;
+
+    /// Sends a share's wake-up, like [`Requeue::requeue`].
+    fn wake(
+        &self,
+        source_arn: Option<&str>,
+        message: &WakeMessage,
         delay_seconds: u32,
     ) -> impl Future<Output = Result<String, QueueError>> + Send;
 }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::s3_event::parse_event_time;
+
 pub const ATTR_BUCKET: &str = "bucket-name";
 pub const ATTR_TIMESTAMP: &str = "timestamp";
 pub const BODY_VERSION: u32 = 1;
@@ -60,6 +62,150 @@ pub enum BadMessage {
         message_id: String,
         body: Option<String>,
     },
+}
+
+/// The body of a wake-up: the scheduler of `share_arn` asks to be looked at again
+/// (its next call is allowed then, or a lease ends). Sent with the same attributes as a
+/// refresh message, `bucket-name` being the share's bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeMessage {
+    pub version: u32,
+    /// Always [`WAKE_KIND`]: tells a wake-up from a refresh message.
+    pub kind: String,
+    pub share_arn: String,
+    pub bucket: String,
+    /// When the message becomes visible (the send time plus its delay), as recorded in
+    /// the share's `WakeAt`.
+    pub visible_at_ms: i64,
+    /// When the scheduler may call the share (later than `visible_at_ms` when it is
+    /// more than SQS's 900 s away: the wake-up is then sent again).
+    pub due_at_ms: i64,
+}
+
+pub const WAKE_KIND: &str = "wake";
+
+impl WakeMessage {
+    pub fn new(share_arn: &str, bucket: &str, visible_at_ms: i64, due_at_ms: i64) -> Self {
+        WakeMessage {
+            version: BODY_VERSION,
+            kind: WAKE_KIND.to_string(),
+            share_arn: share_arn.to_string(),
+            bucket: bucket.to_string(),
+            visible_at_ms,
+            due_at_ms,
+        }
+    }
+
+    pub fn body(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The `detail-type` of Storage Gateway's refresh-complete event.
+pub const REFRESH_COMPLETE_DETAIL_TYPE: &str = "Storage Gateway Refresh Cache Event";
+pub const STORAGE_GATEWAY_SOURCE: &str = "aws.storagegateway";
+
+/// A "Storage Gateway Refresh Cache Event", as EventBridge delivers it to the action
+/// queue (the message body is the event):
+/// `{"source": "aws.storagegateway", "detail-type": "Storage Gateway Refresh Cache
+/// Event", "resources": ["<share ARN>"], "detail": {"event-type": "refresh-complete",
+/// "notification-id": "...", "started": "<ISO 8601>", "completed": "<ISO 8601>",
+/// "folderList": ["/"]}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletionEvent {
+    pub message_id: String,
+    /// `resources[0]`; `None` when the event names no share.
+    pub share_arn: Option<String>,
+    pub notification_id: String,
+    pub started_at_ms: Option<i64>,
+    pub completed_at_ms: Option<i64>,
+    pub folders: Vec<String>,
+}
+
+/// A wake-up as read back from an SQS record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingWake {
+    pub message_id: String,
+    pub source_arn: Option<String>,
+    pub wake: WakeMessage,
+}
+
+/// Anything that reaches the refresher on the action queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionMessage {
+    /// A window's refresh message (or a 2018 message: the whole bucket).
+    Refresh(IncomingRefresh),
+    Wake(IncomingWake),
+    Completion(CompletionEvent),
+}
+
+/// Reads one record of the action queue: a completion event, a wake-up, or a refresh
+/// message ([`decode_sqs_record`]).
+pub fn decode_action_record(record: &Value) -> Result<ActionMessage, BadMessage> {
+    let body: Option<Value> = record
+        .get("body")
+        .and_then(Value::as_str)
+        .and_then(|b| serde_json::from_str(b).ok());
+    let message_id = || {
+        record
+            .get("messageId")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| BadMessage::NotAMessage(format!("no messageId: {record}")))
+    };
+    if let Some(body) = &body {
+        if body.get("source").and_then(Value::as_str) == Some(STORAGE_GATEWAY_SOURCE)
+            && body.get("detail-type").and_then(Value::as_str) == Some(REFRESH_COMPLETE_DETAIL_TYPE)
+        {
+            let message_id = message_id()?;
+            let detail = body.get("detail").cloned().unwrap_or(Value::Null);
+            let text = |name: &str| detail.get(name).and_then(Value::as_str).map(str::to_string);
+            let notification_id = text("notification-id")
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| {
+                    BadMessage::NotAMessage(format!(
+                        "refresh-complete event without a notification-id: {body}"
+                    ))
+                })?;
+            return Ok(ActionMessage::Completion(CompletionEvent {
+                message_id,
+                share_arn: body
+                    .get("resources")
+                    .and_then(Value::as_array)
+                    .and_then(|r| r.iter().find_map(Value::as_str))
+                    .map(str::to_string),
+                notification_id,
+                started_at_ms: text("started").as_deref().and_then(parse_event_time),
+                completed_at_ms: text("completed").as_deref().and_then(parse_event_time),
+                folders: detail
+                    .get("folderList")
+                    .and_then(Value::as_array)
+                    .map(|f| {
+                        f.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }));
+        }
+        if body.get("kind").and_then(Value::as_str) == Some(WAKE_KIND) {
+            if let Ok(wake) = serde_json::from_value::<WakeMessage>(body.clone()) {
+                return Ok(ActionMessage::Wake(IncomingWake {
+                    message_id: message_id()?,
+                    source_arn: record
+                        .get("eventSourceARN")
+                        .and_then(Value::as_str)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string),
+                    wake,
+                }));
+            }
+        }
+    }
+    decode_sqs_record(record).map(ActionMessage::Refresh)
 }
 
 /// SQS caps `DelaySeconds` at 900: a longer window's message is sent again by the

@@ -7,13 +7,15 @@ use crate::error::{AccessPointError, GatewayError, QueueError, Retry, StoreError
 use crate::logging::truncate;
 use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
 use crate::ports::{
-    AccessPoint, AccessPoints, DescribedShare, FileGateway, NoAccessPoints, Requeue, WindowStore,
+    AccessPoint, AccessPoints, DescribedShare, FileGateway, NoAccessPoints, Requeue, ShareStore,
+    WindowStore,
 };
-use crate::refresh_message::{decode_sqs_record, IncomingRefresh};
+use crate::refresh_message::{decode_action_record, ActionMessage, IncomingRefresh};
+use crate::scheduler::Pace;
 use crate::shares::{
-    leaves_out_writer_shares, plan_refreshes, FileShare, ShareKind, ShareLocation,
+    leaves_out_writer_shares, plan_share_listings, FileShare, ShareKind, ShareLocation,
 };
-use crate::window::{ChangeSet, CloseOutcome, RefreshLog, StartedRefresh};
+use crate::window::{ChangeSet, CloseOutcome, RefreshLog};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -90,16 +92,37 @@ struct ShareCache {
 /// `A` resolves shares on S3 access points ([`Refresher::with_access_points`]); the
 /// default, [`NoAccessPoints`], leaves them all unresolved.
 pub struct Refresher<S, G, Q, C, A = NoAccessPoints> {
-    store: S,
-    gateway: G,
-    requeue: Q,
-    clock: C,
+    pub(crate) store: S,
+    pub(crate) gateway: G,
+    pub(crate) requeue: Q,
+    pub(crate) clock: C,
     access_points: A,
     cache: Mutex<Option<ShareCache>>,
     metrics: Arc<dyn MetricsSink>,
     /// Access points that the resolves since the last invocation's metrics could not
     /// map; counted into `AccessPointsUnresolved` when the invocation ends.
     unresolved_access_points: AtomicU64,
+    /// The gateway's pace: `MIN_REFRESH_INTERVAL_SECONDS` and the clock margin.
+    pub(crate) pace: Pace,
+    /// Names this container's claims (unique across containers).
+    claim_prefix: String,
+    claims: AtomicU64,
+    /// A fault switch for the simulation: in-flight refreshes are trusted to cover
+    /// later changes of the folders they list.
+    pub(crate) trusts_in_flight: bool,
+}
+
+pub use crate::config::DEFAULT_MIN_REFRESH_INTERVAL_SECONDS;
+/// The most two refresher clocks may differ by; added to the interval between calls.
+pub const DEFAULT_CLOCK_MARGIN_MS: i64 = 1_000;
+
+/// A prefix that no other container picks: a random value from the standard library's
+/// hasher seeds (no extra dependency), and the process id.
+fn random_claim_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
 }
 
 impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C> {
@@ -113,6 +136,13 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
             cache: Mutex::new(None),
             metrics: Arc::new(StdoutSink),
             unresolved_access_points: AtomicU64::new(0),
+            pace: Pace::from_seconds(
+                DEFAULT_MIN_REFRESH_INTERVAL_SECONDS,
+                DEFAULT_CLOCK_MARGIN_MS,
+            ),
+            claim_prefix: random_claim_prefix(),
+            claims: AtomicU64::new(0),
+            trusts_in_flight: false,
         }
     }
 }
@@ -130,15 +160,50 @@ impl<S, G, Q, C, A> Refresher<S, G, Q, C, A> {
             cache: Mutex::new(None),
             metrics: self.metrics,
             unresolved_access_points: AtomicU64::new(0),
+            pace: self.pace,
+            claim_prefix: self.claim_prefix,
+            claims: self.claims,
+            trusts_in_flight: self.trusts_in_flight,
         }
     }
 
     pub fn access_points(&self) -> &A {
         &self.access_points
     }
+
+    /// The least time between two calls on one share (`MIN_REFRESH_INTERVAL_SECONDS`)
+    /// and the most two refresher clocks may differ by.
+    pub fn with_pace(mut self, min_interval_seconds: u32, clock_margin_ms: i64) -> Self {
+        self.pace = Pace::from_seconds(min_interval_seconds, clock_margin_ms);
+        self
+    }
+
+    /// Names this refresher's claims `PREFIX-1`, `PREFIX-2`, ... (the simulation gives
+    /// each container a fixed prefix, so that its runs repeat).
+    pub fn with_claim_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.claim_prefix = prefix.into();
+        self
+    }
+
+    /// The simulation's fault switch: trust an in-flight refresh to cover later changes
+    /// of the folders it lists. Never set in production.
+    pub fn trusting_in_flight_refreshes(mut self) -> Self {
+        self.trusts_in_flight = true;
+        self
+    }
+
+    /// Drops the share map: a share is gone, so the next message resolves again.
+    pub(crate) async fn forget_share_map(&self) {
+        *self.cache.lock().await = None;
+    }
+
+    pub(crate) fn next_claim_id(&self) -> String {
+        let n = self.claims.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}-{n}", self.claim_prefix)
+    }
 }
 
-impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
+impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
     Refresher<S, G, Q, C, A>
 {
     /// Sends the EMF metric lines somewhere else than stdout.
@@ -171,8 +236,30 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
         let mut response = SqsBatchResponse::default();
         let mut metrics = InvocationMetrics::default();
         for record in records {
-            let request = match decode_sqs_record(record) {
-                Ok(request) => request,
+            let request = match decode_action_record(record) {
+                Ok(ActionMessage::Refresh(request)) => request,
+                Ok(ActionMessage::Wake(wake)) => {
+                    if let Err(e) = self.on_wake(&wake, &mut metrics).await {
+                        warn!(share = %wake.wake.share_arn, message_id = %wake.message_id, error = %e,
+                            "Wake-up failed; the message will be redelivered");
+                        fail(
+                            &mut response,
+                            &mut metrics,
+                            Some(&wake.wake.bucket),
+                            &wake.message_id,
+                        );
+                    }
+                    continue;
+                }
+                Ok(ActionMessage::Completion(event)) => {
+                    let source = record.get("eventSourceARN").and_then(Value::as_str);
+                    if let Err(e) = self.on_completion(&event, source, &mut metrics).await {
+                        warn!(share = ?event.share_arn, message_id = %event.message_id, error = %e,
+                            "Completion event failed; the message will be redelivered");
+                        fail(&mut response, &mut metrics, None, &event.message_id);
+                    }
+                    continue;
+                }
                 Err(bad) => {
                     // Retrying cannot make this message readable.
                     error!(error = %bad, "Discarding unreadable refresh message");
@@ -206,10 +293,12 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
                 Err(e) => {
                     warn!(bucket = %request.bucket, message_id = %request.message_id, error = %e,
                         "Refresh failed; the message will be redelivered");
-                    metrics.count(Some(&request.bucket), name::MESSAGES_FAILED, 1);
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = request.message_id.clone();
-                    response.batch_item_failures.push(failure);
+                    fail(
+                        &mut response,
+                        &mut metrics,
+                        Some(&request.bucket),
+                        &request.message_id,
+                    );
                 }
             }
         }
@@ -266,82 +355,58 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
             started_at_ms: self.clock.now_ms(),
             refreshes: Vec::new(),
         };
-        let mut resolved_fresh = false;
-        loop {
-            let (mut shares, loaded_now) = self.shares(resolved_fresh).await?;
-            if !loaded_now && leaves_out_writer_shares(&shares, bucket, &scope) {
-                // A share is left out because its gateway wrote the change. That holds
-                // only if it is still on that gateway: a share that moved to another
-                // gateway since the map was loaded would never see the change (and, never
-                // called, never reports that it is gone). So judge on a map loaded after
-                // the close (this call's), when no event of the window can come any more.
-                (shares, _) = self.shares(true).await?;
-                resolved_fresh = true;
+        // The window's changes become pending on each share they concern; the share's
+        // scheduler calls it now or when its rules allow. Everything in the window
+        // happened before the close, so every call claimed after this hand-off starts
+        // after it.
+        let oldest_event_ms = request.timestamp_ms.unwrap_or(log.started_at_ms);
+        let (mut shares, loaded_now) = self.shares(false).await?;
+        if !loaded_now && leaves_out_writer_shares(&shares, bucket, &scope) {
+            // A share is left out because its gateway wrote the change. That holds only
+            // if it is still on that gateway: a share that moved to another gateway
+            // since the map was loaded would never see the change (and, never called,
+            // never reports that it is gone). So judge on a map loaded after the close
+            // (this call's), when no event of the window can come any more.
+            (shares, _) = self.shares(true).await?;
+        }
+        let planned = plan_share_listings(&shares, bucket, &scope);
+        if planned.is_empty() {
+            if shares.iter().any(|s| s.location.bucket == bucket) {
+                info!(bucket, ?scope,
+                    "No share of bucket {bucket} needs these changes (outside its prefix, or written through its own gateway)");
+            } else {
+                warn!(
+                    bucket,
+                    ?scope,
+                    "No file share maps bucket {bucket}; nothing to refresh"
+                );
             }
-            let plans: Vec<_> = plan_refreshes(&shares, bucket, &scope)
-                .into_iter()
-                .filter(|p| {
-                    !log.refreshes.iter().any(|r| {
-                        r.share_arn == p.share_arn
-                            && r.folders == p.folders
-                            && r.recursive == p.recursive
-                    })
-                })
-                .collect();
-            if plans.is_empty() && log.refreshes.is_empty() {
-                if shares.iter().any(|s| s.location.bucket == bucket) {
-                    info!(bucket, ?scope,
-                        "No share of bucket {bucket} needs these changes (outside its prefix, or written through its own gateway)");
-                } else {
-                    warn!(
-                        bucket,
-                        ?scope,
-                        "No file share maps bucket {bucket}; nothing to refresh"
-                    );
-                }
-            }
-            let mut share_gone = false;
-            for plan in &plans {
-                match self.gateway.refresh_cache(plan).await {
-                    Ok(notification_id) => {
-                        let now = self.clock.now_ms();
-                        let age = request.timestamp_ms.map(|t| now.saturating_sub(t));
-                        info!(bucket, share = %plan.share_arn, folders = ?plan.folders, recursive = plan.recursive,
-                            notification_id = %notification_id, event_age_ms = ?age,
-                            "Refreshing cache of share {} for bucket: {bucket}", plan.share_arn);
-                        metrics.count(Some(bucket), name::REFRESHES_REQUESTED, 1);
-                        if let Some(age) = age {
-                            metrics.max_ms(Some(bucket), name::OLDEST_EVENT_AGE, age);
-                        }
-                        log.refreshes.push(StartedRefresh {
-                            share_arn: plan.share_arn.clone(),
-                            notification_id,
-                            folders: plan.folders.clone(),
-                            recursive: plan.recursive,
-                        });
-                    }
-                    Err(GatewayError::ShareNotFound { share_arn, message }) => {
-                        warn!(bucket, share = %share_arn, %message, "File share is gone; resolving shares again");
-                        metrics.count(Some(bucket), name::SHARES_NOT_FOUND, 1);
-                        *self.cache.lock().await = None;
-                        share_gone = true;
-                        break;
-                    }
-                    Err(e) => {
-                        if matches!(e, GatewayError::Busy { .. }) {
-                            metrics.count(Some(bucket), name::REFRESHES_THROTTLED, 1);
-                        }
-                        return Err(e.into());
-                    }
-                }
-            }
-            if !share_gone {
-                break;
-            }
-            if resolved_fresh {
-                return Err(RecordError::SharesUnstable(bucket.to_string()));
-            }
-            resolved_fresh = true;
+        }
+        let mut handed: Vec<String> = Vec::new();
+        for share in planned {
+            let driven = self
+                .hand_off(
+                    &share.share_arn,
+                    bucket,
+                    &share.prefix,
+                    share.listings,
+                    oldest_event_ms,
+                    request.source_arn.as_deref(),
+                    metrics,
+                )
+                .await?;
+            // A share that is gone hands its changes to the bucket's other shares,
+            // found on a map resolved anew.
+            let driven = self
+                .rehome(
+                    &share.share_arn,
+                    driven,
+                    request.source_arn.as_deref(),
+                    metrics,
+                )
+                .await?;
+            log.refreshes.extend(driven.started);
+            handed.push(share.share_arn);
         }
 
         // The log is for operators, and the mark only a shortcut for duplicates:
@@ -349,9 +414,7 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
         if let Err(e) = self.store.record_refresh(bucket, &log).await {
             warn!(bucket, generation = ?request.generation, error = %e, "Could not record the refresh");
         }
-        Ok(RecordOutcome::Refreshed {
-            shares: log.refreshes.into_iter().map(|r| r.share_arn).collect(),
-        })
+        Ok(RecordOutcome::Refreshed { shares: handed })
     }
 
     /// Sends the message back to its queue to come back when its window ends: the
@@ -409,7 +472,7 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock, A: AccessPoints>
     /// again.
     /// Every NFS and SMB share, and whether the map was loaded by this call (rather
     /// than taken from the cache).
-    async fn shares(&self, force: bool) -> Result<(Vec<FileShare>, bool), RecordError> {
+    pub(crate) async fn shares(&self, force: bool) -> Result<(Vec<FileShare>, bool), RecordError> {
         let now = self.clock.now_ms();
         let mut cache = self.cache.lock().await;
         if let Some(c) = cache.as_ref() {
@@ -695,6 +758,19 @@ impl<'a, A: AccessPoints> AccessPointLookup<'a, A> {
     }
 }
 
+/// Puts the message in the batch's failures, so that SQS delivers it again.
+fn fail(
+    response: &mut SqsBatchResponse,
+    metrics: &mut InvocationMetrics,
+    bucket: Option<&str>,
+    message_id: &str,
+) {
+    metrics.count(bucket, name::MESSAGES_FAILED, 1);
+    let mut failure = BatchItemFailure::default();
+    failure.item_identifier = message_id.to_string();
+    response.batch_item_failures.push(failure);
+}
+
 #[cfg(feature = "aws")]
 impl From<RefresherError> for lambda_runtime::Diagnostic {
     fn from(error: RefresherError) -> Self {
@@ -825,7 +901,8 @@ mod tests {
 
     #[tokio::test]
     async fn vanished_share_is_re_resolved() {
-        let r = refresher();
+        // No interval: the second message calls the old share again at once.
+        let r = refresher().with_pace(0, 0);
         r.gateway()
             .add_share("old", ShareKind::Nfs, "arn:aws:s3:::b1");
         r.handle(&json!({"Records": [message("m1", "b1", None)]}))
@@ -1059,7 +1136,7 @@ mod access_point_tests {
                "messageAttributes": {"bucket-name": {"stringValue": bucket, "dataType": "String"}}}]})
     }
 
-    fn refreshed<S: WindowStore, Q: Requeue, C: Clock, A: AccessPoints>(
+    fn refreshed<S: WindowStore + ShareStore, Q: Requeue, C: Clock, A: AccessPoints>(
         r: &Refresher<S, MemoryGateway, Q, C, A>,
     ) -> Vec<String> {
         let mut arns: Vec<String> = r
@@ -1223,7 +1300,9 @@ mod access_point_tests {
         r.handle(&whole_bucket("m2", "b1")).await.unwrap();
         r.handle(&whole_bucket("m3", "b1")).await.unwrap();
         assert_eq!((aps.get_calls(), aps.list_calls()), (1, 1));
-        assert_eq!(r.gateway().refreshes().len(), 18);
+        // Their changes wait for the interval since each share's first call.
+        assert_eq!(r.gateway().refreshes().len(), 6);
+        assert_eq!(r.requeue().wakes().len(), 6, "one wake-up per share");
         // Once the map is stale, the next resolve asks again, once.
         clock.advance(SHARE_CACHE_TTL_MS);
         r.handle(&whole_bucket("m4", "b1")).await.unwrap();

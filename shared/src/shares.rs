@@ -1,5 +1,6 @@
 //! File shares: which shares map a bucket, and what to refresh on each.
 
+use crate::scheduler::Listing;
 use crate::window::{ChangeSet, Writer};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -100,8 +101,7 @@ pub struct RefreshPlan {
     pub recursive: bool,
 }
 
-/// `FolderList` takes 1 to 50 folders.
-pub const MAX_FOLDER_LIST: usize = 50;
+pub use crate::scheduler::MAX_FOLDER_LIST;
 
 /// The refreshes that cover `changes` in `bucket`, share by share.
 ///
@@ -112,39 +112,14 @@ pub const MAX_FOLDER_LIST: usize = 50;
 /// root. Changed folders are refreshed as narrowly as [`plan_folders`] can while still
 /// making every change visible.
 pub fn plan_refreshes(shares: &[FileShare], bucket: &str, changes: &ChangeSet) -> Vec<RefreshPlan> {
-    let bucket_shares: Vec<&FileShare> = shares
-        .iter()
-        .filter(|s| s.location.bucket == bucket)
-        .collect();
-    let all_on_one_gateway = on_one_gateway(&bucket_shares);
     let mut plans = Vec::new();
-    for share in bucket_shares {
-        let needs = |writer: &Writer| !writer.wrote_through(share.gateway_id(), all_on_one_gateway);
-        let gateway_writes = changes.gateway_writes.iter().filter(|c| needs(&c.writer));
-        let mut folders: BTreeSet<&str> = changes.folders.iter().map(String::as_str).collect();
-        let mut whole = changes.whole_bucket;
-        for change in gateway_writes {
-            match &change.folder {
-                Some(folder) => {
-                    folders.insert(folder);
-                }
-                None => whole = true,
-            }
-        }
-        let calls = if whole {
-            vec![FolderRefresh {
+    for (share, needed) in needed_per_share(shares, bucket, changes) {
+        let calls = match needed {
+            Needed::WholeShare => vec![FolderRefresh {
                 folders: vec![ROOT.to_string()],
                 recursive: true,
-            }]
-        } else {
-            let relative: BTreeSet<&str> = folders
-                .iter()
-                .filter_map(|f| f.strip_prefix(share.location.prefix.as_str()))
-                .collect();
-            if relative.is_empty() {
-                continue;
-            }
-            plan_folders(&relative)
+            }],
+            Needed::Folders(relative) => plan_folders(&relative),
         };
         plans.extend(calls.into_iter().map(|c| RefreshPlan {
             share_arn: share.arn.clone(),
@@ -153,6 +128,96 @@ pub fn plan_refreshes(shares: &[FileShare], bucket: &str, changes: &ChangeSet) -
         }));
     }
     plans
+}
+
+/// What changed on one share: its whole tree, or these folders (relative to the share
+/// root, with a trailing slash; never empty).
+enum Needed<'a> {
+    WholeShare,
+    Folders(BTreeSet<&'a str>),
+}
+
+/// The shares of `bucket` that `changes` concern, with what changed on each: not the
+/// shares outside whose prefix every change lies, nor those on the gateway that wrote
+/// them (for an unnamed writer: when all the bucket's shares are on one gateway).
+fn needed_per_share<'a>(
+    shares: &'a [FileShare],
+    bucket: &str,
+    changes: &'a ChangeSet,
+) -> Vec<(&'a FileShare, Needed<'a>)> {
+    let bucket_shares: Vec<&FileShare> = shares
+        .iter()
+        .filter(|s| s.location.bucket == bucket)
+        .collect();
+    let all_on_one_gateway = on_one_gateway(&bucket_shares);
+    let mut needed = Vec::new();
+    for share in bucket_shares {
+        let needs = |writer: &Writer| !writer.wrote_through(share.gateway_id(), all_on_one_gateway);
+        let mut folders: BTreeSet<&str> = changes.folders.iter().map(String::as_str).collect();
+        let mut whole = changes.whole_bucket;
+        for change in changes.gateway_writes.iter().filter(|c| needs(&c.writer)) {
+            match &change.folder {
+                Some(folder) => {
+                    folders.insert(folder);
+                }
+                None => whole = true,
+            }
+        }
+        if whole {
+            needed.push((share, Needed::WholeShare));
+            continue;
+        }
+        let relative: BTreeSet<&str> = folders
+            .iter()
+            .filter_map(|f| f.strip_prefix(share.location.prefix.as_str()))
+            .collect();
+        if !relative.is_empty() {
+            needed.push((share, Needed::Folders(relative)));
+        }
+    }
+    needed
+}
+
+/// What one share needs listed for a set of changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareListings {
+    pub share_arn: String,
+    /// The share's prefix in the bucket.
+    pub prefix: String,
+    pub listings: Vec<Listing>,
+}
+
+/// The listings that make `changes` in `bucket` visible, share by share: every
+/// changed folder and every ancestor up to the share root, each listed on its own
+/// (non-recursive), or the share's whole tree for a change of unknown place. The same
+/// shares as [`plan_refreshes`] (outside a share's prefix or written through its own
+/// gateway: none); the scheduler ([`crate::scheduler`]) cuts them into calls.
+pub fn plan_share_listings(
+    shares: &[FileShare],
+    bucket: &str,
+    changes: &ChangeSet,
+) -> Vec<ShareListings> {
+    needed_per_share(shares, bucket, changes)
+        .into_iter()
+        .map(|(share, needed)| ShareListings {
+            share_arn: share.arn.clone(),
+            prefix: share.location.prefix.clone(),
+            listings: match needed {
+                Needed::WholeShare => vec![Listing::subtree(ROOT)],
+                Needed::Folders(relative) => {
+                    let mut listed: BTreeSet<&str> = BTreeSet::new();
+                    for folder in relative {
+                        listed.insert(folder);
+                        listed.extend(ancestors(folder));
+                    }
+                    listed
+                        .into_iter()
+                        .map(|f| Listing::folder(folder_path(f)))
+                        .collect()
+                }
+            },
+        })
+        .collect()
 }
 
 /// Whether [`plan_refreshes`] leaves out some share of `bucket` because the gateway

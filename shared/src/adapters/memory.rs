@@ -4,9 +4,10 @@
 use crate::error::{AccessPointError, GatewayError, QueueError, Retry, StoreError};
 use crate::ports::{
     AccessPoint, AccessPoints, DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage,
-    ShareSummary, WindowStore,
+    ShareStore, ShareSummary, WindowStore,
 };
-use crate::refresh_message::RefreshMessage;
+use crate::refresh_message::{RefreshMessage, WakeMessage};
+use crate::scheduler::ShareState;
 use crate::shares::{RefreshPlan, ShareKind};
 use crate::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::collections::{HashMap, VecDeque};
@@ -21,6 +22,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub struct MemoryWindowStore {
     items: Mutex<HashMap<String, Option<WindowItem>>>,
+    /// The share items, by share ARN.
+    shares: Mutex<HashMap<String, ShareState>>,
     writes: AtomicU64,
     reads: AtomicU64,
 }
@@ -28,6 +31,11 @@ pub struct MemoryWindowStore {
 impl MemoryWindowStore {
     pub fn item(&self, bucket: &str) -> Option<WindowItem> {
         lock(&self.items).get(bucket).cloned().flatten()
+    }
+
+    /// The scheduling state of `share_arn`.
+    pub fn share(&self, share_arn: &str) -> Option<ShareState> {
+        lock(&self.shares).get(share_arn).cloned()
     }
 
     /// Write requests so far (each write port call is one).
@@ -93,6 +101,26 @@ impl WindowStore for MemoryWindowStore {
     }
 }
 
+impl ShareStore for MemoryWindowStore {
+    async fn read_share(&self, share_arn: &str) -> Result<Option<ShareState>, StoreError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.share(share_arn))
+    }
+
+    async fn write_share(&self, state: &ShareState) -> Result<bool, StoreError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut shares = lock(&self.shares);
+        let stored = shares.get(&state.share_arn).map_or(0, |s| s.version);
+        if stored != state.version {
+            return Ok(false);
+        }
+        let mut next = state.clone();
+        next.version = state.version + 1;
+        shares.insert(state.share_arn.clone(), next);
+        Ok(true)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentMessage {
     pub id: String,
@@ -103,11 +131,17 @@ pub struct SentMessage {
 #[derive(Debug, Default)]
 pub struct MemoryQueue {
     sent: Mutex<Vec<SentMessage>>,
+    /// Wake-ups, with their delays.
+    wakes: Mutex<Vec<(WakeMessage, u32)>>,
 }
 
 impl MemoryQueue {
     pub fn sent(&self) -> Vec<SentMessage> {
         lock(&self.sent).clone()
+    }
+
+    pub fn wakes(&self) -> Vec<(WakeMessage, u32)> {
+        lock(&self.wakes).clone()
     }
 }
 
@@ -119,6 +153,17 @@ impl Requeue for MemoryQueue {
         delay_seconds: u32,
     ) -> Result<String, QueueError> {
         self.send(message, delay_seconds).await
+    }
+
+    async fn wake(
+        &self,
+        _source_arn: Option<&str>,
+        message: &WakeMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        let mut wakes = lock(&self.wakes);
+        wakes.push((message.clone(), delay_seconds));
+        Ok(format!("wake-{}", wakes.len()))
     }
 }
 

@@ -8,3 +8,5 @@ pub mod sdk;
 pub mod sdk_gateway;
 #[cfg(feature = "storagegateway")]
 pub mod sdk_s3control;
+#[cfg(feature = "aws")]
+pub mod sdk_shares;

@@ -4,7 +4,7 @@
 
 use crate::error::{QueueError, Retry, StoreError};
 use crate::ports::{RefreshQueue, Requeue, WindowStore};
-use crate::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
+use crate::refresh_message::{RefreshMessage, WakeMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use crate::window::{
     self, ChangeSet, CloseOutcome, GatewayChange, OpenExpectation, RefreshLog, StartedRefresh,
     WindowItem,
@@ -53,7 +53,7 @@ pub(crate) fn describe<E: std::error::Error + 'static>(err: &E) -> String {
     DisplayErrorContext(err).to_string()
 }
 
-fn store_error<E, R>(err: SdkError<E, R>) -> StoreError
+pub(crate) fn store_error<E, R>(err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: Debug + 'static,
@@ -145,7 +145,7 @@ fn decode_folders(stored: &[String], whole_bucket: bool) -> ChangeSet {
     changes
 }
 
-fn n(value: impl ToString) -> AttributeValue {
+pub(crate) fn n(value: impl ToString) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 
@@ -275,8 +275,8 @@ fn decode_refresh_log(map: &HashMap<String, AttributeValue>) -> RefreshLog {
 /// Window items in a DynamoDB table keyed by `BucketName`.
 #[derive(Debug, Clone)]
 pub struct DynamoWindowStore {
-    client: aws_sdk_dynamodb::Client,
-    table: String,
+    pub(crate) client: aws_sdk_dynamodb::Client,
+    pub(crate) table: String,
 }
 
 impl DynamoWindowStore {
@@ -557,6 +557,26 @@ async fn send_refresh_message(
     message: &RefreshMessage,
     delay_seconds: u32,
 ) -> Result<String, QueueError> {
+    send_action_message(
+        client,
+        queue_url,
+        &message.body(),
+        &message.bucket,
+        message.timestamp_ms,
+        delay_seconds,
+    )
+    .await
+}
+
+/// Sends `body` with the contract's attributes `bucket-name` and `timestamp`.
+async fn send_action_message(
+    client: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    body: &str,
+    bucket: &str,
+    timestamp_ms: i64,
+    delay_seconds: u32,
+) -> Result<String, QueueError> {
     use aws_sdk_sqs::types::MessageAttributeValue;
     let attribute = |data_type: &str, value: String| {
         MessageAttributeValue::builder()
@@ -571,12 +591,12 @@ async fn send_refresh_message(
     let out = client
         .send_message()
         .queue_url(queue_url)
-        .message_body(message.body())
+        .message_body(body)
         .delay_seconds(i32::try_from(delay_seconds).unwrap_or(i32::MAX))
-        .message_attributes(ATTR_BUCKET, attribute("String", message.bucket.clone())?)
+        .message_attributes(ATTR_BUCKET, attribute("String", bucket.to_string())?)
         .message_attributes(
             ATTR_TIMESTAMP,
-            attribute("Number", message.timestamp_ms.to_string())?,
+            attribute("Number", timestamp_ms.to_string())?,
         )
         .send()
         .await
@@ -647,6 +667,31 @@ impl Requeue for SqsRequeue {
         };
         let url = self.url_for(arn).await?;
         send_refresh_message(&self.client, &url, message, delay_seconds).await
+    }
+
+    async fn wake(
+        &self,
+        source_arn: Option<&str>,
+        message: &WakeMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        let Some(arn) = source_arn else {
+            return Err(QueueError {
+                retry: Retry::Never,
+                message: "the SQS record names no eventSourceARN to send the wake-up to"
+                    .to_string(),
+            });
+        };
+        let url = self.url_for(arn).await?;
+        send_action_message(
+            &self.client,
+            &url,
+            &message.body(),
+            &message.bucket,
+            message.visible_at_ms,
+            delay_seconds,
+        )
+        .await
     }
 }
 

@@ -1,0 +1,393 @@
+//! The refresher's side of per-share scheduling: it hands a closed window's listings
+//! to the shares, calls `RefreshCache` when [`crate::scheduler`] allows it, sends
+//! wake-ups for what must wait, and frees slots on completion events.
+//!
+//! Every change of a share's state is a read, the scheduler's rule, and a write that
+//! succeeds only if nobody wrote the item in between (else it starts over). Ordering
+//! for crashes: a slot is claimed (written) before its call, so a crash after the call
+//! leaves a slot that counts as in flight; a wake-up is sent before the write that
+//! records it, so a recorded wake-up always exists.
+
+use crate::clock::Clock;
+use crate::error::{GatewayError, StoreError};
+use crate::metrics::{name, InvocationMetrics};
+use crate::ports::{AccessPoints, FileGateway, Requeue, ShareStore, WindowStore};
+use crate::refresh_message::{CompletionEvent, IncomingWake, WakeMessage, MAX_SQS_DELAY_SECONDS};
+use crate::refresher::{RecordError, Refresher};
+use crate::scheduler::{Completion, Dispatch, Listing, Owed, ShareState, Slot};
+use crate::shares::{plan_share_listings, RefreshPlan};
+use crate::window::StartedRefresh;
+use tracing::{info, warn};
+
+/// How often a read-modify-write of one share item is tried when other writers keep
+/// coming first.
+const SHARE_WRITE_ROUNDS: usize = 20;
+
+/// What driving one share came to.
+#[derive(Debug, Default)]
+pub(crate) struct Driven {
+    /// The calls that started.
+    pub started: Vec<StartedRefresh>,
+    /// The share is gone (the gateway said so), owing this to the bucket's other shares.
+    pub orphaned: Option<Owed>,
+}
+
+/// How many times what a gone share owed is handed on when the shares it goes to turn
+/// out to be gone too.
+const REHOME_ROUNDS: usize = 3;
+
+impl<S, G, Q, C, A> Refresher<S, G, Q, C, A>
+where
+    S: WindowStore + ShareStore,
+    G: FileGateway,
+    Q: Requeue,
+    C: Clock,
+    A: AccessPoints,
+{
+    /// Applies `change` to the share's state (a new state when `bucket` is given and
+    /// there is none) and stores it; `Ok(None)` when the share has no state and none
+    /// is to be made.
+    async fn update_share<R>(
+        &self,
+        share_arn: &str,
+        create_for_bucket: Option<&str>,
+        mut change: impl FnMut(&mut ShareState) -> R,
+    ) -> Result<Option<(ShareState, R)>, RecordError> {
+        for _ in 0..SHARE_WRITE_ROUNDS {
+            let mut state = match (self.store.read_share(share_arn).await?, create_for_bucket) {
+                (Some(state), _) => state,
+                (None, Some(bucket)) => ShareState::new(share_arn, bucket),
+                (None, None) => return Ok(None),
+            };
+            if state.bucket.is_empty() {
+                if let Some(bucket) = create_for_bucket {
+                    state.bucket = bucket.to_string();
+                }
+            }
+            let before = state.clone();
+            let result = change(&mut state);
+            if state == before {
+                return Ok(Some((state, result)));
+            }
+            if self.store.write_share(&state).await? {
+                state.version += 1;
+                return Ok(Some((state, result)));
+            }
+        }
+        Err(StoreError {
+            retry: crate::error::Retry::Later,
+            message: format!("share item of {share_arn} kept changing under this write"),
+        }
+        .into())
+    }
+
+    /// Adds a closed window's listings to the share (whose prefix is `prefix`) and
+    /// drives it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn hand_off(
+        &self,
+        share_arn: &str,
+        bucket: &str,
+        prefix: &str,
+        listings: Vec<Listing>,
+        oldest_event_ms: i64,
+        source_arn: Option<&str>,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<Driven, RecordError> {
+        let add = move |state: &mut ShareState| {
+            if state.prefix != prefix {
+                state.prefix = prefix.to_string();
+            }
+            let mut added = listings.clone();
+            if self.trusts_in_flight {
+                // The fault the simulation must catch: a listing that an in-flight
+                // refresh lists is taken as refreshed, though that refresh started
+                // before this change.
+                added.retain(|l| {
+                    !state
+                        .slots
+                        .iter()
+                        .any(|s| s.listings.iter().any(|x| x.covers(l)))
+                });
+            }
+            state.add_pending(added, oldest_event_ms);
+        };
+        self.drive(share_arn, Some(bucket), source_arn, None, add, metrics)
+            .await
+    }
+
+    /// A wake-up: the share may be callable now.
+    pub(crate) async fn on_wake(
+        &self,
+        wake: &IncomingWake,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<Driven, RecordError> {
+        let w = &wake.wake;
+        let consumed = w.visible_at_ms;
+        let clear = move |state: &mut ShareState| {
+            if state.wake_at_ms == Some(consumed) {
+                state.wake_at_ms = None;
+            }
+        };
+        let driven = self
+            .drive(
+                &w.share_arn,
+                None,
+                wake.source_arn.as_deref(),
+                Some(consumed),
+                clear,
+                metrics,
+            )
+            .await?;
+        self.rehome(&w.share_arn, driven, wake.source_arn.as_deref(), metrics)
+            .await
+    }
+
+    /// A refresh-complete event: frees its slot and drives the share. An event for a
+    /// share without state (one we never called), a duplicate, or one without a share
+    /// changes nothing.
+    pub(crate) async fn on_completion(
+        &self,
+        event: &CompletionEvent,
+        source_arn: Option<&str>,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<Driven, RecordError> {
+        let Some(share_arn) = event.share_arn.as_deref() else {
+            warn!(notification_id = %event.notification_id, "Refresh-complete event names no share; ignored");
+            return Ok(Driven::default());
+        };
+        let now = self.clock.now_ms();
+        let completed_at = event.completed_at_ms.unwrap_or(now);
+        let notification_id = event.notification_id.clone();
+        let mut freed: Option<Slot> = None;
+        let complete = |state: &mut ShareState| {
+            freed = match state.complete(&notification_id, completed_at) {
+                Completion::Freed(slot) => Some(slot),
+                Completion::Unknown => None,
+            };
+        };
+        let Some((state, ())) = self.update_share(share_arn, None, complete).await? else {
+            info!(share = %share_arn, notification_id = %event.notification_id,
+                "Refresh-complete event for a share this deployment never called; ignored");
+            return Ok(Driven::default());
+        };
+        match &freed {
+            Some(slot) => {
+                let staleness_ms = completed_at.saturating_sub(slot.oldest_event_ms).max(0);
+                info!(share = %share_arn, bucket = %state.bucket, notification_id = %event.notification_id,
+                    folders = ?slot.folders(), recursive = slot.recursive(), staleness_ms,
+                    "Refresh of share {share_arn} completed");
+                metrics.count(Some(&state.bucket), name::REFRESHES_COMPLETED, 1);
+                metrics.max_ms(Some(&state.bucket), name::STALENESS, staleness_ms);
+            }
+            None => {
+                info!(share = %share_arn, notification_id = %event.notification_id,
+                    "Refresh-complete event matches no refresh in flight (a duplicate, late, or not ours)");
+            }
+        }
+        let driven = self
+            .drive(
+                share_arn,
+                None,
+                source_arn,
+                None,
+                |_: &mut ShareState| {},
+                metrics,
+            )
+            .await?;
+        self.rehome(share_arn, driven, source_arn, metrics).await
+    }
+
+    /// Applies `prepare`, then calls the share for as long as the rules allow, and
+    /// leaves a wake-up for what still waits.
+    async fn drive(
+        &self,
+        share_arn: &str,
+        create_for_bucket: Option<&str>,
+        source_arn: Option<&str>,
+        mut consumed_wake: Option<i64>,
+        prepare: impl FnMut(&mut ShareState),
+        metrics: &mut InvocationMetrics,
+    ) -> Result<Driven, RecordError> {
+        let mut driven = Driven::default();
+        let mut prepare = Some(prepare);
+        loop {
+            let now = self.clock.now_ms();
+            let claim_id = self.next_claim_id();
+            let step = |state: &mut ShareState| {
+                if let Some(prepare) = prepare.as_mut() {
+                    prepare(state);
+                }
+                state.dispatch(now, self.pace, &claim_id)
+            };
+            let Some((state, decided)) = self
+                .update_share(share_arn, create_for_bucket, step)
+                .await?
+            else {
+                return Ok(driven);
+            };
+            prepare = None;
+            match decided {
+                Dispatch::Idle => return Ok(driven),
+                Dispatch::WaitUntil(at) => {
+                    if state.needs_wake(at, now, consumed_wake) {
+                        self.send_wake(&state, at, now, source_arn, metrics).await?;
+                    }
+                    metrics.count(Some(&state.bucket), name::REFRESHES_DEFERRED, 1);
+                    return Ok(driven);
+                }
+                Dispatch::Call(slot) => {
+                    consumed_wake = None;
+                    let plan = RefreshPlan {
+                        share_arn: share_arn.to_string(),
+                        folders: slot.folders(),
+                        recursive: slot.recursive(),
+                    };
+                    match self.gateway.refresh_cache(&plan).await {
+                        Ok(notification_id) => {
+                            let claim = slot.claim_id.clone();
+                            let id = notification_id.clone();
+                            self.update_share(share_arn, None, |s: &mut ShareState| {
+                                s.started(&claim, &id)
+                            })
+                            .await?;
+                            info!(bucket = %state.bucket, share = %share_arn, folders = ?plan.folders, recursive = plan.recursive,
+                                notification_id = %notification_id, pending = state.pending.len(), in_flight = state.in_flight(),
+                                "Refreshing cache of share {share_arn} for bucket: {}", state.bucket);
+                            metrics.count(Some(&state.bucket), name::REFRESHES_REQUESTED, 1);
+                            let age = now.saturating_sub(slot.oldest_event_ms);
+                            metrics.max_ms(Some(&state.bucket), name::OLDEST_EVENT_AGE, age);
+                            driven.started.push(StartedRefresh {
+                                share_arn: share_arn.to_string(),
+                                notification_id,
+                                folders: plan.folders,
+                                recursive: plan.recursive,
+                            });
+                        }
+                        Err(error) => {
+                            let claim = slot.claim_id.clone();
+                            let put_back = |s: &mut ShareState| s.put_back(&claim);
+                            match error {
+                                GatewayError::ShareNotFound {
+                                    share_arn: gone,
+                                    message,
+                                } => {
+                                    warn!(share = %gone, %message, "File share is gone; handing what it waited for to the bucket's other shares");
+                                    metrics.count(Some(&state.bucket), name::SHARES_NOT_FOUND, 1);
+                                    let forgotten = self
+                                        .update_share(share_arn, None, ShareState::forget)
+                                        .await?;
+                                    driven.orphaned = Some(forgotten.map_or_else(
+                                        || Owed {
+                                            bucket: state.bucket.clone(),
+                                            changes: Default::default(),
+                                            oldest_event_ms: now,
+                                        },
+                                        |(_, owed)| owed,
+                                    ));
+                                    return Ok(driven);
+                                }
+                                GatewayError::Busy { message } => {
+                                    // Back to pending; the next round waits for the
+                                    // interval and leaves a wake-up.
+                                    warn!(share = %share_arn, %message, "Refresh throttled; the folders wait for the next allowed call");
+                                    metrics.count(
+                                        Some(&state.bucket),
+                                        name::REFRESHES_THROTTLED,
+                                        1,
+                                    );
+                                    self.update_share(share_arn, None, put_back).await?;
+                                }
+                                other => {
+                                    self.update_share(share_arn, None, put_back).await?;
+                                    return Err(other.into());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands what a gone share owed to the bucket's other shares, on a share map
+    /// resolved anew (a share recreated under a new ARN is in it). Conservative: the
+    /// other shares that already had these changes list them again, which costs a
+    /// little listing only when a share disappears.
+    pub(crate) async fn rehome(
+        &self,
+        gone_arn: &str,
+        mut driven: Driven,
+        source_arn: Option<&str>,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<Driven, RecordError> {
+        let mut work: Vec<(String, Owed)> = driven
+            .orphaned
+            .take()
+            .map(|owed| (gone_arn.to_string(), owed))
+            .into_iter()
+            .collect();
+        for _ in 0..REHOME_ROUNDS {
+            let Some((gone, owed)) = work.pop() else {
+                return Ok(driven);
+            };
+            self.forget_share_map().await;
+            if owed.is_empty() {
+                continue;
+            }
+            let (shares, _) = self.shares(true).await?;
+            for share in plan_share_listings(&shares, &owed.bucket, &owed.changes)
+                .into_iter()
+                .filter(|s| s.share_arn != gone)
+            {
+                info!(gone = %gone, share = %share.share_arn, bucket = %owed.bucket,
+                    "Handing the changes of a gone share to share {}", share.share_arn);
+                let handed = self
+                    .hand_off(
+                        &share.share_arn,
+                        &owed.bucket,
+                        &share.prefix,
+                        share.listings,
+                        owed.oldest_event_ms,
+                        source_arn,
+                        metrics,
+                    )
+                    .await?;
+                driven.started.extend(handed.started);
+                if let Some(next) = handed.orphaned {
+                    work.push((share.share_arn, next));
+                }
+            }
+        }
+        if work.is_empty() {
+            Ok(driven)
+        } else {
+            Err(RecordError::SharesUnstable(gone_arn.to_string()))
+        }
+    }
+
+    /// Sends a wake-up for `due_at` (at most SQS's 900 s ahead; a later one is sent
+    /// again when it arrives), then records it.
+    async fn send_wake(
+        &self,
+        state: &ShareState,
+        due_at: i64,
+        now: i64,
+        source_arn: Option<&str>,
+        metrics: &mut InvocationMetrics,
+    ) -> Result<(), RecordError> {
+        let delay_seconds =
+            crate::refresher::remaining_delay_seconds(now, due_at).clamp(1, MAX_SQS_DELAY_SECONDS);
+        let visible_at = now.saturating_add(i64::from(delay_seconds) * 1000);
+        let message = WakeMessage::new(&state.share_arn, &state.bucket, visible_at, due_at);
+        self.requeue
+            .wake(source_arn, &message, delay_seconds)
+            .await?;
+        metrics.count(Some(&state.bucket), name::WAKE_UPS_SENT, 1);
+        self.update_share(&state.share_arn, None, |s: &mut ShareState| {
+            s.woke_at(visible_at, now)
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,883 @@
+//! The per-share refresh scheduler: what each share still needs listed, what is in
+//! flight on it, and when it may be called next.
+//!
+//! Storage Gateway takes at most two refreshes in flight per share, and asks callers
+//! to wait at least 60 seconds between calls and to use the refresh-complete event
+//! before issuing more. So the refresher does not call a share per window. Closing a
+//! window moves the window's listings into the *pending* set of each share they
+//! concern ([`ShareState::add_pending`]); a share is called only when fewer than two
+//! refreshes are in flight on it and the interval since its last call has passed
+//! ([`ShareState::dispatch`]). What cannot be sent yet waits, merged with what comes
+//! after it, and a wake-up message on the action queue brings it back at the earliest
+//! allowed time. A completion event frees its slot ([`ShareState::complete`]).
+//!
+//! The invariant: a refresh covers an event only if it starts after the event. A claim
+//! takes the listings that are pending at that moment; everything added later stays
+//! pending for a later call, however much an in-flight refresh already lists.
+//!
+//! These functions are the rules; [`crate::adapters::memory`] applies them directly and
+//! the DynamoDB adapter stores the state as one item per share, written only if its
+//! `Version` is unchanged. See `docs/protocol.md`, "Per-share scheduling".
+
+use crate::window::ChangeSet;
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// `FolderList` takes 1 to 50 folders.
+pub const MAX_FOLDER_LIST: usize = 50;
+
+/// The gateway's limit of refreshes in flight on one share.
+pub const MAX_IN_FLIGHT: usize = 2;
+
+/// An invocation that claimed a slot and did not record the call's notification id
+/// within this time (the longest Lambda invocation) is gone: whether its call started
+/// is unknown, so the slot's listings go back to pending. The slot itself still counts
+/// as in flight until its lease ends, in case the call did start.
+pub const CLAIM_TIMEOUT_MS: i64 = 15 * 60 * 1000;
+
+/// A slot whose completion event never comes is freed after this. Refreshes of large
+/// shares legitimately take hours (the gateway sends a HEAD per object it lists); a
+/// shorter lease would let a third call reach a share that is still listing. While
+/// one slot waits for its lease the other one keeps the share going.
+pub const SLOT_LEASE_MS: i64 = 6 * 60 * 60 * 1000;
+
+/// The longest backlog, in calls, that waits chunk by chunk. With one call per interval
+/// (60 s by default), the last of 4 chunks starts about 3 intervals after the first;
+/// past that, waiting for the next chunk costs more freshness than a wider call, so the
+/// backlog collapses into common ancestors (see [`ShareState::dispatch`]).
+pub const MAX_BACKLOG_CALLS: usize = 4;
+
+/// Completion events whose notification id is not (yet) recorded in a slot are kept
+/// this many at a time: an event can overtake the write that records the id.
+pub const MAX_EARLY_COMPLETIONS: usize = 16;
+
+/// The key of a share's item in the table: bucket names hold no `#`, so share items
+/// never collide with bucket items.
+pub const SHARE_KEY_PREFIX: &str = "share#";
+
+/// The table key of `share_arn`'s item.
+pub fn share_key(share_arn: &str) -> String {
+    format!("{SHARE_KEY_PREFIX}{share_arn}")
+}
+
+/// One folder to list: `FolderList` form (`/` is the share root, else `/a/b`), and
+/// whether the listing goes down the whole subtree.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Listing {
+    pub path: String,
+    pub recursive: bool,
+}
+
+const RECURSIVE_TAG: &str = "R:";
+
+impl Listing {
+    pub fn folder(path: impl Into<String>) -> Self {
+        Listing {
+            path: path.into(),
+            recursive: false,
+        }
+    }
+
+    pub fn subtree(path: impl Into<String>) -> Self {
+        Listing {
+            path: path.into(),
+            recursive: true,
+        }
+    }
+
+    /// Stored as `/a/b`, or `R:/a/b` for a recursive listing.
+    pub fn encode(&self) -> String {
+        if self.recursive {
+            format!("{RECURSIVE_TAG}{}", self.path)
+        } else {
+            self.path.clone()
+        }
+    }
+
+    pub fn decode(stored: &str) -> Option<Listing> {
+        let (path, recursive) = match stored.strip_prefix(RECURSIVE_TAG) {
+            Some(path) => (path, true),
+            None => (stored, false),
+        };
+        path.starts_with('/').then(|| Listing {
+            path: path.to_string(),
+            recursive,
+        })
+    }
+
+    /// Whether listing `self` also lists everything `other` lists.
+    pub fn covers(&self, other: &Listing) -> bool {
+        if self == other || (self.path == other.path && self.recursive) {
+            return true;
+        }
+        self.recursive && !other.path.is_empty() && is_below(&other.path, &self.path)
+    }
+
+    fn depth(&self) -> usize {
+        self.path.matches('/').count() - usize::from(self.path == "/")
+    }
+
+    fn parent(&self) -> Option<String> {
+        if self.path == "/" {
+            return None;
+        }
+        Some(match self.path.rfind('/') {
+            Some(0) | None => "/".to_string(),
+            Some(i) => self.path[..i].to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Listing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+/// `path` lies strictly below `ancestor` (both in `FolderList` form).
+fn is_below(path: &str, ancestor: &str) -> bool {
+    if ancestor == "/" {
+        return path != "/";
+    }
+    path.len() > ancestor.len()
+        && path.starts_with(ancestor)
+        && path.as_bytes()[ancestor.len()] == b'/'
+}
+
+/// A refresh that a dispatcher claimed: before the call (no notification id yet), or
+/// in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub claim_id: String,
+    pub claimed_at_ms: i64,
+    /// The call's `NotificationId`, once it started.
+    pub notification_id: Option<String>,
+    /// The call's `FolderList`, all with the same `recursive`.
+    pub listings: Vec<Listing>,
+    /// The oldest event among what the call covers (for `StalenessMs`).
+    pub oldest_event_ms: i64,
+    /// The claim timed out and its listings went back to pending.
+    pub returned: bool,
+}
+
+impl Slot {
+    pub fn recursive(&self) -> bool {
+        self.listings.first().is_some_and(|l| l.recursive)
+    }
+
+    pub fn folders(&self) -> Vec<String> {
+        self.listings.iter().map(|l| l.path.clone()).collect()
+    }
+
+    fn lease_ends_at(&self) -> i64 {
+        self.claimed_at_ms.saturating_add(SLOT_LEASE_MS)
+    }
+
+    fn claim_times_out_at(&self) -> Option<i64> {
+        (self.notification_id.is_none() && !self.returned)
+            .then(|| self.claimed_at_ms.saturating_add(CLAIM_TIMEOUT_MS))
+    }
+}
+
+/// A completion event seen before its notification id was recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyCompletion {
+    pub notification_id: String,
+    pub completed_at_ms: i64,
+}
+
+/// One share's scheduling state (one table item).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareState {
+    pub share_arn: String,
+    /// The bucket the share maps (for the wake-up message and the metrics), and the
+    /// share's prefix in it ("" or ending in `/`).
+    pub bucket: String,
+    pub prefix: String,
+    /// The stored version; 0: not stored yet. A write succeeds only if the stored
+    /// version is still this one, and stores `version + 1`.
+    pub version: u64,
+    /// What still needs listing: changes that no call started after yet.
+    pub pending: BTreeSet<Listing>,
+    /// The oldest event among the pending listings (an upper bound of their age).
+    pub pending_since_ms: Option<i64>,
+    pub slots: Vec<Slot>,
+    pub last_call_at_ms: Option<i64>,
+    /// When the latest wake-up message that was sent becomes visible.
+    pub wake_at_ms: Option<i64>,
+    pub early_completions: Vec<EarlyCompletion>,
+}
+
+/// The timing rules of dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// `MIN_REFRESH_INTERVAL_SECONDS`, in ms.
+    pub min_interval_ms: i64,
+    /// The most two refresher clocks may differ by: added to the interval, so calls from
+    /// two containers are still the interval apart in real time.
+    pub clock_margin_ms: i64,
+}
+
+impl Pace {
+    pub fn from_seconds(min_interval_seconds: u32, clock_margin_ms: i64) -> Self {
+        Pace {
+            min_interval_ms: i64::from(min_interval_seconds) * 1000,
+            clock_margin_ms,
+        }
+    }
+
+    fn gap_ms(&self) -> i64 {
+        if self.min_interval_ms == 0 {
+            0
+        } else {
+            self.min_interval_ms.saturating_add(self.clock_margin_ms)
+        }
+    }
+}
+
+/// What [`ShareState::dispatch`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Call `RefreshCache` with this slot's listings now; the slot is claimed.
+    Call(Slot),
+    /// Something is pending but the share may not be called before this time.
+    WaitUntil(i64),
+    /// Nothing pending.
+    Idle,
+}
+
+/// What a completion event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// It freed this slot.
+    Freed(Slot),
+    /// No slot holds that notification id (yet): a duplicate, a late event after the
+    /// lease, a refresh that someone else started, or one whose id is recorded later.
+    Unknown,
+}
+
+impl ShareState {
+    pub fn new(share_arn: impl Into<String>, bucket: impl Into<String>) -> Self {
+        ShareState {
+            share_arn: share_arn.into(),
+            bucket: bucket.into(),
+            prefix: String::new(),
+            version: 0,
+            pending: BTreeSet::new(),
+            pending_since_ms: None,
+            slots: Vec::new(),
+            last_call_at_ms: None,
+            wake_at_ms: None,
+            early_completions: Vec::new(),
+        }
+    }
+
+    /// Adds the listings of a closed window (whose oldest event was at
+    /// `oldest_event_ms`). They wait for a call that starts after now.
+    pub fn add_pending(
+        &mut self,
+        listings: impl IntoIterator<Item = Listing>,
+        oldest_event_ms: i64,
+    ) {
+        let before = self.pending.len();
+        let mut added = false;
+        for listing in listings {
+            added |= self.pending.insert(listing);
+        }
+        if added || self.pending.len() != before {
+            self.pending_since_ms = Some(
+                self.pending_since_ms
+                    .map_or(oldest_event_ms, |t| t.min(oldest_event_ms)),
+            );
+        }
+        self.pending = without_covered(std::mem::take(&mut self.pending));
+    }
+
+    /// Slots in flight (or claimed), as far as this state knows.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Frees the slots whose lease ended, and gives back the listings of claims whose
+    /// invocation is gone.
+    pub fn housekeep(&mut self, now_ms: i64) {
+        self.slots.retain(|s| now_ms < s.lease_ends_at());
+        let mut returned = Vec::new();
+        for slot in &mut self.slots {
+            if slot.claim_times_out_at().is_some_and(|t| now_ms >= t) {
+                slot.returned = true;
+                returned.push((slot.listings.clone(), slot.oldest_event_ms));
+            }
+        }
+        for (listings, oldest) in returned {
+            self.add_pending(listings, oldest);
+        }
+        self.early_completions
+            .retain(|c| now_ms.saturating_sub(c.completed_at_ms) < SLOT_LEASE_MS);
+    }
+
+    /// The earliest time at which [`ShareState::dispatch`] could call, ignoring
+    /// completion events that may come before; `None` when nothing is pending.
+    pub fn next_call_at(&self, now_ms: i64, pace: Pace) -> Option<i64> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let after_interval = self
+            .last_call_at_ms
+            .map_or(now_ms, |t| t.saturating_add(pace.gap_ms()))
+            .max(now_ms);
+        if self.slots.len() < MAX_IN_FLIGHT {
+            return Some(after_interval);
+        }
+        // Both slots are taken: the first lease or claim timeout frees one (a
+        // completion event normally comes long before).
+        let freed = self
+            .slots
+            .iter()
+            .map(|s| {
+                s.claim_times_out_at()
+                    .unwrap_or(s.lease_ends_at())
+                    .min(s.lease_ends_at())
+            })
+            .min()
+            .unwrap_or(now_ms);
+        Some(after_interval.max(freed))
+    }
+
+    /// Claims the next call if the rules allow it now.
+    ///
+    /// The chunk: recursive listings first (each covers a subtree), else up to 50
+    /// folders. A backlog that would take more than [`MAX_BACKLOG_CALLS`] calls first
+    /// collapses, deepest folders into their parents, recursively, until it fits: then
+    /// the wider calls list more, but nothing waits more than a few intervals.
+    pub fn dispatch(&mut self, now_ms: i64, pace: Pace, claim_id: &str) -> Dispatch {
+        self.housekeep(now_ms);
+        let Some(at) = self.next_call_at(now_ms, pace) else {
+            return Dispatch::Idle;
+        };
+        if at > now_ms {
+            return Dispatch::WaitUntil(at);
+        }
+        if self.pending.len() > MAX_BACKLOG_CALLS * MAX_FOLDER_LIST {
+            self.pending = collapse(
+                std::mem::take(&mut self.pending),
+                MAX_BACKLOG_CALLS * MAX_FOLDER_LIST,
+            );
+        }
+        let recursive = self.pending.iter().any(|l| l.recursive);
+        let chunk: Vec<Listing> = self
+            .pending
+            .iter()
+            .filter(|l| l.recursive == recursive)
+            .take(MAX_FOLDER_LIST)
+            .cloned()
+            .collect();
+        for listing in &chunk {
+            self.pending.remove(listing);
+        }
+        // Whatever stays pending keeps the bound of its age: conservative.
+        let oldest_event_ms = self.pending_since_ms.unwrap_or(now_ms);
+        if self.pending.is_empty() {
+            self.pending_since_ms = None;
+        }
+        let slot = Slot {
+            claim_id: claim_id.to_string(),
+            claimed_at_ms: now_ms,
+            notification_id: None,
+            listings: chunk,
+            oldest_event_ms,
+            returned: false,
+        };
+        self.slots.push(slot.clone());
+        self.last_call_at_ms = Some(now_ms);
+        Dispatch::Call(slot)
+    }
+
+    /// The claimed call started with `notification_id`. A completion that already came
+    /// frees the slot at once. `false` when the slot is no longer there.
+    pub fn started(&mut self, claim_id: &str, notification_id: &str) -> bool {
+        let Some(index) = self.slots.iter().position(|s| s.claim_id == claim_id) else {
+            return false;
+        };
+        if let Some(early) = self
+            .early_completions
+            .iter()
+            .position(|c| c.notification_id == notification_id)
+        {
+            self.early_completions.remove(early);
+            self.slots.remove(index);
+        } else {
+            self.slots[index].notification_id = Some(notification_id.to_string());
+        }
+        true
+    }
+
+    /// The claimed call did not start (throttled, failed): its listings are pending
+    /// again and the slot is free.
+    pub fn put_back(&mut self, claim_id: &str) {
+        let Some(index) = self.slots.iter().position(|s| s.claim_id == claim_id) else {
+            return;
+        };
+        let slot = self.slots.remove(index);
+        if !slot.returned {
+            self.add_pending(slot.listings, slot.oldest_event_ms);
+        }
+    }
+
+    /// A completion event for `notification_id`.
+    pub fn complete(&mut self, notification_id: &str, completed_at_ms: i64) -> Completion {
+        if let Some(index) = self
+            .slots
+            .iter()
+            .position(|s| s.notification_id.as_deref() == Some(notification_id))
+        {
+            return Completion::Freed(self.slots.remove(index));
+        }
+        let claimed_without_id = self.slots.iter().any(|s| s.notification_id.is_none());
+        let known = self
+            .early_completions
+            .iter()
+            .any(|c| c.notification_id == notification_id);
+        // Only a call that is still being recorded can be the owner; otherwise it is a
+        // duplicate or someone else's refresh and is not kept.
+        if claimed_without_id && !known {
+            if self.early_completions.len() >= MAX_EARLY_COMPLETIONS {
+                self.early_completions.remove(0);
+            }
+            self.early_completions.push(EarlyCompletion {
+                notification_id: notification_id.to_string(),
+                completed_at_ms,
+            });
+        }
+        Completion::Unknown
+    }
+
+    /// Whether a wake-up must be sent for `at`: no wake-up sent earlier becomes
+    /// visible after now and no later than `at`. `consumed`: the wake-up message being
+    /// processed, which no longer counts.
+    pub fn needs_wake(&self, at_ms: i64, now_ms: i64, consumed: Option<i64>) -> bool {
+        match self.wake_at_ms {
+            Some(w) if Some(w) != consumed && w > now_ms && w <= at_ms => false,
+            _ => true,
+        }
+    }
+
+    /// A wake-up message that becomes visible at `visible_at_ms` was sent.
+    pub fn woke_at(&mut self, visible_at_ms: i64, now_ms: i64) {
+        self.wake_at_ms = match self.wake_at_ms {
+            Some(w) if w > now_ms && w <= visible_at_ms => Some(w),
+            _ => Some(visible_at_ms),
+        };
+    }
+
+    /// The share is gone: no slot of it will complete. Returns what it still owed (the
+    /// pending listings, and claims not known to have started) as changes of its
+    /// bucket, for the bucket's other shares: a share recreated under a new ARN must
+    /// still see them.
+    pub fn forget(&mut self) -> Owed {
+        let mut owed: Vec<Listing> = std::mem::take(&mut self.pending).into_iter().collect();
+        for slot in self.slots.drain(..) {
+            if slot.notification_id.is_none() && !slot.returned {
+                owed.extend(slot.listings);
+            }
+        }
+        let mut changes = ChangeSet::default();
+        for listing in &owed {
+            if listing.recursive {
+                // A subtree of unknown changes: the other shares look everywhere.
+                changes.set_whole_bucket();
+            } else if listing.path == "/" {
+                changes.add_folder(&self.prefix);
+            } else {
+                changes.add_folder(&format!(
+                    "{}{}/",
+                    self.prefix,
+                    listing.path.trim_start_matches('/')
+                ));
+            }
+        }
+        let oldest_event_ms = self.pending_since_ms.take().unwrap_or(0);
+        self.early_completions.clear();
+        Owed {
+            bucket: self.bucket.clone(),
+            changes,
+            oldest_event_ms,
+        }
+    }
+}
+
+/// What a share that is gone still owed, as changes of its bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    pub bucket: String,
+    pub changes: ChangeSet,
+    pub oldest_event_ms: i64,
+}
+
+impl Owed {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// `set` without the listings that a recursive listing of the set already lists.
+fn without_covered(set: BTreeSet<Listing>) -> BTreeSet<Listing> {
+    let subtrees: Vec<Listing> = set.iter().filter(|l| l.recursive).cloned().collect();
+    if subtrees.is_empty() {
+        return set;
+    }
+    set.into_iter()
+        .filter(|l| !subtrees.iter().any(|s| s != l && s.covers(l)))
+        .collect()
+}
+
+/// Collapses `set` into at most `limit` listings that list everything it lists: the
+/// deepest folder (and the siblings pending with it) become a recursive listing of
+/// their parent, until the set fits. The parent is itself listed by the recursive
+/// listing, and its ancestors are pending already (every change brings them).
+pub fn collapse(mut set: BTreeSet<Listing>, limit: usize) -> BTreeSet<Listing> {
+    let limit = limit.max(1);
+    while set.len() > limit {
+        let Some(deepest) = set
+            .iter()
+            .max_by_key(|l| (l.depth(), l.path.clone()))
+            .cloned()
+        else {
+            break;
+        };
+        let Some(parent) = deepest.parent() else {
+            // The deepest is the root: the set is at most the root twice.
+            return BTreeSet::from([Listing::subtree("/")]);
+        };
+        set.insert(Listing::subtree(parent));
+        set = without_covered(set);
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PACE: Pace = Pace {
+        min_interval_ms: 60_000,
+        clock_margin_ms: 1_000,
+    };
+
+    fn folders(paths: &[&str]) -> Vec<Listing> {
+        paths.iter().map(|p| Listing::folder(*p)).collect()
+    }
+
+    fn state() -> ShareState {
+        ShareState::new("arn:share/share-1", "b")
+    }
+
+    fn claimed(d: Dispatch) -> Slot {
+        match d {
+            Dispatch::Call(slot) => slot,
+            other => panic!("expected a call, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listing_round_trips_and_covers() {
+        for l in [
+            Listing::folder("/"),
+            Listing::subtree("/a/b"),
+            Listing::folder("/a"),
+        ] {
+            assert_eq!(Listing::decode(&l.encode()), Some(l.clone()));
+        }
+        assert_eq!(Listing::decode("sgw:x"), None);
+        let a = Listing::subtree("/a");
+        assert!(a.covers(&Listing::folder("/a")));
+        assert!(a.covers(&Listing::folder("/a/b")));
+        assert!(a.covers(&Listing::subtree("/a/b/c")));
+        assert!(!a.covers(&Listing::folder("/ab")));
+        assert!(!a.covers(&Listing::folder("/")));
+        assert!(Listing::subtree("/").covers(&Listing::folder("/x")));
+        assert!(!Listing::folder("/a").covers(&Listing::folder("/a/b")));
+    }
+
+    #[test]
+    fn first_call_goes_at_once_then_the_interval_holds() {
+        let mut s = state();
+        s.add_pending(folders(&["/", "/a"]), 100);
+        let slot = claimed(s.dispatch(1_000, PACE, "c1"));
+        assert_eq!(slot.folders(), vec!["/", "/a"]);
+        assert!(!slot.recursive());
+        assert_eq!(slot.oldest_event_ms, 100);
+        assert!(s.pending.is_empty());
+        assert!(s.started("c1", "n1"));
+        // A later change waits for the interval (plus the clock margin).
+        s.add_pending(folders(&["/b"]), 2_000);
+        assert_eq!(s.dispatch(2_000, PACE, "c2"), Dispatch::WaitUntil(62_000));
+        assert_eq!(s.pending.len(), 1);
+        let slot = claimed(s.dispatch(62_000, PACE, "c2"));
+        assert_eq!(slot.folders(), vec!["/b"]);
+        assert_eq!(s.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_third_refresh_waits_for_a_completion() {
+        let mut s = state();
+        let pace = Pace::from_seconds(0, 0);
+        for (i, f) in ["/a", "/b"].iter().enumerate() {
+            s.add_pending(folders(&[f]), 0);
+            let slot = claimed(s.dispatch(10, pace, &format!("c{i}")));
+            assert!(s.started(&slot.claim_id, &format!("n{i}")));
+        }
+        s.add_pending(folders(&["/c"]), 0);
+        // Both in flight: wait for the first lease (a completion normally comes first).
+        assert_eq!(
+            s.dispatch(20, pace, "c2"),
+            Dispatch::WaitUntil(10 + SLOT_LEASE_MS)
+        );
+        match s.complete("n0", 30) {
+            Completion::Freed(slot) => assert_eq!(slot.folders(), vec!["/a"]),
+            other => panic!("{other:?}"),
+        }
+        // A duplicate of that event frees nothing more.
+        assert_eq!(s.complete("n0", 31), Completion::Unknown);
+        assert_eq!(s.in_flight(), 1);
+        assert_eq!(claimed(s.dispatch(40, pace, "c2")).folders(), vec!["/c"]);
+    }
+
+    #[test]
+    fn a_change_after_a_claim_is_not_covered_by_it() {
+        let mut s = state();
+        s.add_pending(folders(&["/a"]), 0);
+        let slot = claimed(s.dispatch(0, PACE, "c1"));
+        // The same folder changes again while the refresh is in flight.
+        s.add_pending(folders(&["/a"]), 5);
+        assert!(
+            s.pending.contains(&Listing::folder("/a")),
+            "in flight does not cover later changes"
+        );
+        s.started(&slot.claim_id, "n1");
+        assert_eq!(
+            s.complete("n1", 10),
+            Completion::Freed(Slot {
+                notification_id: Some("n1".into()),
+                ..slot
+            })
+        );
+        assert!(matches!(s.dispatch(61_000, PACE, "c2"), Dispatch::Call(_)));
+    }
+
+    #[test]
+    fn throttled_calls_are_put_back() {
+        let mut s = state();
+        s.add_pending(folders(&["/a", "/b"]), 7);
+        let slot = claimed(s.dispatch(0, PACE, "c1"));
+        s.put_back(&slot.claim_id);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.pending.len(), 2);
+        assert_eq!(s.pending_since_ms, Some(7));
+        // The failed call still counts for the interval.
+        assert_eq!(s.dispatch(1, PACE, "c2"), Dispatch::WaitUntil(61_000));
+    }
+
+    #[test]
+    fn a_claim_that_never_recorded_its_call_gives_its_listings_back() {
+        let mut s = state();
+        s.add_pending(folders(&["/a"]), 0);
+        claimed(s.dispatch(0, PACE, "c1"));
+        // Nothing pending: idle, even though the slot has no id yet.
+        assert_eq!(s.dispatch(10, PACE, "x"), Dispatch::Idle);
+        s.housekeep(CLAIM_TIMEOUT_MS);
+        assert!(s.pending.contains(&Listing::folder("/a")));
+        assert!(s.slots[0].returned);
+        // The slot still counts until its lease, in case the call did start.
+        assert_eq!(s.in_flight(), 1);
+        let again = claimed(s.dispatch(CLAIM_TIMEOUT_MS, PACE, "c2"));
+        assert_eq!(again.folders(), vec!["/a"]);
+        s.housekeep(SLOT_LEASE_MS);
+        assert_eq!(s.in_flight(), 1, "only the first slot's lease ended");
+        // Putting back a returned claim does not duplicate its listings.
+        let mut t = state();
+        t.add_pending(folders(&["/a"]), 0);
+        let c = claimed(t.dispatch(0, PACE, "c1"));
+        t.housekeep(CLAIM_TIMEOUT_MS);
+        t.pending.clear();
+        t.put_back(&c.claim_id);
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_completion_before_the_id_is_recorded_frees_the_slot_when_it_is() {
+        let mut s = state();
+        s.add_pending(folders(&["/a"]), 0);
+        let slot = claimed(s.dispatch(0, PACE, "c1"));
+        assert_eq!(s.complete("n1", 5), Completion::Unknown);
+        assert!(s.started(&slot.claim_id, "n1"));
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.early_completions.is_empty());
+        // An event for a share we never called is not kept.
+        let mut idle = state();
+        assert_eq!(idle.complete("other", 1), Completion::Unknown);
+        assert!(idle.early_completions.is_empty());
+    }
+
+    #[test]
+    fn more_than_50_folders_go_in_chunks_without_collapse() {
+        let mut s = state();
+        let many: Vec<String> = (0..120).map(|i| format!("/d{i:03}")).collect();
+        s.add_pending(many.iter().map(Listing::folder), 0);
+        s.add_pending(folders(&["/"]), 0);
+        let pace = Pace::from_seconds(0, 0);
+        let mut listed = BTreeSet::new();
+        let mut calls = 0;
+        while let Dispatch::Call(slot) = s.dispatch(0, pace, &format!("c{calls}")) {
+            calls += 1;
+            assert!(slot.listings.len() <= MAX_FOLDER_LIST);
+            assert!(!slot.recursive());
+            listed.extend(slot.listings.clone());
+            s.started(&slot.claim_id, &format!("n{calls}"));
+            s.complete(&format!("n{calls}"), 0);
+        }
+        assert_eq!(calls, 3);
+        assert_eq!(listed.len(), 121);
+    }
+
+    #[test]
+    fn a_backlog_past_four_calls_collapses() {
+        let mut s = state();
+        let mut all = vec!["/".to_string()];
+        for p in 0..5 {
+            all.push(format!("/p{p}"));
+            for c in 0..50 {
+                all.push(format!("/p{p}/c{c:02}"));
+            }
+        }
+        s.add_pending(all.iter().map(Listing::folder), 0);
+        assert!(s.pending.len() > MAX_BACKLOG_CALLS * MAX_FOLDER_LIST);
+        let slot = claimed(s.dispatch(0, PACE, "c1"));
+        // The deepest siblings became recursive listings of their parents.
+        assert!(slot.recursive());
+        assert!(slot.listings.iter().all(|l| l.path.starts_with("/p")));
+        let mut all_after: BTreeSet<Listing> = s.pending.clone();
+        all_after.extend(slot.listings);
+        for f in &all {
+            assert!(
+                all_after
+                    .iter()
+                    .any(|l| l.covers(&Listing::folder(f.as_str()))),
+                "{f} lost"
+            );
+        }
+    }
+
+    #[test]
+    fn whole_share_refresh_absorbs_folders() {
+        let mut s = state();
+        s.add_pending(folders(&["/a", "/a/b"]), 3);
+        s.add_pending([Listing::subtree("/")], 1);
+        assert_eq!(s.pending, BTreeSet::from([Listing::subtree("/")]));
+        assert_eq!(s.pending_since_ms, Some(1));
+    }
+
+    #[test]
+    fn wake_ups_are_not_repeated() {
+        let mut s = state();
+        assert!(s.needs_wake(100, 0, None));
+        s.woke_at(100, 0);
+        assert!(!s.needs_wake(100, 10, None));
+        assert!(!s.needs_wake(500, 10, None));
+        // An earlier time needs its own wake-up.
+        assert!(s.needs_wake(50, 10, None));
+        // The wake-up being processed does not count, even if this clock runs behind.
+        assert!(s.needs_wake(200, 99, Some(100)));
+        // Past its time it no longer counts.
+        assert!(s.needs_wake(200, 100, None));
+    }
+
+    #[test]
+    fn a_gone_share_hands_back_what_it_owed_as_bucket_folders() {
+        let mut s = state();
+        s.prefix = "p/".to_string();
+        s.add_pending(folders(&["/", "/a", "/a/b"]), 4);
+        let started = claimed(s.dispatch(0, PACE, "c1"));
+        s.started(&started.claim_id, "n1");
+        s.add_pending(folders(&["/c"]), 9);
+        let owed = s.forget();
+        assert_eq!(owed.bucket, "b");
+        // The started call's folders are not owed; the pending one is.
+        assert_eq!(owed.changes.folders, BTreeSet::from(["p/c/".to_string()]));
+        assert!(!owed.changes.whole_bucket);
+        assert_eq!(owed.oldest_event_ms, 9);
+        assert_eq!(s.dispatch(1, PACE, "d"), Dispatch::Idle);
+        assert_eq!(s.in_flight(), 0);
+        let mut t = state();
+        t.add_pending([Listing::subtree("/")], 1);
+        assert!(t.forget().changes.whole_bucket);
+    }
+
+    fn arb_path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 0..4).prop_map(|parts| {
+            if parts.is_empty() {
+                "/".to_string()
+            } else {
+                format!("/{}", parts.join("/"))
+            }
+        })
+    }
+
+    proptest! {
+        /// Collapsing never loses a listing and always fits.
+        #[test]
+        fn collapse_covers_everything(paths in prop::collection::btree_set(arb_path(), 1..40), limit in 1usize..10) {
+            let set: BTreeSet<Listing> = paths.iter().map(|p| Listing::folder(p.as_str())).collect();
+            let collapsed = collapse(set.clone(), limit);
+            prop_assert!(collapsed.len() <= limit);
+            for l in &set {
+                prop_assert!(collapsed.iter().any(|c| c.covers(l)), "{} lost in {:?}", l, collapsed);
+            }
+        }
+
+        /// Whatever the order of changes, claims, completions and put-backs, every
+        /// listing added is either still pending or in a slot claimed after it was added.
+        #[test]
+        fn nothing_added_is_lost(ops in prop::collection::vec((0u8..5, arb_path()), 1..60)) {
+            let mut s = state();
+            let pace = Pace::from_seconds(1, 0);
+            let mut now = 0i64;
+            // (listing, added at) not yet claimed after being added.
+            let mut owed: Vec<(Listing, i64)> = Vec::new();
+            let mut n = 0;
+            for (op, path) in ops {
+                now += 400;
+                match op {
+                    0 | 1 => {
+                        let l = Listing::folder(path);
+                        s.add_pending([l.clone()], now);
+                        owed.push((l, now));
+                    }
+                    2 => {
+                        n += 1;
+                        if let Dispatch::Call(slot) = s.dispatch(now, pace, &format!("c{n}")) {
+                            owed.retain(|(l, _)| !slot.listings.iter().any(|c| c.covers(l)));
+                            s.started(&slot.claim_id, &format!("n{n}"));
+                        }
+                    }
+                    3 => {
+                        n += 1;
+                        if let Dispatch::Call(slot) = s.dispatch(now, pace, &format!("c{n}")) {
+                            s.put_back(&slot.claim_id);
+                        }
+                    }
+                    _ => {
+                        if let Some(id) = s.slots.first().and_then(|x| x.notification_id.clone()) {
+                            s.complete(&id, now);
+                        }
+                    }
+                }
+                prop_assert!(s.in_flight() <= MAX_IN_FLIGHT);
+                for (l, _) in &owed {
+                    prop_assert!(s.pending.iter().any(|p| p.covers(l)), "{} neither pending nor claimed", l);
+                }
+            }
+        }
+    }
+}
