@@ -20,3 +20,23 @@ impl Clock for SystemClock {
             .unwrap_or(0)
     }
 }
+
+/// A clock that only moves when told to: for tests. Clones share the time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl ManualClock {
+    pub fn at(ms: i64) -> Self {
+        ManualClock(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(ms)))
+    }
+
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -391,3 +391,178 @@ where
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::adapters::memory::{MemoryGateway, MemoryQueue, MemoryWindowStore};
+    use crate::clock::ManualClock;
+    use crate::refresh_message::REFRESH_COMPLETE_DETAIL_TYPE;
+    use crate::refresher::Refresher;
+    use crate::scheduler::{Listing, SLOT_LEASE_MS};
+    use crate::shares::ShareKind;
+    use serde_json::{json, Value};
+
+    type TestRefresher = Refresher<MemoryWindowStore, MemoryGateway, MemoryQueue, ManualClock>;
+
+    const SHARE: &str = "arn:aws:storagegateway:us-east-1:123456789012:share/share-1";
+
+    fn refresher(interval_seconds: u32) -> (TestRefresher, ManualClock) {
+        let clock = ManualClock::at(1_000_000);
+        let r = Refresher::new(
+            MemoryWindowStore::default(),
+            MemoryGateway::new(100),
+            MemoryQueue::default(),
+            clock.clone(),
+        )
+        .with_pace(interval_seconds, 0)
+        .with_claim_prefix("t");
+        r.gateway()
+            .add_share(SHARE, ShareKind::Nfs, "arn:aws:s3:::b1");
+        (r, clock)
+    }
+
+    /// A 2018-style message (no body of ours): the whole bucket changed.
+    fn whole_bucket(id: &str) -> Value {
+        json!({"Records": [{"messageId": id, "body": "{}", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+               "messageAttributes": {"bucket-name": {"stringValue": "b1", "dataType": "String"}}}]})
+    }
+
+    fn record(id: &str, body: String) -> Value {
+        json!({"Records": [{"messageId": id, "body": body, "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q"}]})
+    }
+
+    fn completion(id: &str, share: &str, notification_id: &str) -> Value {
+        record(
+            id,
+            json!({"version": "0", "id": "e", "source": "aws.storagegateway",
+                   "detail-type": REFRESH_COMPLETE_DETAIL_TYPE, "resources": [share],
+                   "detail": {"event-type": "refresh-complete", "notification-id": notification_id,
+                              "started": "2026-12-02T06:00:00.000Z", "completed": "2026-12-02T06:00:05.000Z",
+                              "folderList": ["/"]}})
+            .to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn changes_within_the_interval_wait_for_one_wake_up_and_go_together() {
+        let (r, clock) = refresher(60);
+        assert!(r
+            .handle(&whole_bucket("m1"))
+            .await
+            .unwrap()
+            .batch_item_failures
+            .is_empty());
+        assert_eq!(r.gateway().refreshes().len(), 1);
+        // Two more windows within the interval: no call, one wake-up.
+        clock.advance(10_000);
+        r.handle(&whole_bucket("m2")).await.unwrap();
+        clock.advance(10_000);
+        r.handle(&whole_bucket("m3")).await.unwrap();
+        assert_eq!(r.gateway().refreshes().len(), 1);
+        let wakes = r.requeue().wakes();
+        assert_eq!(wakes.len(), 1, "{wakes:?}");
+        let (wake, delay) = &wakes[0];
+        assert_eq!(*delay, 50, "the rest of the 60 s after the first call");
+        assert_eq!(wake.share_arn, SHARE);
+        let state = r.store().share(SHARE).unwrap();
+        assert_eq!(state.pending.len(), 1);
+        assert_eq!(state.wake_at_ms, Some(wake.visible_at_ms));
+        // The wake-up comes: one call for both windows.
+        clock.advance(50_000);
+        r.handle(&record("w1", wake.body())).await.unwrap();
+        let refreshes = r.gateway().refreshes();
+        assert_eq!(refreshes.len(), 2);
+        assert_eq!(refreshes[1].folders, ["/"]);
+        assert!(refreshes[1].recursive);
+        assert!(r.store().share(SHARE).unwrap().pending.is_empty());
+        // Nothing left: the same wake-up delivered again does nothing.
+        r.handle(&record("w1", wake.body())).await.unwrap();
+        assert_eq!(r.gateway().refreshes().len(), 2);
+        assert_eq!(r.requeue().wakes().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_third_refresh_waits_for_a_completion_event() {
+        let (r, _clock) = refresher(0);
+        for m in ["m1", "m2", "m3"] {
+            r.handle(&whole_bucket(m)).await.unwrap();
+        }
+        assert_eq!(r.gateway().refreshes().len(), 2, "two in flight at most");
+        let state = r.store().share(SHARE).unwrap();
+        assert_eq!(state.in_flight(), 2);
+        let (wake, delay) = r.requeue().wakes().pop().unwrap();
+        assert_eq!(
+            delay, 900,
+            "the lease is hours away: chained 900-s wake-ups"
+        );
+        assert_eq!(wake.due_at_ms, state.slots[0].claimed_at_ms + SLOT_LEASE_MS);
+        // The completion of the first call frees its slot and dispatches what waits.
+        let first = state.slots[0].notification_id.clone().unwrap();
+        let out = r.handle(&completion("c1", SHARE, &first)).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert_eq!(r.gateway().refreshes().len(), 3);
+        // Duplicate, unknown and foreign events change nothing.
+        for event in [
+            completion("c2", SHARE, &first),
+            completion("c3", SHARE, "someone-else"),
+            completion(
+                "c4",
+                "arn:aws:storagegateway:us-east-1:123456789012:share/share-OTHER",
+                "x",
+            ),
+        ] {
+            assert!(r
+                .handle(&event)
+                .await
+                .unwrap()
+                .batch_item_failures
+                .is_empty());
+        }
+        assert_eq!(r.gateway().refreshes().len(), 3);
+        assert_eq!(r.store().share(SHARE).unwrap().in_flight(), 2);
+        assert!(r
+            .store()
+            .share("arn:aws:storagegateway:us-east-1:123456789012:share/share-OTHER")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_change_while_its_folder_is_in_flight_gets_its_own_later_call() {
+        let (r, clock) = refresher(1);
+        r.handle(&whole_bucket("m1")).await.unwrap();
+        clock.advance(100);
+        r.handle(&whole_bucket("m2")).await.unwrap();
+        let state = r.store().share(SHARE).unwrap();
+        assert!(
+            state.pending.contains(&Listing::subtree("/")),
+            "not covered by the call in flight"
+        );
+        let (wake, _) = r.requeue().wakes().pop().unwrap();
+        clock.advance(1_000);
+        r.handle(&record("w", wake.body())).await.unwrap();
+        assert_eq!(r.gateway().refreshes().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_gone_share_hands_its_pending_changes_to_its_successor() {
+        let (r, clock) = refresher(60);
+        r.handle(&whole_bucket("m1")).await.unwrap();
+        clock.advance(1_000);
+        r.handle(&whole_bucket("m2")).await.unwrap();
+        let (wake, _) = r.requeue().wakes().pop().unwrap();
+        // The share is deleted and recreated under a new ARN before the wake-up.
+        r.gateway().remove_share(SHARE);
+        let successor = "arn:aws:storagegateway:us-east-1:123456789012:share/share-2";
+        r.gateway()
+            .add_share(successor, ShareKind::Nfs, "arn:aws:s3:::b1");
+        clock.advance(60_000);
+        let out = r.handle(&record("w", wake.body())).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        let refreshes = r.gateway().refreshes();
+        assert_eq!(
+            refreshes.last().map(|p| p.share_arn.as_str()),
+            Some(successor)
+        );
+        assert!(r.store().share(SHARE).unwrap().pending.is_empty());
+    }
+}

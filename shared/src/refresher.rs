@@ -1073,27 +1073,12 @@ mod access_point_tests {
     use crate::window::{ChangeSet, OpenExpectation};
     use serde_json::json;
     use std::io::Write;
-    use std::sync::atomic::AtomicI64;
     use std::sync::Mutex as StdMutex;
 
     const ACCOUNT: &str = "123456789012";
     const REGION: &str = "us-east-1";
 
-    /// A clock that the test moves.
-    #[derive(Clone, Default)]
-    struct TestClock(Arc<AtomicI64>);
-
-    impl TestClock {
-        fn advance(&self, ms: i64) {
-            self.0.fetch_add(ms, Ordering::Relaxed);
-        }
-    }
-
-    impl Clock for TestClock {
-        fn now_ms(&self) -> i64 {
-            self.0.load(Ordering::Relaxed)
-        }
-    }
+    use crate::clock::ManualClock as TestClock;
 
     type ApRefresher =
         Refresher<MemoryWindowStore, MemoryGateway, MemoryQueue, TestClock, MemoryAccessPoints>;
