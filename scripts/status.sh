@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The operator's view: for each bucket, its aggregation window and its last refresh
-# (time, shares, folders, notification ids), then the depth of the action queue and
-# of both DLQs, and the command that redrives the action DLQ. Read-only.
+# (time, shares, folders, notification ids), and each of its shares' scheduling
+# state (pending folders, refreshes in flight, last call, staleness); then the depth
+# of the action queue and of both DLQs, and the command that redrives the action DLQ.
+# Read-only.
 set -euo pipefail
 
 # shellcheck source=scripts/lib/stack.sh disable=SC1091 # followed with shellcheck -x
@@ -15,8 +17,11 @@ $USAGE
 
 Prints, per bucket (every bucket in the table when none is named): whether a window
 is open and until when, the last refresh with its time, shares, folders and
-notification ids; then the depth of the action queue and of its DLQ and of the
-aggregator's DLQ, and the command that redrives the action DLQ. It only reads.
+notification ids, and per share what waits for its next call (pending folders, since
+when), the refreshes in flight, the last call, the next wake-up, and the staleness of
+its last completed refresh (from the oldest event it covered to its completion); then
+the depth of the action queue and of its DLQ and of the aggregator's DLQ, and the
+command that redrives the action DLQ. It only reads.
 
 Options:
   --prefix NAME     name prefix of the stack [S3EA_PREFIX] (default $DEFAULT_PREFIX)
@@ -28,6 +33,7 @@ EOF2
 PREFIX_ARG=${S3EA_PREFIX:-$DEFAULT_PREFIX}
 REGION_FLAG=
 BUCKETS=()
+ITEMS=()
 need_value() { [ "$1" -ge 2 ] || usage_error "$2 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -60,9 +66,19 @@ if [ ${#BUCKETS[@]} -eq 0 ]; then
   aws_maybe 'ResourceNotFoundException' dynamodb scan --table-name "$TABLE_NAME" \
     --projection-expression BucketName --query 'Items[].BucketName.S' --output text ||
     die "table $TABLE_NAME not found: is the stack created (prefix $PREFIX)?"
-  read -r -a BUCKETS <<<"$AWS_OUT"
-  [ "${BUCKETS[0]:-None}" != None ] || BUCKETS=()
+  read -r -a ITEMS <<<"$AWS_OUT"
+  # Share items (share#ARN) are listed under their bucket.
+  for item in "${ITEMS[@]}"; do
+    case $item in None | share#*) ;; *) BUCKETS+=("$item") ;; esac
+  done
 fi
+# Every share item, one line each: bucket, share, pending count, pending since, slots
+# in flight, last call, wake-up, last completion, its staleness, pending folders.
+aws_maybe 'ResourceNotFoundException' dynamodb scan --table-name "$TABLE_NAME" \
+  --filter-expression 'begins_with(BucketName, :p)' --expression-attribute-values '{":p":{"S":"share#"}}' \
+  --query "Items[].[Bucket.S, ShareARN.S, length(Pending.SS || \`[]\`), PendingSince.N, length(Slots.L || \`[]\`), LastCallAt.N, WakeAt.N, LastCompletedAt.N, LastStalenessMs.N, join(' ', Pending.SS || \`[]\`)]" \
+  --output text || true
+SHARE_LINES=${AWS_OUT:-}
 [ ${#BUCKETS[@]} -gt 0 ] || info "no bucket has had an event yet"
 
 now_ms=$(($(date +%s) * 1000))
@@ -102,6 +118,30 @@ for bucket in "${BUCKETS[@]}"; do
       printf '    share %s  folders %s  recursive %s  notification %s\n' "$share" "$folders" "$recursive" "$notification"
     done <<<"$AWS_OUT"
   fi
+  printf '  shares:\n'
+  found=
+  while IFS=$'\t' read -r share_bucket share pending since in_flight last_call wake completed staleness folders; do
+    [ "$share_bucket" = "$bucket" ] || continue
+    found=yes
+    printf '    share %s\n' "$share"
+    if [ "$(none_as "$pending" 0)" = 0 ]; then
+      printf '      pending:     nothing\n'
+    else
+      printf '      pending:     %s folder(s) since %s (%s s ago): %s\n' "$pending" "$(when "$since")" \
+        "$(((now_ms - $(none_as "$since" "$now_ms")) / 1000))" "$folders"
+    fi
+    printf '      in flight:   %s of 2\n' "$(none_as "$in_flight" 0)"
+    printf '      last call:   %s\n' "$(when "$last_call")"
+    if [ "$(none_as "$wake" 0)" -gt "$now_ms" ]; then
+      printf '      wake-up:     %s\n' "$(when "$wake")"
+    fi
+    if [ "$(none_as "$staleness" None)" != None ]; then
+      printf '      staleness:   %s ms (last refresh completed %s)\n' "$staleness" "$(when "$completed")"
+    else
+      printf '      staleness:   no refresh completed yet\n'
+    fi
+  done <<<"$SHARE_LINES"
+  [ -n "$found" ] || printf '    (no share scheduled yet)\n'
 done
 
 printf '\nQueues\n'

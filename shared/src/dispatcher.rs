@@ -173,7 +173,7 @@ where
         };
         match &freed {
             Some(slot) => {
-                let staleness_ms = completed_at.saturating_sub(slot.oldest_event_ms).max(0);
+                let staleness_ms = state.last_staleness_ms.unwrap_or_default();
                 info!(share = %share_arn, bucket = %state.bucket, notification_id = %event.notification_id,
                     folders = ?slot.folders(), recursive = slot.recursive(), staleness_ms,
                     "Refresh of share {share_arn} completed");

@@ -206,6 +206,10 @@ pub struct ShareState {
     /// When the latest wake-up message that was sent becomes visible.
     pub wake_at_ms: Option<i64>,
     pub early_completions: Vec<EarlyCompletion>,
+    /// The latest completion that freed a slot, and its staleness: from the oldest event
+    /// the refresh covered to its completion (for operators).
+    pub last_completed_at_ms: Option<i64>,
+    pub last_staleness_ms: Option<i64>,
 }
 
 /// The timing rules of dispatch.
@@ -269,6 +273,8 @@ impl ShareState {
             last_call_at_ms: None,
             wake_at_ms: None,
             early_completions: Vec::new(),
+            last_completed_at_ms: None,
+            last_staleness_ms: None,
         }
     }
 
@@ -431,7 +437,10 @@ impl ShareState {
             .iter()
             .position(|s| s.notification_id.as_deref() == Some(notification_id))
         {
-            return Completion::Freed(self.slots.remove(index));
+            let slot = self.slots.remove(index);
+            self.last_completed_at_ms = Some(completed_at_ms);
+            self.last_staleness_ms = Some(completed_at_ms.saturating_sub(slot.oldest_event_ms).max(0));
+            return Completion::Freed(slot);
         }
         let claimed_without_id = self.slots.iter().any(|s| s.notification_id.is_none());
         let known = self

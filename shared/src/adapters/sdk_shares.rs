@@ -27,6 +27,8 @@ pub mod attr {
     pub const SLOTS: &str = "Slots";
     /// A list of maps: `NotificationId`, `CompletedAt`.
     pub const EARLY_COMPLETIONS: &str = "EarlyCompletions";
+    pub const LAST_COMPLETED_AT: &str = "LastCompletedAt";
+    pub const LAST_STALENESS: &str = "LastStalenessMs";
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -119,6 +121,12 @@ pub fn encode_share(state: &ShareState) -> Item {
     if let Some(t) = state.wake_at_ms {
         item.insert(attr::WAKE_AT.into(), n(t));
     }
+    if let Some(t) = state.last_completed_at_ms {
+        item.insert(attr::LAST_COMPLETED_AT.into(), n(t));
+    }
+    if let Some(t) = state.last_staleness_ms {
+        item.insert(attr::LAST_STALENESS.into(), n(t));
+    }
     item.insert(
         attr::SLOTS.into(),
         AttributeValue::L(state.slots.iter().map(encode_slot).collect()),
@@ -161,6 +169,8 @@ pub fn decode_share(share_arn: &str, item: &Item) -> ShareState {
     }
     state.last_call_at_ms = get_n(item, attr::LAST_CALL_AT);
     state.wake_at_ms = get_n(item, attr::WAKE_AT);
+    state.last_completed_at_ms = get_n(item, attr::LAST_COMPLETED_AT);
+    state.last_staleness_ms = get_n(item, attr::LAST_STALENESS);
     let maps = |name: &str| -> Vec<Item> {
         item.get(name)
             .and_then(|v| v.as_l().ok())
@@ -230,6 +240,8 @@ mod tests {
         state.add_pending([Listing::folder("/a"), Listing::subtree("/c")], 5);
         state.last_call_at_ms = Some(9);
         state.wake_at_ms = Some(11);
+        state.last_completed_at_ms = Some(12);
+        state.last_staleness_ms = Some(13);
         state.slots.push(Slot {
             claim_id: "c".into(),
             claimed_at_ms: 3,
