@@ -465,10 +465,7 @@ impl ShareState {
     /// visible after now and no later than `at`. `consumed`: the wake-up message being
     /// processed, which no longer counts.
     pub fn needs_wake(&self, at_ms: i64, now_ms: i64, consumed: Option<i64>) -> bool {
-        match self.wake_at_ms {
-            Some(w) if Some(w) != consumed && w > now_ms && w <= at_ms => false,
-            _ => true,
-        }
+        !matches!(self.wake_at_ms, Some(w) if Some(w) != consumed && w > now_ms && w <= at_ms)
     }
 
     /// A wake-up message that becomes visible at `visible_at_ms` was sent.

@@ -71,6 +71,65 @@
 //!
 //! A bucket without a source has no cache model: `RefreshCache` is validated, recorded
 //! and limited as usual, and its work is zero.
+//!
+//! # Completion, and the refresh-complete event
+//!
+//! An accepted refresh stays in flight for `base + per_object × objects listed`
+//! ([`SgwStandIn::set_refresh_duration`], [`SgwStandIn::set_refresh_time_per_object`];
+//! the objects are [`ListingWork::objects_listed`] of that refresh, so a refresh of a
+//! bucket without a source takes `base`). A background timer completes it at that
+//! instant, on its own; [`SgwStandIn::complete_refreshes`] forces every refresh in
+//! flight to complete now. Completion is one step under the state lock: the refresh
+//! leaves the in-flight count and its [`CompletionEvent`] is recorded together, so a
+//! third call on a share is accepted from the moment the first completion is recorded
+//! and not before. (Any read of the in-flight count also completes what is due, so the
+//! count never lags the clock when the timer task has not run yet.)
+//!
+//! When [`SgwStandIn::set_completion_events`] names an EventBridge endpoint (moto's),
+//! each completion is put on an event bus there with `PutEvents`, as a real gateway
+//! puts it on its region's default bus. The documented event (S3 File Gateway User Guide, "Getting
+//! notified about file operations" → "Getting refresh cache notification", the
+//! example "Refresh cache notification"; awsdocs/amazon-s3-file-gateway-user-guide,
+//! `doc_source/monitoring-file-gateway.md`) is:
+//!
+//! ```json
+//! {"version": "0", "id": "...", "detail-type": "Storage Gateway Refresh Cache Event",
+//!  "source": "aws.storagegateway", "account": "...", "time": "...", "region": "...",
+//!  "resources": ["arn:aws:storagegateway:REGION:ACCOUNT:share/share-F123D451",
+//!                "arn:aws:storagegateway:REGION:ACCOUNT:gateway/sgw-712345DA"],
+//!  "detail": {"event-type": "refresh-complete",
+//!             "notification-id": "<the NotificationId that RefreshCache returned>",
+//!             "started": "2018-02-06T21:34:42Z", "completed": "2018-02-06T21:34:53Z",
+//!             "folderList": ["/"]}}
+//! ```
+//!
+//! The field table there: `started` is when the gateway received the request and the
+//! refresh started, `completed` when the refresh finished, `folderList` the folders
+//! refreshed (default `["/"]`). The CDK's generated schema for
+//! `aws.storagegateway@StorageGatewayRefreshCacheEvent` has the same detail fields
+//! (`event-type`, `notification-id`, `started`, `completed`, `folderList`); an older
+//! edition of the guide showed `folderList` outside `detail`, which the current one
+//! corrects. So the stand-in sends `Source` `aws.storagegateway`, `DetailType`
+//! `Storage Gateway Refresh Cache Event`, `Resources` [share ARN, gateway ARN] (share
+//! first, as documented), `Time` the completion, and `Detail` that object, with
+//! millisecond timestamps (`2020-11-05T14:50:35.853Z`; the guide's examples have
+//! whole seconds, and a reader must accept both). EventBridge (moto) adds `version`,
+//! `id`, `time`, `region` (and, on AWS, `account`: moto 5.2.1's SQS targets leave it
+//! out). The event goes to the gateway's own region unless [`CompletionEvents::region`]
+//! says otherwise, on the default bus unless [`CompletionEvents::event_bus`] names
+//! another. Delivery faults for tests: [`SgwStandIn::drop_next_completion_events`]
+//! and [`SgwStandIn::duplicate_next_completion_events`]. [`SgwStandIn::completion_events`]
+//! records every completion and what became of its event.
+//!
+//! # Strict limits
+//!
+//! The API reference asks callers to "wait at least 60 seconds between consecutive
+//! RefreshCache API requests"; the real service does not enforce it. With
+//! [`SgwStandIn::set_strict_limits`] the stand-in does: a call on a share less than
+//! the minimum interval after the previous accepted call on that share gets an
+//! `InvalidGatewayRequestException` that says so, and is counted in
+//! [`SgwStandIn::interval_violations`], so that a test can assert that a client never
+//! called too early.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -79,7 +138,7 @@ use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::ops::{Add, AddAssign, Bound};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -89,6 +148,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use crate::bucket_model::{BucketModel, ObjectListing, LIST_PAGE_SIZE};
@@ -101,12 +162,25 @@ pub const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub const DEFAULT_MAX_PAGE_SIZE: usize = 100;
 /// Default for [`SgwStandIn::set_refresh_duration`].
 pub const DEFAULT_REFRESH_DURATION: Duration = Duration::from_millis(50);
+/// Default for [`SgwStandIn::set_refresh_time_per_object`]: listing work adds nothing.
+pub const DEFAULT_REFRESH_TIME_PER_OBJECT: Duration = Duration::ZERO;
 /// "The gateway will accept no more than two refreshes at any time" (RefreshCache docs).
 pub const MAX_REFRESHES_IN_FLIGHT: usize = 2;
+/// The `source` of a refresh-complete event.
+pub const REFRESH_EVENT_SOURCE: &str = "aws.storagegateway";
+/// The `detail-type` of a refresh-complete event.
+pub const REFRESH_EVENT_DETAIL_TYPE: &str = "Storage Gateway Refresh Cache Event";
+/// The `detail.event-type` of a refresh-complete event.
+pub const REFRESH_EVENT_TYPE: &str = "refresh-complete";
+/// The `X-Amz-Target` prefix of EventBridge operations.
+pub const EVENTBRIDGE_TARGET_PREFIX: &str = "AWSEvents.";
 
 /// Account and region used in the ARNs that the stand-in makes up.
 pub const ACCOUNT_ID: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
+
+/// Timeout of one EventBridge request.
+const EVENTBRIDGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request body accepted; the real service's limits are far above what the
 /// four operations can legitimately need.
@@ -184,6 +258,82 @@ pub struct RefreshRecord {
     pub work: ListingWork,
     /// Why listing the bucket failed (S3 source only), for the first failed folder.
     pub listing_error: Option<String>,
+}
+
+/// Where the stand-in puts its refresh-complete events: an EventBridge endpoint (moto's)
+/// that speaks JSON 1.1 (`X-Amz-Target: AWSEvents.PutEvents`). Requests carry an
+/// unsigned `Authorization` header whose credential scope names the region and the
+/// service `events` (moto routes on it) and `x-moto-account-id` for the account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletionEvents {
+    /// `http://host:port`.
+    pub endpoint: String,
+    /// The region whose default bus gets the events; `None`: the gateway's own region,
+    /// as on AWS.
+    pub region: Option<String>,
+    /// The account whose bus gets the events (moto keeps one backend per account).
+    pub account: String,
+    /// The event bus (name or ARN); `None`: the default bus, as on AWS. A test stack on
+    /// a moto server that other tests share uses a bus of its own, so that its rule
+    /// does not also match the other stand-ins' events.
+    pub event_bus: Option<String>,
+}
+
+impl CompletionEvents {
+    /// Events to `endpoint`, in each gateway's region, for [`ACCOUNT_ID`].
+    pub fn to(endpoint: &str) -> CompletionEvents {
+        CompletionEvents {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            region: None,
+            account: ACCOUNT_ID.to_string(),
+            event_bus: None,
+        }
+    }
+
+    /// The same, on the event bus `bus`.
+    pub fn on_bus(mut self, bus: &str) -> CompletionEvents {
+        self.event_bus = Some(bus.to_string());
+        self
+    }
+}
+
+/// A completed refresh, and what became of its refresh-complete event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionEvent {
+    pub share_arn: String,
+    pub gateway_arn: String,
+    /// The `NotificationId` that `RefreshCache` returned.
+    pub notification_id: String,
+    /// As in the event: the refresh's effective `FolderList`.
+    pub folder_list: Vec<String>,
+    /// When the refresh was accepted.
+    pub started: SystemTime,
+    /// When it completed: its scheduled time, or when `complete_refreshes()` ran.
+    pub completed: SystemTime,
+    /// Whether [`SgwStandIn::complete_refreshes`] ended it before its time.
+    pub forced: bool,
+    /// `Resources` of the event: the share ARN, then the gateway ARN.
+    pub resources: Vec<String>,
+    /// `Detail` of the event, as a JSON object (sent as a string).
+    pub detail: Value,
+    /// The region whose bus the event went to; `None` when events were off.
+    pub region: Option<String>,
+    /// How many `PutEvents` calls the event gets: 0 (events off, or dropped), 1, or 2
+    /// (duplicated).
+    pub copies: u32,
+    /// Dropped by [`SgwStandIn::drop_next_completion_events`].
+    pub dropped: bool,
+    /// The `EventId`s that EventBridge returned, one per copy put.
+    pub event_ids: Vec<String>,
+    /// Why a copy could not be put.
+    pub errors: Vec<String>,
+}
+
+impl CompletionEvent {
+    /// Every copy has been put or has failed.
+    pub fn is_settled(&self) -> bool {
+        self.event_ids.len() + self.errors.len() >= self.copies as usize
+    }
 }
 
 /// Where the objects of a bucket live, for the cache model.
@@ -312,8 +462,45 @@ struct Share {
 
 struct InFlight {
     share_arn: String,
+    gateway_arn: String,
+    notification_id: String,
+    folder_list: Vec<String>,
+    started_at: SystemTime,
+    accepted: Instant,
+    /// The duration settings when the refresh was accepted.
+    base: Duration,
+    per_object: Duration,
+    /// The S3 listing is still running: the duration is not known yet.
+    listing: bool,
     /// `None`: completes only through `complete_refreshes()`.
     done_at: Option<Instant>,
+}
+
+impl InFlight {
+    /// Fixes the completion time once the listing work is known.
+    fn schedule(&mut self, objects_listed: u64) {
+        let per_object = self
+            .per_object
+            .checked_mul(u32::try_from(objects_listed).unwrap_or(u32::MAX));
+        self.done_at = per_object
+            .and_then(|extra| self.base.checked_add(extra))
+            .and_then(|d| self.accepted.checked_add(d));
+        self.listing = false;
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        !self.listing && self.done_at.is_some_and(|done| done <= now)
+    }
+}
+
+/// One refresh-complete event to put on the bus.
+struct Emission {
+    notification_id: String,
+    endpoint: String,
+    region: String,
+    account: String,
+    entry: Value,
+    copies: u32,
 }
 
 struct State {
@@ -322,9 +509,23 @@ struct State {
     next_id: u64,
     max_page_size: usize,
     refresh_duration: Duration,
+    refresh_time_per_object: Duration,
     in_flight: Vec<InFlight>,
     refreshes: Vec<RefreshRecord>,
     rejected_refreshes: usize,
+    /// `set_strict_limits`: the least time between accepted calls on one share.
+    min_interval: Option<Duration>,
+    /// When the last accepted `RefreshCache` on each share arrived.
+    last_accepted: HashMap<String, Instant>,
+    interval_violations: usize,
+    completion_events: Option<CompletionEvents>,
+    drop_events: u32,
+    duplicate_events: u32,
+    completions: Vec<CompletionEvent>,
+    /// To the emitter task; `None` in unit tests that have no runtime.
+    outbox: Option<UnboundedSender<Emission>>,
+    /// Wakes the completion timer when a deadline is added.
+    wake: Arc<Notify>,
     calls: Vec<RecordedCall>,
     failures: VecDeque<(String, InjectedFailure)>,
     /// Object sources by bucket name.
@@ -345,9 +546,19 @@ impl State {
             next_id: 1,
             max_page_size: DEFAULT_MAX_PAGE_SIZE,
             refresh_duration: DEFAULT_REFRESH_DURATION,
+            refresh_time_per_object: DEFAULT_REFRESH_TIME_PER_OBJECT,
             in_flight: Vec::new(),
             refreshes: Vec::new(),
             rejected_refreshes: 0,
+            min_interval: None,
+            last_accepted: HashMap::new(),
+            interval_violations: 0,
+            completion_events: None,
+            drop_events: 0,
+            duplicate_events: 0,
+            completions: Vec::new(),
+            outbox: None,
+            wake: Arc::new(Notify::new()),
             calls: Vec::new(),
             failures: VecDeque::new(),
             sources: HashMap::new(),
@@ -410,15 +621,103 @@ impl State {
             .filter(|s| region_of(&s.gateway_arn) == region)
     }
 
-    /// Drop refreshes that have completed by now.
-    fn prune_refreshes(&mut self) {
-        let now = Instant::now();
+    /// Completes the refreshes that are due by `now` (all of them when `force`), in
+    /// the order of their completion times: each leaves the in-flight list, gets its
+    /// completion record and, when events are on, its event queued for the bus.
+    fn complete_due(&mut self, now: Instant, force: bool) {
+        if !self.in_flight.iter().any(|r| force || r.due(now)) {
+            return;
+        }
+        let (mut done, rest): (Vec<InFlight>, Vec<InFlight>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|r| force || r.due(now));
+        self.in_flight = rest;
+        // Stable: refreshes due at the same instant keep their acceptance order.
+        done.sort_by_key(|r| r.done_at.filter(|d| *d <= now).unwrap_or(now));
+        for refresh in done {
+            self.complete(refresh, now);
+        }
+    }
+
+    fn complete(&mut self, refresh: InFlight, now: Instant) {
+        let (at, forced) = match refresh.done_at {
+            Some(done) if done <= now => (done, false),
+            _ => (now, true),
+        };
+        let completed = refresh.started_at + at.saturating_duration_since(refresh.accepted);
+        let detail = json!({
+            "event-type": REFRESH_EVENT_TYPE,
+            "notification-id": refresh.notification_id,
+            "started": rfc3339_millis(refresh.started_at),
+            "completed": rfc3339_millis(completed),
+            "folderList": refresh.folder_list,
+        });
+        let resources = vec![refresh.share_arn.clone(), refresh.gateway_arn.clone()];
+        let mut record = CompletionEvent {
+            share_arn: refresh.share_arn,
+            gateway_arn: refresh.gateway_arn,
+            notification_id: refresh.notification_id,
+            folder_list: refresh.folder_list,
+            started: refresh.started_at,
+            completed,
+            forced,
+            resources,
+            detail,
+            region: None,
+            copies: 0,
+            dropped: false,
+            event_ids: Vec::new(),
+            errors: Vec::new(),
+        };
+        if let Some(config) = self.completion_events.clone() {
+            let region = config
+                .region
+                .clone()
+                .unwrap_or_else(|| region_of(&record.gateway_arn).to_string());
+            record.region = Some(region.clone());
+            if self.drop_events > 0 {
+                self.drop_events -= 1;
+                record.dropped = true;
+            } else {
+                record.copies = if self.duplicate_events > 0 {
+                    self.duplicate_events -= 1;
+                    2
+                } else {
+                    1
+                };
+                let emission = Emission {
+                    notification_id: record.notification_id.clone(),
+                    endpoint: config.endpoint,
+                    region,
+                    account: config.account,
+                    entry: put_events_entry(&record, config.event_bus.as_deref()),
+                    copies: record.copies,
+                };
+                let sent = self
+                    .outbox
+                    .as_ref()
+                    .is_some_and(|outbox| outbox.send(emission).is_ok());
+                if !sent {
+                    record
+                        .errors
+                        .push("the stand-in's event emitter is not running".to_string());
+                }
+            }
+        }
+        self.completions.push(record);
+    }
+
+    /// The earliest scheduled completion, for the timer.
+    fn next_deadline(&self) -> Option<Instant> {
         self.in_flight
-            .retain(|r| r.done_at.is_none_or(|done| done > now));
+            .iter()
+            .filter(|r| !r.listing)
+            .filter_map(|r| r.done_at)
+            .min()
     }
 
     fn in_flight_for(&mut self, share_arn: &str) -> usize {
-        self.prune_refreshes();
+        self.complete_due(Instant::now(), false);
         self.in_flight
             .iter()
             .filter(|r| r.share_arn == share_arn)
@@ -536,6 +835,22 @@ impl ApiError {
         )
     }
 
+    /// Strict mode's answer to a call that came too soon after the previous accepted
+    /// call on the share (the real service does not reject these; see the module docs).
+    fn too_soon(share_arn: &str, since: Duration, min_interval: Duration) -> ApiError {
+        ApiError::invalid_request(
+            "ServiceUnavailable",
+            format!(
+                "RefreshCache was called on this file share {:.3} s after the previous \
+                 accepted call; wait at least {:.3} s between consecutive RefreshCache \
+                 calls on one file share (strict limits).",
+                since.as_secs_f64(),
+                min_interval.as_secs_f64()
+            ),
+            vec![("fileShareArn", share_arn.to_string())],
+        )
+    }
+
     fn internal_error() -> ApiError {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -578,12 +893,18 @@ impl ApiError {
 pub struct SgwStandIn {
     state: Arc<Mutex<State>>,
     server: JoinHandle<()>,
+    /// Completes refreshes when they are due.
+    timer: JoinHandle<()>,
+    /// Puts refresh-complete events on the bus, in completion order.
+    emitter: JoinHandle<()>,
     addr: SocketAddr,
 }
 
 impl Drop for SgwStandIn {
     fn drop(&mut self) {
         self.server.abort();
+        self.timer.abort();
+        self.emitter.abort();
     }
 }
 
@@ -597,11 +918,19 @@ impl SgwStandIn {
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<SgwStandIn> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::new()));
+        let (outbox, events) = unbounded_channel();
+        let mut st = State::new();
+        st.outbox = Some(outbox);
+        let wake = st.wake.clone();
+        let state = Arc::new(Mutex::new(st));
         let server = tokio::spawn(serve(listener, state.clone()));
+        let timer = tokio::spawn(run_timer(state.clone(), wake));
+        let emitter = tokio::spawn(run_emitter(state.clone(), events));
         Ok(SgwStandIn {
             state,
             server,
+            timer,
+            emitter,
             addr,
         })
     }
@@ -696,7 +1025,9 @@ impl SgwStandIn {
         let mut st = self.state();
         let before = st.shares.len();
         st.shares.retain(|s| s.arn != share_arn);
+        // A share that is gone completes nothing and emits no event.
         st.in_flight.retain(|r| r.share_arn != share_arn);
+        st.last_accepted.remove(share_arn);
         st.shares.len() != before
     }
 
@@ -705,15 +1036,86 @@ impl SgwStandIn {
         self.state().max_page_size = n.max(1);
     }
 
-    /// How long a refresh stays in flight (default 50 ms). Applies to refreshes started
-    /// afterwards. `Duration::MAX` means "until `complete_refreshes()`".
+    /// The base of how long a refresh stays in flight (default 50 ms); see
+    /// [`SgwStandIn::set_refresh_time_per_object`] for the rest. Applies to refreshes
+    /// started afterwards. `Duration::MAX` means "until `complete_refreshes()`".
     pub fn set_refresh_duration(&self, d: Duration) {
         self.state().refresh_duration = d;
     }
 
-    /// Finishes every in-flight refresh now.
+    /// What each object that a refresh lists adds to its duration (default zero): a
+    /// refresh completes `base + per_object × objects listed` after it was accepted
+    /// ([`ListingWork::objects_listed`]; a bucket without a source lists nothing).
+    /// Applies to refreshes started afterwards.
+    pub fn set_refresh_time_per_object(&self, per_object: Duration) {
+        self.state().refresh_time_per_object = per_object;
+    }
+
+    /// Finishes every in-flight refresh now (each gets its completion record and, when
+    /// events are on, its event), including one whose S3 listing is still running.
     pub fn complete_refreshes(&self) {
-        self.state().in_flight.clear();
+        self.state().complete_due(Instant::now(), true);
+    }
+
+    /// Strict limits: with `Some(min_interval)`, a `RefreshCache` on a share less than
+    /// `min_interval` after the previous accepted call on that share is rejected with
+    /// `InvalidGatewayRequestException` and counted in
+    /// [`SgwStandIn::interval_violations`]. `None` (the default) turns it off. The limit
+    /// of two refreshes in flight holds either way.
+    pub fn set_strict_limits(&self, min_interval: Option<Duration>) {
+        self.state().min_interval = min_interval;
+    }
+
+    /// Calls rejected by strict mode for coming too soon (a call that also met the
+    /// in-flight limit counts here and in [`SgwStandIn::rejected_refreshes`]).
+    pub fn interval_violations(&self) -> usize {
+        self.state().interval_violations
+    }
+
+    /// Where refresh-complete events go; `None` (the default) emits none. Applies to
+    /// refreshes that complete afterwards. Completions are recorded either way.
+    pub fn set_completion_events(&self, config: Option<CompletionEvents>) {
+        self.state().completion_events = config;
+    }
+
+    /// The events of the next `count` completions (while events are on) are lost: not
+    /// put on the bus at all. Repeated calls add up.
+    pub fn drop_next_completion_events(&self, count: u32) {
+        self.state().drop_events += count;
+    }
+
+    /// The events of the next `count` completions (while events are on, after any
+    /// drops) are put on the bus twice: two `PutEvents` calls with the same entry, so
+    /// the copies share the `notification-id` and have different EventBridge ids.
+    /// Repeated calls add up.
+    pub fn duplicate_next_completion_events(&self, count: u32) {
+        self.state().duplicate_events += count;
+    }
+
+    /// Every completion so far, in completion order, with what became of its event.
+    pub fn completion_events(&self) -> Vec<CompletionEvent> {
+        let mut st = self.state();
+        st.complete_due(Instant::now(), false);
+        st.completions.clone()
+    }
+
+    /// Waits until at least `count` refreshes have completed and every completion's
+    /// event has been put (or failed), or `timeout` passed; returns the completions.
+    pub async fn wait_for_completion_events(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<CompletionEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.completion_events();
+            if (events.len() >= count && events.iter().all(CompletionEvent::is_settled))
+                || Instant::now() >= deadline
+            {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Refreshes of `share_arn` still in flight.
@@ -755,14 +1157,18 @@ impl SgwStandIn {
         self.state().rejected_refreshes
     }
 
-    /// Forgets the recorded calls, the refresh records and the rejected count. Shares,
-    /// refreshes in flight, settings, queued failures, share caches and the listing
-    /// work counters stay (see [`SgwStandIn::reset_listing_work`]).
+    /// Forgets the recorded calls, the refresh records, the completion records and the
+    /// rejected and interval-violation counts. Shares, refreshes in flight (and the
+    /// time of each share's last accepted call), settings, queued failures and event
+    /// faults, share caches and the listing work counters stay (see
+    /// [`SgwStandIn::reset_listing_work`]).
     pub fn reset_calls(&self) {
         let mut st = self.state();
         st.calls.clear();
         st.refreshes.clear();
         st.rejected_refreshes = 0;
+        st.interval_violations = 0;
+        st.completions.clear();
     }
 
     /// Gives `bucket` an object source, which turns on the cache model for its shares.
@@ -923,6 +1329,187 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Completes refreshes when they are due: sleeps until the earliest completion time,
+/// or until a new refresh wakes it.
+async fn run_timer(state: Arc<Mutex<State>>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let mut st = lock(&state);
+            st.complete_due(Instant::now(), false);
+            st.next_deadline()
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// Puts queued refresh-complete events on the bus, one `PutEvents` per copy, in
+/// completion order, and records the outcome.
+async fn run_emitter(state: Arc<Mutex<State>>, mut events: UnboundedReceiver<Emission>) {
+    while let Some(emission) = events.recv().await {
+        for _ in 0..emission.copies {
+            let outcome = put_event(&emission).await;
+            if let Err(error) = &outcome {
+                tracing::warn!(%error, notification_id = %emission.notification_id,
+                    "sgw stand-in: could not put a refresh-complete event");
+            }
+            let mut st = lock(&state);
+            // Gone if reset_calls() ran in between.
+            if let Some(record) = st
+                .completions
+                .iter_mut()
+                .rev()
+                .find(|c| c.notification_id == emission.notification_id)
+            {
+                match outcome {
+                    Ok(id) => record.event_ids.push(id),
+                    Err(error) => record.errors.push(error),
+                }
+            }
+        }
+    }
+}
+
+/// The `PutEvents` entry of a completion.
+fn put_events_entry(record: &CompletionEvent, event_bus: Option<&str>) -> Value {
+    let time = record
+        .completed
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut entry = json!({
+        "Source": REFRESH_EVENT_SOURCE,
+        "DetailType": REFRESH_EVENT_DETAIL_TYPE,
+        "Resources": record.resources,
+        "Detail": record.detail.to_string(),
+        "Time": time,
+    });
+    if let (Some(bus), Value::Object(map)) = (event_bus, &mut entry) {
+        map.insert("EventBusName".into(), Value::String(bus.to_string()));
+    }
+    entry
+}
+
+/// One `PutEvents` with one entry; the `EventId` EventBridge gave it.
+async fn put_event(emission: &Emission) -> Result<String, String> {
+    let output = eventbridge_call(
+        &emission.endpoint,
+        &emission.region,
+        &emission.account,
+        "PutEvents",
+        &json!({ "Entries": [emission.entry] }),
+    )
+    .await?;
+    let entry = output
+        .get("Entries")
+        .and_then(Value::as_array)
+        .and_then(|entries| entries.first());
+    match entry.and_then(|e| e.get("EventId")).and_then(Value::as_str) {
+        Some(id) if output.get("FailedEntryCount").and_then(Value::as_u64) == Some(0) => {
+            Ok(id.to_string())
+        }
+        _ => Err(format!("PutEvents did not accept the entry: {output}")),
+    }
+}
+
+/// One EventBridge call (AWS JSON 1.1, `X-Amz-Target: AWSEvents.<operation>`) to
+/// `endpoint` (`http://host:port`, moto's), for `region` and `account`; the output
+/// JSON. The request is not signed: its `Authorization` header only carries the
+/// credential scope (`.../REGION/events/aws4_request`), from which moto takes the
+/// service and the region, and `x-moto-account-id` names the account.
+pub async fn eventbridge_call(
+    endpoint: &str,
+    region: &str,
+    account: &str,
+    operation: &str,
+    input: &Value,
+) -> Result<Value, String> {
+    let authority = endpoint
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|authority| !authority.is_empty())
+        .ok_or_else(|| {
+            format!("EventBridge endpoint {endpoint:?} is not an http://host:port URL")
+        })?;
+    let target = format!("{EVENTBRIDGE_TARGET_PREFIX}{operation}");
+    let date = rfc3339_millis(SystemTime::now())
+        .get(..10)
+        .unwrap_or("1970-01-01")
+        .replace('-', "");
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential=test/{date}/{region}/events/aws4_request, \
+         SignedHeaders=content-type;host;x-amz-target, Signature=0"
+    );
+    let body = input.to_string();
+    let response = crate::runtime_api::http_request_timeout(
+        authority,
+        "POST",
+        "/",
+        &[
+            ("content-type", JSON_CONTENT_TYPE),
+            ("x-amz-target", &target),
+            ("authorization", &authorization),
+            ("x-moto-account-id", account),
+        ],
+        body.as_bytes(),
+        EVENTBRIDGE_TIMEOUT,
+    )
+    .await
+    .map_err(|e| format!("EventBridge {operation}: {e}"))?;
+    if response.status != 200 {
+        return Err(format!(
+            "EventBridge {operation} answered HTTP {}: {}",
+            response.status,
+            response.text()
+        ));
+    }
+    // Operations without output (DeleteRule) answer with an empty body.
+    if response.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    response
+        .json()
+        .map_err(|e| format!("EventBridge {operation}: {e}"))
+}
+
+/// `2020-11-05T14:50:40.056Z` (UTC, milliseconds): the form of `started` and
+/// `completed` in the stand-in's refresh-complete events.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let in_day = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        in_day / 3600,
+        in_day % 3600 / 60,
+        in_day % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// The proleptic Gregorian date of a day number (days since 1970-01-01); Howard
+/// Hinnant's `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
@@ -1422,7 +2009,10 @@ fn share_info(s: &Share) -> Value {
 /// 3. each folder is a well-formed path relative to the share root (see
 ///    [`folder_problem`]). These rules are not in the model, so they are the service's
 ///    own check and answer `InvalidGatewayRequestException` (`InvalidParameters`);
-/// 4. fewer than two refreshes in flight on the share (`InvalidGatewayRequestException`).
+/// 4. in strict mode, the previous accepted call on the share was at least the minimum
+///    interval ago, and, in any mode, fewer than two refreshes are in flight on the
+///    share (`InvalidGatewayRequestException`; a call that breaks both is counted for
+///    both and answered with the interval message).
 ///
 /// Once accepted, a modelled bucket is listed right away; an S3 bucket is listed by the
 /// caller through `pending`, after the lock is released.
@@ -1464,6 +2054,7 @@ fn refresh_cache(
         return Err(ApiError::share_not_found(&share_arn));
     };
     let location_arn = share.location_arn.clone();
+    let gateway_arn = share.gateway_arn.clone();
     for folder in folders.iter().flatten() {
         if let Some(problem) = folder_problem(folder) {
             return Err(ApiError::invalid_request(
@@ -1473,18 +2064,48 @@ fn refresh_cache(
             ));
         }
     }
-    if st.in_flight_for(&share_arn) >= MAX_REFRESHES_IN_FLIGHT {
+    let now = Instant::now();
+    let too_soon = st.min_interval.and_then(|min| {
+        let since = now.saturating_duration_since(*st.last_accepted.get(&share_arn)?);
+        (since < min).then(|| ApiError::too_soon(&share_arn, since, min))
+    });
+    let busy = st.in_flight_for(&share_arn) >= MAX_REFRESHES_IN_FLIGHT;
+    if too_soon.is_some() {
+        st.interval_violations += 1;
+    }
+    if busy {
         st.rejected_refreshes += 1;
+    }
+    if let Some(error) = too_soon {
+        return Err(error);
+    }
+    if busy {
         return Err(ApiError::too_many_refreshes(&share_arn));
     }
 
-    let done_at = Instant::now().checked_add(st.refresh_duration);
-    st.in_flight.push(InFlight {
-        share_arn: share_arn.clone(),
-        done_at,
-    });
+    st.last_accepted.insert(share_arn.clone(), now);
     let notification_id = st.notification_id();
     let folder_list = folders.unwrap_or_else(|| vec!["/".to_string()]);
+    let started_at = SystemTime::now();
+    let bucket = bucket_in(&st.access_points, &location_arn).unwrap_or_default();
+    let source = st.sources.get(&bucket).cloned();
+    let mut in_flight = InFlight {
+        share_arn: share_arn.clone(),
+        gateway_arn,
+        notification_id: notification_id.clone(),
+        folder_list: folder_list.clone(),
+        started_at,
+        accepted: now,
+        base: st.refresh_duration,
+        per_object: st.refresh_time_per_object,
+        listing: source.is_some(),
+        done_at: None,
+    };
+    if source.is_none() {
+        in_flight.schedule(0);
+    }
+    st.in_flight.push(in_flight);
+    st.wake.notify_one();
     let share_prefix = prefix_of(&location_arn);
     let jobs: Vec<FolderJob> = folder_list
         .iter()
@@ -1495,13 +2116,12 @@ fn refresh_cache(
         folder_list,
         recursive,
         notification_id: notification_id.clone(),
-        started_at: SystemTime::now(),
+        started_at,
         work: ListingWork::default(),
         listing_error: None,
     });
 
-    let bucket = bucket_in(&st.access_points, &location_arn).unwrap_or_default();
-    match st.sources.get(&bucket).cloned() {
+    match source {
         None => {}
         Some(BucketSource::Model(model)) => {
             let outcomes = jobs
@@ -1574,6 +2194,16 @@ fn finish_refresh(
     }
     *st.work_by_share.entry(share_arn.to_string()).or_default() += work;
     st.total_work += work;
+    // Now the duration is known. (Gone if the share was removed or the refresh was
+    // forced to complete while S3 was being listed.)
+    if let Some(refresh) = st
+        .in_flight
+        .iter_mut()
+        .find(|r| r.notification_id == notification_id)
+    {
+        refresh.schedule(work.objects_listed);
+        st.wake.notify_one();
+    }
     // The record is gone if reset_calls() ran while S3 was being listed.
     if let Some(record) = st
         .refreshes
@@ -1764,6 +2394,46 @@ fn view_of(share: &Share) -> (BTreeSet<String>, BTreeSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        let at = |ms: u64| rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(1_604_587_840_056), "2020-11-05T14:50:40.056Z");
+        assert_eq!(at(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn completion_time_grows_with_the_objects_listed() {
+        let accepted = Instant::now();
+        let mut refresh = InFlight {
+            share_arn: "s".into(),
+            gateway_arn: "g".into(),
+            notification_id: "n".into(),
+            folder_list: vec!["/".into()],
+            started_at: SystemTime::now(),
+            accepted,
+            base: Duration::from_millis(100),
+            per_object: Duration::from_millis(3),
+            listing: true,
+            done_at: None,
+        };
+        assert!(
+            !refresh.due(accepted + Duration::from_secs(3600)),
+            "still listing"
+        );
+        refresh.schedule(10);
+        assert_eq!(refresh.done_at, Some(accepted + Duration::from_millis(130)));
+        assert!(refresh.due(accepted + Duration::from_millis(130)));
+        assert!(!refresh.due(accepted + Duration::from_millis(129)));
+        refresh.base = Duration::MAX;
+        refresh.schedule(0);
+        assert_eq!(
+            refresh.done_at, None,
+            "Duration::MAX never completes on its own"
+        );
+    }
 
     #[test]
     fn markers_round_trip_and_reject_garbage() {

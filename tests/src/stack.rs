@@ -6,11 +6,14 @@
 
 use crate::aws::{
     lambda_aws_env, lambda_sqs_event, s3_events_of, sdk_config, unique_name, BoxError, Clients,
+    ACCOUNT_ID, REGION,
 };
 use crate::moto::Moto;
 use crate::runtime_api::{Invocation, LambdaProcess, LambdaSpawn};
 use crate::s3control::S3ControlForwarder;
-use crate::sgw_standin::SgwStandIn;
+use crate::sgw_standin::{
+    eventbridge_call, CompletionEvents, SgwStandIn, REFRESH_EVENT_DETAIL_TYPE, REFRESH_EVENT_SOURCE,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -45,6 +48,17 @@ pub struct StackOptions {
     /// (`PREFIX`, `PREFIXActionQueue`, `PREFIXActionDLQ`, `PREFIXAggregatorDLQ`), so
     /// the scripts can be run against this stack. Unique names when `None`.
     pub prefix: Option<String>,
+    /// The gateway's refresh-complete events: an EventBridge rule in moto
+    /// (`PREFIXRefreshCompleted`, or a unique name) sends `aws.storagegateway` "Storage
+    /// Gateway Refresh Cache Event"s to the action queue, and the stand-in puts one on
+    /// the bus per completed refresh. The event source mapping then feeds them to the
+    /// refresher with the refresh messages (their bodies are EventBridge events; they
+    /// have no message attributes). The rule and the stand-in use an event bus of the
+    /// stack's own (named like the rule), not the default bus, because tests share
+    /// one moto server: a rule on the default bus would also take the events of the
+    /// other tests' stand-ins. Gateways in other regions than [`REGION`] put their
+    /// events on that region's bus, where the stack has no rule. Off by default.
+    pub completion_events: bool,
 }
 
 impl Default for StackOptions {
@@ -54,6 +68,7 @@ impl Default for StackOptions {
             log_level: "INFO".to_string(),
             extra_env: Vec::new(),
             prefix: None,
+            completion_events: false,
         }
     }
 }
@@ -70,6 +85,9 @@ pub struct Stack {
     pub action_queue_arn: String,
     /// S3 notifications of the stack's buckets land here.
     pub events_queue_url: String,
+    /// The EventBridge rule for the refresh-complete events, on the event bus of the
+    /// same name in [`REGION`], when `options.completion_events`.
+    pub completion_rule: Option<String>,
     pub aggregator: LambdaProcess,
     pub refresher: LambdaProcess,
     pub options: StackOptions,
@@ -132,6 +150,18 @@ impl Stack {
         let action_queue_url = clients.create_queue(&action_queue).await?;
         let action_queue_arn = clients.queue_arn(&action_queue_url).await?;
         let events_queue_url = clients.create_queue(&unique_name("s3-events")).await?;
+        let completion_rule = if options.completion_events {
+            let rule = match &options.prefix {
+                Some(prefix) => format!("{prefix}RefreshCompleted"),
+                None => unique_name("RefreshCompleted"),
+            };
+            route_completion_events(moto.endpoint(), &rule, &action_queue_arn).await?;
+            gateway
+                .set_completion_events(Some(CompletionEvents::to(moto.endpoint()).on_bus(&rule)));
+            Some(rule)
+        } else {
+            None
+        };
 
         let mut env = lambda_aws_env(moto.endpoint(), &gateway.endpoint());
         env.push(("AWS_ENDPOINT_URL_S3_CONTROL".into(), s3control.endpoint()));
@@ -163,6 +193,7 @@ impl Stack {
             action_queue_url,
             action_queue_arn,
             events_queue_url,
+            completion_rule,
             aggregator,
             refresher,
             options,
@@ -310,6 +341,46 @@ impl Stack {
     /// How long to wait for a window's message: the delay plus moto's and our slack.
     pub fn window_wait(&self) -> Duration {
         Duration::from_secs(u64::from(self.options.refresh_delay_seconds) + 10)
+    }
+}
+
+/// Creates the event bus `rule` in moto, in [`REGION`], and on it the rule `rule` that
+/// sends the gateway's refresh-complete events to `queue_arn`.
+async fn route_completion_events(
+    moto_endpoint: &str,
+    rule: &str,
+    queue_arn: &str,
+) -> Result<(), BoxError> {
+    let pattern = serde_json::json!({
+        "source": [REFRESH_EVENT_SOURCE],
+        "detail-type": [REFRESH_EVENT_DETAIL_TYPE],
+    });
+    let call = |operation: &'static str, input: Value| async move {
+        eventbridge_call(moto_endpoint, REGION, ACCOUNT_ID, operation, &input).await
+    };
+    call("CreateEventBus", serde_json::json!({ "Name": rule })).await?;
+    call(
+        "PutRule",
+        serde_json::json!({
+            "Name": rule,
+            "EventBusName": rule,
+            "EventPattern": pattern.to_string(),
+            "State": "ENABLED",
+        }),
+    )
+    .await?;
+    let out = call(
+        "PutTargets",
+        serde_json::json!({
+            "Rule": rule,
+            "EventBusName": rule,
+            "Targets": [{"Id": "ActionQueue", "Arn": queue_arn}],
+        }),
+    )
+    .await?;
+    match out.get("FailedEntryCount").and_then(Value::as_u64) {
+        Some(0) | None => Ok(()),
+        Some(_) => Err(format!("PutTargets on {rule} failed: {out}").into()),
     }
 }
 

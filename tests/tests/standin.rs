@@ -16,8 +16,11 @@ use aws_sdk_storagegateway::Client;
 use integration_tests::aws::{sdk_config, unique_name, Clients};
 use integration_tests::moto::Moto;
 use integration_tests::sgw_standin::{
-    BucketModel, BucketSource, InjectedFailure, ListingWork, RefreshRecord, SgwStandIn, ShareKind,
+    eventbridge_call, rfc3339_millis, BucketModel, BucketSource, CompletionEvent, CompletionEvents,
+    InjectedFailure, ListingWork, RefreshRecord, SgwStandIn, ShareKind, ACCOUNT_ID,
+    REFRESH_EVENT_DETAIL_TYPE, REFRESH_EVENT_SOURCE,
 };
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn client_with(standin: &SgwStandIn, retry: Option<RetryConfig>) -> Client {
@@ -1454,4 +1457,531 @@ async fn s3_source_pages_at_1000_entries() {
     assert_eq!(record.work, work(1001, 0, 2));
     assert_eq!(sgw.share_view(&share), s3_keys(&s3, &bucket, "").await);
     assert_eq!(sgw.share_view(&share).len(), 1001);
+}
+
+// ---- completion: its time, the in-flight limit, strict mode, refresh-complete events ----
+
+/// A share on a bucket without a source, on a stand-in whose refreshes take `base`.
+async fn timed_standin(base: Duration) -> (SgwStandIn, Client, String, String) {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(base);
+    let gw = sgw.add_gateway("gw");
+    let share = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::plain");
+    let sg = client_no_retry(&sgw).await;
+    (sgw, sg, gw, share)
+}
+
+/// One RefreshCache of the whole share; its NotificationId, or the error.
+async fn try_refresh(sg: &Client, share: &str) -> Result<String, SdkError<RefreshCacheError>> {
+    sg.refresh_cache()
+        .file_share_arn(share)
+        .send()
+        .await
+        .map(|out| out.notification_id().unwrap_or_default().to_string())
+}
+
+fn is_busy(result: &Result<String, SdkError<RefreshCacheError>>) -> bool {
+    match result {
+        Err(SdkError::ServiceError(e)) => e.err().is_invalid_gateway_request_exception(),
+        _ => false,
+    }
+}
+
+fn completed_after_start(event: &CompletionEvent) -> Duration {
+    event
+        .completed
+        .duration_since(event.started)
+        .expect("completed after started")
+}
+
+#[tokio::test]
+async fn the_in_flight_limit_frees_exactly_when_a_refresh_completes() {
+    let (sgw, sg, _gw, a) = timed_standin(Duration::from_millis(600)).await;
+    let t0 = std::time::Instant::now();
+    let first = try_refresh(&sg, &a).await.expect("1st");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = try_refresh(&sg, &a).await.expect("2nd");
+    let third = try_refresh(&sg, &a).await;
+    assert!(is_busy(&third), "3rd while two in flight: {third:?}");
+    assert_eq!(sgw.rejected_refreshes(), 1);
+
+    // Completions only grow and the in-flight count only shrinks, and each completion
+    // is one refresh fewer in flight: in_flight == 2 - completions at every instant.
+    // Reading the completions before and after the count brackets it, race-free.
+    let mut seen_one = false;
+    while sgw.completion_events().len() < 2 {
+        let before = sgw.completion_events().len();
+        let in_flight = sgw.in_flight_refreshes(&a);
+        let after = sgw.completion_events().len();
+        assert!(
+            2 - after <= in_flight && in_flight <= 2 - before,
+            "{before} completed, {in_flight} in flight, {after} completed"
+        );
+        if after == 1 && !seen_one {
+            seen_one = true;
+            // The first one completed: a call is accepted at once, and then the share
+            // is full again.
+            assert!(t0.elapsed() >= Duration::from_millis(600));
+            try_refresh(&sg, &a)
+                .await
+                .expect("accepted once one completed");
+            let busy = try_refresh(&sg, &a).await;
+            assert!(is_busy(&busy), "full again: {busy:?}");
+            assert_eq!(sgw.rejected_refreshes(), 2);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(seen_one);
+
+    let events = sgw
+        .wait_for_completion_events(3, Duration::from_secs(5))
+        .await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0].notification_id, first);
+    assert_eq!(events[1].notification_id, second);
+    for event in &events {
+        assert_eq!(completed_after_start(event), Duration::from_millis(600));
+        assert!(!event.forced);
+        // Events are off by default: recorded, not sent.
+        assert_eq!(
+            (event.region.as_deref(), event.copies, event.dropped),
+            (None, 0, false)
+        );
+        assert!(event.event_ids.is_empty() && event.errors.is_empty());
+        assert!(event.is_settled());
+    }
+    assert_eq!(sgw.in_flight_refreshes(&a), 0);
+
+    // complete_refreshes() still forces completion, and records it as forced.
+    sgw.set_refresh_duration(Duration::from_secs(3600));
+    let forced = try_refresh(&sg, &a).await.expect("accepted");
+    assert_eq!(sgw.in_flight_refreshes(&a), 1);
+    sgw.complete_refreshes();
+    assert_eq!(sgw.in_flight_refreshes(&a), 0);
+    let events = sgw.completion_events();
+    let last = events.last().expect("a completion");
+    assert_eq!(last.notification_id, forced);
+    assert!(last.forced);
+    assert!(completed_after_start(last) < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn refresh_duration_grows_with_the_objects_listed() {
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_millis(200));
+    sgw.set_refresh_time_per_object(Duration::from_millis(5));
+    let gw = sgw.add_gateway("gw");
+    // 100 objects in dir00000, 100 in dir00001.
+    sgw.set_bucket_source("b", BucketSource::Model(BucketModel::with_objects(200, 2)));
+    let small = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    let big = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("b"));
+    let plain = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn("unmodelled"));
+    let sg = client_no_retry(&sgw).await;
+
+    let t0 = std::time::Instant::now();
+    // The root, delimited: two prefixes, no objects; 200 ms.
+    let r_small = refresh(&sgw, &sg, &small, &["/"], false).await;
+    assert_eq!(r_small.work.objects_listed, 0);
+    // One folder recursively and the root recursively: 100 + 200 objects; 200 + 1500 ms.
+    let r_big = refresh(&sgw, &sg, &big, &["/dir00000", "/"], true).await;
+    assert_eq!(r_big.work.objects_listed, 300);
+    // No source: no listing, the base only.
+    let r_plain = refresh(&sgw, &sg, &plain, &["/"], true).await;
+    assert_eq!(r_plain.work, ListingWork::default());
+
+    let events = sgw
+        .wait_for_completion_events(2, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        events.len(),
+        2,
+        "the big refresh is still running: {events:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_millis(1700));
+    assert_eq!(sgw.in_flight_refreshes(&big), 1);
+    assert_eq!(sgw.in_flight_refreshes(&small), 0);
+
+    let events = sgw
+        .wait_for_completion_events(3, Duration::from_secs(5))
+        .await;
+    assert!(t0.elapsed() >= Duration::from_millis(1700));
+    assert_eq!(sgw.in_flight_refreshes(&big), 0);
+    let by_id = |id: &str| {
+        events
+            .iter()
+            .find(|e| e.notification_id == id)
+            .cloned()
+            .expect("completed")
+    };
+    let e_small = by_id(&r_small.notification_id);
+    let e_big = by_id(&r_big.notification_id);
+    let e_plain = by_id(&r_plain.notification_id);
+    assert_eq!(completed_after_start(&e_small), Duration::from_millis(200));
+    assert_eq!(completed_after_start(&e_plain), Duration::from_millis(200));
+    assert_eq!(completed_after_start(&e_big), Duration::from_millis(1700));
+    assert_eq!(
+        events[2].notification_id, r_big.notification_id,
+        "completes last"
+    );
+    assert_eq!(e_big.folder_list, vec!["/dir00000", "/"]);
+    assert_eq!(e_big.started, r_big.started_at);
+}
+
+#[tokio::test]
+async fn an_s3_refresh_is_timed_from_its_listing() {
+    let (_moto, s3, bucket) = moto_bucket(&["a/1", "a/2", "a/3", "b/4"]).await;
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::ZERO);
+    sgw.set_refresh_time_per_object(Duration::from_millis(100));
+    let gw = sgw.add_gateway("gw");
+    sgw.set_bucket_source(&bucket, BucketSource::S3(s3));
+    let share = sgw.add_share(&gw, ShareKind::Nfs, &bucket_arn(&bucket));
+    let sg = client_no_retry(&sgw).await;
+
+    let record = refresh(&sgw, &sg, &share, &["/a"], false).await;
+    assert_eq!(record.work.objects_listed, 3);
+    // Not complete at the zero base: the listing decides.
+    assert_eq!(sgw.in_flight_refreshes(&share), 1);
+    let events = sgw
+        .wait_for_completion_events(1, Duration::from_secs(5))
+        .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        completed_after_start(&events[0]),
+        Duration::from_millis(300)
+    );
+    assert_eq!(sgw.in_flight_refreshes(&share), 0);
+}
+
+#[tokio::test]
+async fn strict_limits_reject_a_call_that_comes_too_soon() {
+    let (sgw, sg, gw, a) = timed_standin(Duration::ZERO).await;
+    let b = sgw.add_share(&gw, ShareKind::Smb, "arn:aws:s3:::other");
+    // Off by default: back-to-back calls are accepted.
+    try_refresh(&sg, &a).await.expect("1st");
+    try_refresh(&sg, &a).await.expect("2nd, not strict");
+    assert_eq!(sgw.interval_violations(), 0);
+
+    sgw.set_strict_limits(Some(Duration::from_millis(600)));
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    try_refresh(&sg, &a)
+        .await
+        .expect("600 ms after the last one");
+    // Taken after the accepted call, so that t0 + 620 ms is surely 600 ms after it.
+    let t0 = std::time::Instant::now();
+    let too_soon = try_refresh(&sg, &a).await;
+    match too_soon {
+        Err(SdkError::ServiceError(e)) => {
+            assert_eq!(e.raw().status().as_u16(), 400);
+            match e.into_err() {
+                RefreshCacheError::InvalidGatewayRequestException(e) => {
+                    let message = e.message().unwrap_or_default();
+                    assert!(
+                        message.contains("after the previous accepted call")
+                            && message.contains("0.600 s"),
+                        "{message}"
+                    );
+                    assert_eq!(
+                        error_code(e.error()),
+                        Some("ServiceUnavailable".to_string())
+                    );
+                }
+                other => panic!("expected InvalidGatewayRequestException, got {other:?}"),
+            }
+        }
+        other => panic!("expected a service error, got {other:?}"),
+    }
+    assert_eq!(sgw.interval_violations(), 1);
+    assert_eq!(sgw.rejected_refreshes(), 0, "not the in-flight limit");
+    // Per share.
+    try_refresh(&sg, &b).await.expect("another share");
+
+    // The interval runs from the previous *accepted* call: a rejected one does not
+    // restart it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(is_busy(&try_refresh(&sg, &a).await));
+    assert_eq!(sgw.interval_violations(), 2);
+    let wait = Duration::from_millis(620).saturating_sub(t0.elapsed());
+    tokio::time::sleep(wait).await;
+    try_refresh(&sg, &a)
+        .await
+        .expect("600 ms after the accepted call, 300 ms after the rejected one");
+    assert_eq!(sgw.interval_violations(), 2);
+    let calls = sgw.calls_to("RefreshCache");
+    assert_eq!(calls, 7);
+    assert_eq!(sgw.refreshes().len(), 5);
+
+    // Off again.
+    sgw.set_strict_limits(None);
+    try_refresh(&sg, &a).await.expect("not strict");
+    sgw.reset_calls();
+    assert_eq!(sgw.interval_violations(), 0);
+}
+
+// ---- refresh-complete events through moto's EventBridge ----
+
+/// An SQS queue in moto that a rule on `bus` (`None`: the default bus) fills with the
+/// refresh-complete events of `shares` only (moto is shared by the tests). Returns the
+/// queue URL and the rule, for [`remove_rule`].
+async fn event_queue(
+    moto: &Moto,
+    clients: &Clients,
+    bus: Option<&str>,
+    shares: &[&str],
+) -> (String, String) {
+    let url = clients
+        .create_queue(&unique_name("sgw-events"))
+        .await
+        .expect("queue");
+    let arn = clients.queue_arn(&url).await.expect("queue arn");
+    let rule = unique_name("RefreshCompleted");
+    let call = |operation: &'static str, input: Value| async move {
+        eventbridge_call(moto.endpoint(), "us-east-1", ACCOUNT_ID, operation, &input)
+            .await
+            .unwrap_or_else(|e| panic!("{operation}: {e}"))
+    };
+    if let Some(bus) = bus {
+        call("CreateEventBus", json!({ "Name": bus })).await;
+    }
+    let pattern = json!({
+        "source": [REFRESH_EVENT_SOURCE],
+        "detail-type": [REFRESH_EVENT_DETAIL_TYPE],
+        "resources": shares,
+    });
+    call(
+        "PutRule",
+        json!({"Name": rule, "EventBusName": bus, "EventPattern": pattern.to_string()}),
+    )
+    .await;
+    call(
+        "PutTargets",
+        json!({"Rule": rule, "EventBusName": bus, "Targets": [{"Id": "q", "Arn": arn}]}),
+    )
+    .await;
+    (url, rule)
+}
+
+async fn remove_rule(moto: &Moto, rule: &str, bus: Option<&str>) {
+    for (operation, input) in [
+        (
+            "RemoveTargets",
+            json!({"Rule": rule, "EventBusName": bus, "Ids": ["q"]}),
+        ),
+        ("DeleteRule", json!({"Name": rule, "EventBusName": bus})),
+    ] {
+        eventbridge_call(moto.endpoint(), "us-east-1", ACCOUNT_ID, operation, &input)
+            .await
+            .unwrap_or_else(|e| panic!("{operation}: {e}"));
+    }
+}
+
+/// The bodies of the messages that arrive on `url` within `wait` (at least `expected`
+/// of them, or all that came).
+async fn event_bodies(clients: &Clients, url: &str, expected: usize, wait: Duration) -> Vec<Value> {
+    let messages = clients.drain(url, expected, wait).await.expect("receive");
+    for m in &messages {
+        assert!(
+            m.message_attributes().is_none_or(|a| a.is_empty()),
+            "EventBridge sends no message attributes: {m:?}"
+        );
+    }
+    messages
+        .iter()
+        .map(|m| serde_json::from_str(m.body().expect("a body")).expect("JSON body"))
+        .collect()
+}
+
+fn is_event_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    s.len() == 24
+        && s.ends_with('Z')
+        && [4, 7].iter().all(|&i| b[i] == b'-')
+        && b[10] == b'T'
+        && [13, 16].iter().all(|&i| b[i] == b':')
+        && b[19] == b'.'
+        && s.chars()
+            .enumerate()
+            .all(|(i, c)| [4, 7, 10, 13, 16, 19, 23].contains(&i) || c.is_ascii_digit())
+}
+
+#[tokio::test]
+async fn refresh_complete_events_reach_sqs_through_eventbridge_in_the_documented_shape() {
+    let moto = Moto::start().await.expect("moto starts");
+    let clients = Clients::new(&sdk_config(moto.endpoint()).await);
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::from_millis(150));
+    sgw.set_completion_events(Some(CompletionEvents::to(moto.endpoint())));
+    let gw = sgw.add_gateway("gw");
+    let a = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::events-a");
+    let b = sgw.add_share(&gw, ShareKind::Smb, "arn:aws:s3:::events-b/data/");
+    // A gateway in another region puts its events on that region's bus.
+    let gw_eu = sgw.add_gateway_in("eu-west-1", "gw-eu");
+    let c = sgw.add_share(&gw_eu, ShareKind::Nfs, "arn:aws:s3:::events-c");
+    // The default bus, as a real gateway uses; the rule only takes these shares' events.
+    let (url, rule) = event_queue(&moto, &clients, None, &[&a, &b, &c]).await;
+
+    let sg = client_no_retry(&sgw).await;
+    let id_a = sg
+        .refresh_cache()
+        .file_share_arn(&a)
+        .folder_list("/x")
+        .folder_list("/y/z")
+        .recursive(false)
+        .send()
+        .await
+        .expect("refresh a")
+        .notification_id()
+        .expect("id")
+        .to_string();
+    let id_b = try_refresh(&sg, &b).await.expect("refresh b");
+    let eu = Client::from_conf(
+        sg.config()
+            .to_builder()
+            .region(Region::new("eu-west-1"))
+            .build(),
+    );
+    let id_c = try_refresh(&eu, &c).await.expect("refresh c");
+    assert_eq!(
+        sgw.completion_events().len(),
+        0,
+        "no event before completion"
+    );
+
+    let records = sgw
+        .wait_for_completion_events(3, Duration::from_secs(10))
+        .await;
+    assert_eq!(records.len(), 3);
+    for record in &records {
+        assert!(
+            record.is_settled() && record.errors.is_empty(),
+            "{record:?}"
+        );
+        assert_eq!(record.copies, 1);
+        assert_eq!(record.event_ids.len(), 1);
+    }
+    let record_c = records
+        .iter()
+        .find(|r| r.notification_id == id_c)
+        .expect("c completed");
+    assert_eq!(record_c.region.as_deref(), Some("eu-west-1"));
+
+    // Only a and b reach the us-east-1 queue; c went to eu-west-1, where no rule is.
+    let bodies = event_bodies(&clients, &url, 3, Duration::from_secs(4)).await;
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    for (share, gateway, id, folders) in [
+        (&a, &gw, &id_a, json!(["/x", "/y/z"])),
+        (&b, &gw, &id_b, json!(["/"])),
+    ] {
+        let event = bodies
+            .iter()
+            .find(|e| e["detail"]["notification-id"] == json!(id))
+            .unwrap_or_else(|| panic!("no event for {share}: {bodies:#?}"));
+        let record = records
+            .iter()
+            .find(|r| &r.notification_id == id)
+            .expect("recorded");
+        assert_eq!(event["version"], "0");
+        assert_eq!(event["id"], json!(record.event_ids[0]));
+        assert_eq!(event["source"], "aws.storagegateway");
+        assert_eq!(event["detail-type"], "Storage Gateway Refresh Cache Event");
+        assert_eq!(event["region"], "us-east-1");
+        // moto 5.2.1's SQS target leaves `account` out; AWS sends it.
+        assert!(event.get("account").is_none_or(|v| v == ACCOUNT_ID));
+        assert_eq!(event["resources"], json!([share, gateway]));
+        let detail = &event["detail"];
+        assert_eq!(detail["event-type"], "refresh-complete");
+        assert_eq!(detail["folderList"], folders);
+        let started = detail["started"].as_str().expect("started");
+        let completed = detail["completed"].as_str().expect("completed");
+        assert!(is_event_timestamp(started), "{started}");
+        assert!(is_event_timestamp(completed), "{completed}");
+        assert_eq!(started, rfc3339_millis(record.started));
+        assert_eq!(completed, rfc3339_millis(record.completed));
+        assert!(started < completed);
+        // `time` is the completion, to the second.
+        assert_eq!(event["time"].as_str().map(|t| t.len()), Some(20), "{event}");
+        assert_eq!(
+            event["time"].as_str().map(|t| &t[..19]),
+            Some(&completed[..19])
+        );
+        assert_eq!(
+            record.detail, *detail,
+            "the record keeps the detail that was sent"
+        );
+    }
+    remove_rule(&moto, &rule, None).await;
+}
+
+#[tokio::test]
+async fn refresh_complete_events_can_be_dropped_and_duplicated() {
+    let moto = Moto::start().await.expect("moto starts");
+    let clients = Clients::new(&sdk_config(moto.endpoint()).await);
+    let bus = unique_name("sgw-faults");
+    let sgw = standin().await;
+    sgw.set_refresh_duration(Duration::ZERO);
+    sgw.set_completion_events(Some(CompletionEvents::to(moto.endpoint()).on_bus(&bus)));
+    let gw = sgw.add_gateway("gw");
+    let share = sgw.add_share(&gw, ShareKind::Nfs, "arn:aws:s3:::faults");
+    let (url, rule) = event_queue(&moto, &clients, Some(&bus), &[&share]).await;
+    let sg = client_no_retry(&sgw).await;
+
+    sgw.drop_next_completion_events(1);
+    sgw.duplicate_next_completion_events(1);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        ids.push(try_refresh(&sg, &share).await.expect("accepted"));
+        let records = sgw
+            .wait_for_completion_events(n, Duration::from_secs(10))
+            .await;
+        assert_eq!(records.len(), n);
+    }
+    let records = sgw.completion_events();
+    let (dropped, doubled, plain) = (&records[0], &records[1], &records[2]);
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r.notification_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert!(dropped.dropped);
+    assert_eq!((dropped.copies, dropped.event_ids.len()), (0, 0));
+    assert!(!doubled.dropped);
+    assert_eq!((doubled.copies, doubled.event_ids.len()), (2, 2));
+    assert_ne!(doubled.event_ids[0], doubled.event_ids[1]);
+    assert_eq!((plain.copies, plain.event_ids.len()), (1, 1));
+    assert!(records
+        .iter()
+        .all(|r| r.errors.is_empty() && r.is_settled()));
+
+    // Three messages on the queue: none for the dropped event, two for the doubled one.
+    let bodies = event_bodies(&clients, &url, 4, Duration::from_secs(4)).await;
+    assert_eq!(bodies.len(), 3, "{bodies:#?}");
+    let count = |id: &str| {
+        bodies
+            .iter()
+            .filter(|e| e["detail"]["notification-id"] == json!(id))
+            .count()
+    };
+    assert_eq!((count(&ids[0]), count(&ids[1]), count(&ids[2])), (0, 2, 1));
+    let copies: Vec<&Value> = bodies
+        .iter()
+        .filter(|e| e["detail"]["notification-id"] == json!(ids[1]))
+        .collect();
+    assert_eq!(copies[0]["detail"], copies[1]["detail"], "same event twice");
+    assert_ne!(copies[0]["id"], copies[1]["id"]);
+
+    // Events off again: completions are still recorded, nothing is sent.
+    sgw.set_completion_events(None);
+    try_refresh(&sg, &share).await.expect("accepted");
+    let records = sgw
+        .wait_for_completion_events(4, Duration::from_secs(5))
+        .await;
+    assert_eq!(records.len(), 4);
+    assert_eq!((records[3].region.as_deref(), records[3].copies), (None, 0));
+    assert!(event_bodies(&clients, &url, 1, Duration::from_secs(2))
+        .await
+        .is_empty());
+    remove_rule(&moto, &rule, Some(&bus)).await;
 }

@@ -157,6 +157,7 @@ pub async fn measure_mode(mode: &LogMode) -> Result<LogRow, BoxError> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         prefix: None,
+        ..Default::default()
     })
     .await?;
     let bucket = stack.create_bucket("logbytes").await?;
