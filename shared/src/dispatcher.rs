@@ -289,14 +289,17 @@ where
                                 }
                                 GatewayError::Busy { message } => {
                                     // Back to pending; the next round waits for the
-                                    // interval and leaves a wake-up.
+                                    // back-off and leaves a wake-up.
                                     warn!(share = %share_arn, %message, "Refresh throttled; the folders wait for the next allowed call");
                                     metrics.count(
                                         Some(&state.bucket),
                                         name::REFRESHES_THROTTLED,
                                         1,
                                     );
-                                    self.update_share(share_arn, None, put_back).await?;
+                                    self.update_share(share_arn, None, |s: &mut ShareState| {
+                                        s.refused(&claim, now)
+                                    })
+                                    .await?;
                                 }
                                 other => {
                                     self.update_share(share_arn, None, put_back).await?;
@@ -310,10 +313,10 @@ where
         }
     }
 
-    /// Hands what a gone share owed to the bucket's other shares, on a share map
-    /// resolved anew (a share recreated under a new ARN is in it). Conservative: the
-    /// other shares that already had these changes list them again, which costs a
-    /// little listing only when a share disappears.
+    /// Hands what a gone share owed to the bucket's shares that the scheduler has not
+    /// met yet, on a share map resolved anew: a share recreated under a new ARN, or one
+    /// that a cached map did not know. A share that has an item got the same changes
+    /// when they were handed off (every window goes to every share in the map).
     pub(crate) async fn rehome(
         &self,
         gone_arn: &str,
@@ -340,6 +343,9 @@ where
                 .into_iter()
                 .filter(|s| s.share_arn != gone)
             {
+                if self.store.read_share(&share.share_arn).await?.is_some() {
+                    continue;
+                }
                 info!(gone = %gone, share = %share.share_arn, bucket = %owed.bucket,
                     "Handing the changes of a gone share to share {}", share.share_arn);
                 let handed = self

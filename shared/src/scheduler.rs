@@ -47,6 +47,11 @@ pub const SLOT_LEASE_MS: i64 = 6 * 60 * 60 * 1000;
 /// backlog collapses into common ancestors (see [`ShareState::dispatch`]).
 pub const MAX_BACKLOG_CALLS: usize = 4;
 
+/// After the gateway refused a call (busy, or two refreshes in flight that this state
+/// does not know of, such as another tool's), the share is not called again for at
+/// least this long, whatever the interval: a refusal is never retried in a loop.
+pub const BUSY_BACKOFF_MS: i64 = 10_000;
+
 /// Completion events whose notification id is not (yet) recorded in a slot are kept
 /// this many at a time: an event can overtake the write that records the id.
 pub const MAX_EARLY_COMPLETIONS: usize = 16;
@@ -203,6 +208,8 @@ pub struct ShareState {
     pub pending_since_ms: Option<i64>,
     pub slots: Vec<Slot>,
     pub last_call_at_ms: Option<i64>,
+    /// No call before this time: the gateway refused the last one.
+    pub busy_until_ms: Option<i64>,
     /// When the latest wake-up message that was sent becomes visible.
     pub wake_at_ms: Option<i64>,
     pub early_completions: Vec<EarlyCompletion>,
@@ -271,6 +278,7 @@ impl ShareState {
             pending_since_ms: None,
             slots: Vec::new(),
             last_call_at_ms: None,
+            busy_until_ms: None,
             wake_at_ms: None,
             early_completions: Vec::new(),
             last_completed_at_ms: None,
@@ -331,6 +339,7 @@ impl ShareState {
         let after_interval = self
             .last_call_at_ms
             .map_or(now_ms, |t| t.saturating_add(pace.gap_ms()))
+            .max(self.busy_until_ms.unwrap_or(now_ms))
             .max(now_ms);
         if self.slots.len() < MAX_IN_FLIGHT {
             return Some(after_interval);
@@ -418,6 +427,13 @@ impl ShareState {
         true
     }
 
+    /// The gateway refused the claimed call: as [`ShareState::put_back`], and no call
+    /// before [`BUSY_BACKOFF_MS`] from now.
+    pub fn refused(&mut self, claim_id: &str, now_ms: i64) {
+        self.put_back(claim_id);
+        self.busy_until_ms = Some(now_ms.saturating_add(BUSY_BACKOFF_MS));
+    }
+
     /// The claimed call did not start (throttled, failed): its listings are pending
     /// again and the slot is free.
     pub fn put_back(&mut self, claim_id: &str) {
@@ -439,7 +455,8 @@ impl ShareState {
         {
             let slot = self.slots.remove(index);
             self.last_completed_at_ms = Some(completed_at_ms);
-            self.last_staleness_ms = Some(completed_at_ms.saturating_sub(slot.oldest_event_ms).max(0));
+            self.last_staleness_ms =
+                Some(completed_at_ms.saturating_sub(slot.oldest_event_ms).max(0));
             return Completion::Freed(slot);
         }
         let claimed_without_id = self.slots.iter().any(|s| s.notification_id.is_none());
@@ -670,6 +687,23 @@ mod tests {
             })
         );
         assert!(matches!(s.dispatch(61_000, PACE, "c2"), Dispatch::Call(_)));
+    }
+
+    #[test]
+    fn a_refused_call_backs_off_even_without_an_interval() {
+        let mut s = state();
+        let pace = Pace::from_seconds(0, 0);
+        s.add_pending(folders(&["/a"]), 0);
+        let slot = claimed(s.dispatch(100, pace, "c1"));
+        s.refused(&slot.claim_id, 100);
+        assert_eq!(
+            s.dispatch(100, pace, "c2"),
+            Dispatch::WaitUntil(100 + BUSY_BACKOFF_MS)
+        );
+        assert!(matches!(
+            s.dispatch(100 + BUSY_BACKOFF_MS, pace, "c2"),
+            Dispatch::Call(_)
+        ));
     }
 
     #[test]

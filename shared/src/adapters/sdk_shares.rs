@@ -22,6 +22,7 @@ pub mod attr {
     pub const PENDING_SINCE: &str = "PendingSince";
     pub const LAST_CALL_AT: &str = "LastCallAt";
     pub const WAKE_AT: &str = "WakeAt";
+    pub const BUSY_UNTIL: &str = "BusyUntil";
     /// A list of maps: `ClaimId`, `ClaimedAt`, `NotificationId` (once started),
     /// `FolderList`, `Recursive`, `OldestEventAt`, `Returned`.
     pub const SLOTS: &str = "Slots";
@@ -121,6 +122,9 @@ pub fn encode_share(state: &ShareState) -> Item {
     if let Some(t) = state.wake_at_ms {
         item.insert(attr::WAKE_AT.into(), n(t));
     }
+    if let Some(t) = state.busy_until_ms {
+        item.insert(attr::BUSY_UNTIL.into(), n(t));
+    }
     if let Some(t) = state.last_completed_at_ms {
         item.insert(attr::LAST_COMPLETED_AT.into(), n(t));
     }
@@ -169,6 +173,7 @@ pub fn decode_share(share_arn: &str, item: &Item) -> ShareState {
     }
     state.last_call_at_ms = get_n(item, attr::LAST_CALL_AT);
     state.wake_at_ms = get_n(item, attr::WAKE_AT);
+    state.busy_until_ms = get_n(item, attr::BUSY_UNTIL);
     state.last_completed_at_ms = get_n(item, attr::LAST_COMPLETED_AT);
     state.last_staleness_ms = get_n(item, attr::LAST_STALENESS);
     let maps = |name: &str| -> Vec<Item> {
@@ -240,6 +245,7 @@ mod tests {
         state.add_pending([Listing::folder("/a"), Listing::subtree("/c")], 5);
         state.last_call_at_ms = Some(9);
         state.wake_at_ms = Some(11);
+        state.busy_until_ms = Some(14);
         state.last_completed_at_ms = Some(12);
         state.last_staleness_ms = Some(13);
         state.slots.push(Slot {
