@@ -57,8 +57,13 @@ pub struct StackOptions {
     /// stack's own (named like the rule), not the default bus, because tests share
     /// one moto server: a rule on the default bus would also take the events of the
     /// other tests' stand-ins. Gateways in other regions than [`REGION`] put their
-    /// events on that region's bus, where the stack has no rule. Off by default.
+    /// events on that region's bus, where the stack has no rule. On by default: the
+    /// refresher frees a share's refresh slots only on these events.
     pub completion_events: bool,
+    /// The refresher's `MIN_REFRESH_INTERVAL_SECONDS`. 0 by default, so that tests
+    /// that are not about pacing see each window's call at once (still at most two in
+    /// flight per share); `extra_env` can name it too.
+    pub min_refresh_interval_seconds: u32,
 }
 
 impl Default for StackOptions {
@@ -68,7 +73,8 @@ impl Default for StackOptions {
             log_level: "INFO".to_string(),
             extra_env: Vec::new(),
             prefix: None,
-            completion_events: false,
+            completion_events: true,
+            min_refresh_interval_seconds: 0,
         }
     }
 }
@@ -113,10 +119,34 @@ impl FeedReport {
     }
 }
 
+/// What a message on the action queue is, by its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionMessageKind {
+    Refresh,
+    WakeUp,
+    CompletionEvent,
+}
+
+pub fn action_message_kind(body: &str) -> ActionMessageKind {
+    let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if parsed.get("kind").and_then(Value::as_str) == Some("wake") {
+        ActionMessageKind::WakeUp
+    } else if parsed.get("source").and_then(Value::as_str) == Some("aws.storagegateway") {
+        ActionMessageKind::CompletionEvent
+    } else {
+        ActionMessageKind::Refresh
+    }
+}
+
 /// What the event source mapping did with the action queue.
 #[derive(Debug, Default, Clone)]
 pub struct RefreshRun {
+    /// Refresh messages (windows, and 2018-style messages) handled.
     pub messages: usize,
+    /// The scheduler's wake-ups and the gateway's refresh-complete events handled;
+    /// they do not count towards `expected`.
+    pub wake_ups: usize,
+    pub completion_events: usize,
     pub invocations: usize,
     pub batch_item_failures: usize,
     pub errors: Vec<String>,
@@ -182,7 +212,11 @@ impl Stack {
         let aggregator = LambdaProcess::spawn(spec).await?;
         let refresher_bin = binary("refresher")?;
         let mut spec = LambdaSpawn::new(&refresher_bin, "S3StorageGatewayRefresh");
-        spec.env = env;
+        spec.env = vec![(
+            "MIN_REFRESH_INTERVAL_SECONDS".into(),
+            options.min_refresh_interval_seconds.to_string(),
+        )];
+        spec.env.extend(env);
         let refresher = LambdaProcess::spawn(spec).await?;
         Ok(Stack {
             moto,
@@ -273,7 +307,8 @@ impl Stack {
     }
 
     /// The event source mapping: polls the action queue (messages appear once their
-    /// delay has passed) until `expected` messages were handled or `timeout` passed,
+    /// delay has passed) until `expected` refresh messages (not counting wake-ups and
+    /// completion events, which it handles too) were handled or `timeout` passed,
     /// invokes the refresher with batches of up to 10, and deletes every message not
     /// reported in `batchItemFailures`. Failed messages stay and come back after
     /// their visibility timeout.
@@ -289,7 +324,13 @@ impl Stack {
             if messages.is_empty() {
                 continue;
             }
-            run.messages += messages.len();
+            for m in &messages {
+                match action_message_kind(m.body().unwrap_or_default()) {
+                    ActionMessageKind::WakeUp => run.wake_ups += 1,
+                    ActionMessageKind::CompletionEvent => run.completion_events += 1,
+                    ActionMessageKind::Refresh => run.messages += 1,
+                }
+            }
             run.invocations += 1;
             let event = lambda_sqs_event(&messages, &self.action_queue_arn);
             let failed: Vec<String> = match self.refresher.invoke(event).await? {
@@ -336,6 +377,39 @@ impl Stack {
             }
         }
         Ok(run)
+    }
+
+    /// Lets every refresh that the gateway accepted complete, and hands their
+    /// completion events (and any wake-ups that are due) to the refresher, until the
+    /// action queue is empty or `timeout` passed. After this, no slot is taken.
+    pub async fn settle(&self, timeout: Duration) -> Result<RefreshRun, BoxError> {
+        let deadline = Instant::now() + timeout;
+        let mut total = RefreshRun::default();
+        loop {
+            let accepted = self.gateway.refreshes().len();
+            let events = self.gateway.completion_events();
+            let all_completed = events.len() >= accepted && events.iter().all(|e| e.is_settled());
+            let depth = self.clients.queue_depth(&self.action_queue_url).await?;
+            if all_completed && depth == (0, 0) {
+                return Ok(total);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not settled after {timeout:?}: {accepted} refreshes accepted, {} completed, action queue {depth:?}",
+                    events.len()
+                )
+                .into());
+            }
+            let run = self
+                .run_refresher(usize::MAX, Duration::from_millis(500))
+                .await?;
+            total.messages += run.messages;
+            total.wake_ups += run.wake_ups;
+            total.completion_events += run.completion_events;
+            total.invocations += run.invocations;
+            total.batch_item_failures += run.batch_item_failures;
+            total.errors.extend(run.errors);
+        }
     }
 
     /// How long to wait for a window's message: the delay plus moto's and our slack.

@@ -377,25 +377,13 @@ async fn moto_event_shape_is_decoded_and_normalised() -> Result<(), BoxError> {
 }
 
 #[tokio::test]
-async fn refresher_retries_a_throttled_refresh_through_batch_item_failures() -> Result<(), BoxError>
+async fn a_throttled_refresh_is_kept_on_its_share_and_retried_by_a_wake_up() -> Result<(), BoxError>
 {
     let stack = Stack::start(StackOptions {
         refresh_delay_seconds: 1,
         ..Default::default()
     })
     .await?;
-    // Failed messages come back after the visibility timeout; keep it short here.
-    stack
-        .clients
-        .sqs
-        .set_queue_attributes()
-        .queue_url(&stack.action_queue_url)
-        .attributes(
-            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
-            "1",
-        )
-        .send()
-        .await?;
     let bucket = stack.create_bucket("throttled").await?;
     let gw = stack.gateway.add_gateway("gw-1");
     let share = stack
@@ -409,12 +397,21 @@ async fn refresher_retries_a_throttled_refresh_through_batch_item_failures() -> 
     stack.invoke_aggregator(&events).await?;
     let first = stack.run_refresher(1, stack.window_wait()).await?;
     assert_eq!(
-        first.batch_item_failures, 1,
-        "a throttled refresh is retried, not dropped"
+        first.batch_item_failures, 0,
+        "the change waits on its share, not in the message"
     );
     assert!(stack.gateway.refreshes().is_empty());
-    let second = stack.run_refresher(1, stack.window_wait()).await?;
-    assert_eq!(second.batch_item_failures, 0);
+    let share_item = stack
+        .clients
+        .bucket_item(&stack.table, &format!("share#{share}"))
+        .await?
+        .ok_or("no share item")?;
+    assert_eq!(
+        share_item["Pending"].as_ss().map_err(|_| "Pending")?,
+        &["/".to_string()]
+    );
+    let settled = stack.settle(Duration::from_secs(30)).await?;
+    assert!(settled.wake_ups >= 1, "{settled:?}");
     let refreshes = stack.gateway.refreshes();
     assert_eq!(refreshes.len(), 1);
     assert_eq!(refreshes[0].share_arn, share);
@@ -682,8 +679,10 @@ async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result
         .gateway
         .fail_next("RefreshCache", 1, InjectedFailure::Throttle);
     let first = stack.run_refresher(1, stack.window_wait()).await?;
-    assert_eq!(first.batch_item_failures, 1);
-    stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!(first.batch_item_failures, 0);
+    // The wake-up after the throttle's back-off calls the share; its completion event
+    // frees the slot.
+    stack.settle(Duration::from_secs(30)).await?;
 
     let agg = emf_lines(&stack.aggregator);
     let b = Some(bucket.as_str());
@@ -709,10 +708,15 @@ async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result
     );
     assert_eq!(
         metric_sum(&refresher, "refresher", b, "MessagesFailed"),
-        1.0
+        0.0
     );
     assert_eq!(
         metric_sum(&refresher, "refresher", b, "RefreshesRequested"),
+        1.0
+    );
+    assert_eq!(metric_sum(&refresher, "refresher", b, "WakeUpsSent"), 1.0);
+    assert_eq!(
+        metric_sum(&refresher, "refresher", b, "RefreshesCompleted"),
         1.0
     );
     let age = metric_sum(&refresher, "refresher", b, "OldestEventAgeMs");
@@ -720,27 +724,48 @@ async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result
         age >= 2_000.0,
         "event to RefreshCache takes at least the window: {age}"
     );
+    let staleness = metric_sum(&refresher, "refresher", b, "StalenessMs");
+    assert!(
+        staleness >= age,
+        "the refresh completes after it starts: {staleness} < {age}"
+    );
+    assert!(stack
+        .refresher
+        .output_lines()
+        .iter()
+        .any(|l| l.contains("staleness_ms=") && l.contains("completed")));
 
-    // The refresh is recorded on the bucket's item, with its notification id.
+    // The window is handed off on the bucket's item; the call, its notification id
+    // and its completion are on the share's item.
     let item = stack
         .clients
         .bucket_item(&stack.table, &bucket)
         .await?
         .ok_or("no item")?;
+    assert_eq!(
+        item["RefreshedGeneration"]
+            .as_n()
+            .map_err(|_| "RefreshedGeneration")?,
+        "1"
+    );
     let last = item
         .get("LastRefresh")
         .and_then(|v| v.as_m().ok())
         .ok_or("no LastRefresh")?;
-    let refreshes = last["Refreshes"].as_l().map_err(|_| "Refreshes")?;
-    assert_eq!(refreshes.len(), 1);
-    let entry = refreshes[0].as_m().map_err(|_| "entry")?;
-    assert_eq!(entry["ShareARN"].as_s().map_err(|_| "ShareARN")?, &share);
+    let share_item = stack
+        .clients
+        .bucket_item(&stack.table, &format!("share#{share}"))
+        .await?
+        .ok_or("no share item")?;
     let accepted = stack.gateway.refreshes();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(share_item["Slots"].as_l().map_err(|_| "Slots")?.len(), 0);
+    assert!(!share_item.contains_key("Pending"));
     assert_eq!(
-        entry["NotificationId"]
-            .as_s()
-            .map_err(|_| "NotificationId")?,
-        &accepted[0].notification_id
+        share_item["LastStalenessMs"]
+            .as_n()
+            .map_err(|_| "LastStalenessMs")?,
+        &(staleness as i64).to_string()
     );
     assert_eq!(last["Generation"].as_n().map_err(|_| "Generation")?, "1");
     Ok(())

@@ -18,7 +18,7 @@ use integration_tests::moto::Moto;
 use integration_tests::sgw_standin::{BucketSource, ListingWork, RefreshRecord, ShareKind};
 use integration_tests::stack::{Stack, StackOptions};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 fn s3_arn(bucket: &str, prefix: &str) -> String {
     if prefix.is_empty() {
@@ -296,7 +296,8 @@ async fn each_share_refreshes_only_the_changed_folders_and_their_ancestors() -> 
 }
 
 #[tokio::test]
-async fn more_than_50_changed_folders_collapse_into_two_calls_per_share() -> Result<(), BoxError> {
+async fn more_than_50_changed_folders_go_in_calls_of_50_without_collapsing() -> Result<(), BoxError>
+{
     let stack = Stack::start(StackOptions {
         refresh_delay_seconds: 3,
         ..Default::default()
@@ -356,25 +357,34 @@ async fn more_than_50_changed_folders_collapse_into_two_calls_per_share() -> Res
     let run = stack.run_refresher(1, stack.window_wait()).await?;
     assert_eq!((run.messages, run.batch_item_failures), (1, 0), "{run:?}");
 
-    // Collapsed: the deepest folders give way to their parent until the recursive set
-    // fits; the ancestors of what is refreshed recursively are listed in a second,
-    // non-recursive call.
-    let x_folders: Vec<String> = (0..30).map(|i| format!("/data/x/f{i:02}")).collect();
-    let rel_x_folders: Vec<String> = (0..30).map(|i| format!("/x/f{i:02}")).collect();
-    let expected_root = vec![
-        (false, strings(&["/", "/data", "/data/x"])),
-        (
-            true,
-            sorted(&[x_folders, vec!["/data/y".to_string()]].concat()),
-        ),
-    ];
-    let expected_data = vec![
-        (false, strings(&["/", "/x"])),
-        (
-            true,
-            sorted(&[rel_x_folders, vec!["/y".to_string()]].concat()),
-        ),
-    ];
+    // Chunked, not collapsed: every changed folder and its ancestors, non-recursive, in
+    // calls of at most 50 (the second one after the first one's slot is taken: two in
+    // flight). Nothing else is listed: the physical limit.
+    let settled = stack.settle(Duration::from_secs(30)).await?;
+    assert_eq!(settled.batch_item_failures, 0);
+    let chain = |prefix: &str| -> Vec<String> {
+        let mut all: Vec<String> = vec!["/".into()];
+        let rel = |p: &str| {
+            if prefix.is_empty() {
+                p.to_string()
+            } else {
+                p.trim_start_matches(prefix).to_string()
+            }
+        };
+        if prefix.is_empty() {
+            all.push("/data".into());
+        }
+        all.push(rel("/data/x"));
+        all.push(rel("/data/y"));
+        all.extend((0..30).map(|i| rel(&format!("/data/x/f{i:02}"))));
+        all.extend((0..30).map(|i| rel(&format!("/data/y/g{i:02}"))));
+        sorted(&all)
+    };
+    let in_calls = |all: Vec<String>| -> Vec<(bool, Vec<String>)> {
+        all.chunks(50).map(|c| (false, c.to_vec())).collect()
+    };
+    let expected_root = in_calls(chain(""));
+    let expected_data = in_calls(chain("/data"));
     for (share, expected) in [(&root, expected_root), (&data, expected_data)] {
         let mut calls: Vec<(bool, Vec<String>)> = refreshes_of(&stack, share)
             .iter()
