@@ -15,7 +15,7 @@ use integration_tests::sgw_standin::{BucketSource, ShareKind};
 use integration_tests::stack::{Stack, StackOptions};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const DELAY_SECONDS: u32 = 5;
 const DEFAULT_LOG_FILE: &str = ".demo/functions.log";
@@ -205,12 +205,16 @@ async fn run() -> Result<(), BoxError> {
 
     let stage = Instant::now();
     let refresh = stack.run_refresher(2, stack.window_wait()).await?;
+    // The gateway's refresh-complete events come back on the action queue (through
+    // moto's EventBridge) and free each share's refresh slots.
+    let settled = stack.settle(Duration::from_secs(30)).await?;
     println!(
         "[4/4] Refreshes:      {} messages through the refresher in {} invocations, \
-         {} RefreshCache calls ({})",
+         {} RefreshCache calls, {} refresh-complete events consumed ({})",
         refresh.messages,
-        refresh.invocations,
+        refresh.invocations + settled.invocations,
         stack.gateway.refreshes().len(),
+        refresh.completion_events + settled.completion_events,
         secs(stage)
     );
 
