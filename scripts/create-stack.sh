@@ -7,8 +7,12 @@ set -euo pipefail
 . "$(dirname "$0")/lib/stack.sh"
 # shellcheck source=scripts/lib/monitoring.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/monitoring.sh"
+# shellcheck source=scripts/lib/completion.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/completion.sh"
+# shellcheck source=scripts/lib/takeover.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/takeover.sh"
 
-USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--log-format json|text] [--gateway-regions REGION,...] [--arch arm64|x86_64] [--alarm-topic ARN] [--region REGION] BUCKET..."
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--log-format json|text] [--gateway-regions REGION,...] [--min-refresh-interval SECONDS] [--arch arm64|x86_64] [--alarm-topic ARN] [--migrate] [--region REGION] BUCKET..."
 
 # Function settings (the same as [package.metadata.lambda.deploy] in the crates).
 AGGREGATOR_TIMEOUT=30
@@ -86,13 +90,34 @@ Options (each overrides the environment variable in brackets):
                        (default: the function's current value, else not set, which
                        means the function's own region). A re-run without it leaves
                        the current value as it is; to go back to the own region only,
-                       pass that region.
+                       pass that region. The refresh-complete events of gateways in the
+                       other regions do not reach the rule <prefix>RefreshCompleted,
+                       which is in this region (README.md, Deploy to AWS).
+  --min-refresh-interval SECONDS
+                       refresher MIN_REFRESH_INTERVAL_SECONDS, 0 to 3600: the least time
+                       between two RefreshCache calls on one share
+                       [MIN_REFRESH_INTERVAL_SECONDS] (default: the function's current
+                       value, else 60). A re-run without it keeps the current value.
   --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
   --alarm-topic ARN    puts the CloudWatch alarms <prefix>-* (README.md, Operating it),
                        each notifying this SNS topic, arn:aws:sns:REGION:ACCOUNT:NAME,
                        on ALARM and on OK [S3EA_ALARM_TOPIC]. A re-run without it keeps
                        the existing alarms as they are; with it, puts them all again.
                        Every run also puts the dashboard <prefix>.
+  --migrate            take over a deployment of the 2018 scripts (README.md, Coming
+                       from the 2018 scripts). Without it, a run that finds one (the
+                       function S3EventAggregator on Python, S3StorageGatewayRefresh and
+                       its mapping, the entries s3-event-aggregator, the permissions
+                       SID_<bucket>, the roles S3EventAggregatorLambdaRole and
+                       S3AggregatorActionLambdaRole, the policies S3EventAggregatorDynamo,
+                       S3EventAggregatorSqsWriter, S3EventAggregatorSqsReader and
+                       StorageGatewayRefreshPolicy) prints what it found and stops before
+                       it changes anything. With it, the 2018 aggregator is converted in
+                       place, each BUCKET's 2018 entry is replaced by ours (other entries
+                       kept), then the 2018 mapping, function, permissions, roles and
+                       policies are removed; the table and the queue are kept. Name every
+                       bucket of the 2018 deployment. Default prefix only (the 2018 names
+                       are fixed); with no 2018 deployment it is a plain run.
   --region REGION      AWS region [AWS_REGION, AWS_DEFAULT_REGION, then the CLI config]
   -h, --help           this help
 BUCKET... may also come from S3EA_BUCKETS (space-separated) when no BUCKET is given.
@@ -110,7 +135,9 @@ Resources, with the default prefix: DynamoDB table S3EventAggregator; SQS queues
 S3EventAggregatorActionQueue, S3EventAggregatorActionDLQ, S3EventAggregatorAggregatorDLQ;
 IAM roles and policies S3EventAggregator{Aggregator,Refresher}{Role,Policy}; Lambda
 functions S3EventAggregator and S3EventAggregatorRefresher with their log groups; the
-SQS event source mapping of the refresher. With --ingest sqs also the queues
+SQS event source mapping of the refresher; the EventBridge rule
+S3EventAggregatorRefreshCompleted (refresh-complete events to the action queue) and the
+action queue's policy statement for it. With --ingest sqs also the queues
 S3EventAggregatorIngestQueue and S3EventAggregatorIngestDLQ, the policy
 S3EventAggregatorAggregatorIngestPolicy and the mapping of the ingest queue to the
 aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. The
@@ -130,6 +157,9 @@ LOG_LEVEL_ARG=${LOG_LEVEL:-}
 LOG_FORMAT_ARG=${S3EA_LOG_FORMAT:-}
 GATEWAY_REGIONS_ARG=${GATEWAY_REGIONS:-}
 GATEWAY_REGIONS_GIVEN=${GATEWAY_REGIONS_ARG:+yes}
+MIN_INTERVAL_ARG=${MIN_REFRESH_INTERVAL_SECONDS:-}
+MIN_INTERVAL_GIVEN=${MIN_INTERVAL_ARG:+yes}
+MIGRATE=false
 ARCH=${S3EA_ARCH:-arm64}
 ALARM_TOPIC_ARG=${S3EA_ALARM_TOPIC:-}
 ALARM_TOPIC_GIVEN=${ALARM_TOPIC_ARG:+yes}
@@ -152,6 +182,9 @@ while [ $# -gt 0 ]; do
     --log-format=*) LOG_FORMAT_ARG=${1#*=}; shift ;;
     --gateway-regions) need_value $# "$1"; GATEWAY_REGIONS_ARG=$2 GATEWAY_REGIONS_GIVEN=yes; shift 2 ;;
     --gateway-regions=*) GATEWAY_REGIONS_ARG=${1#*=} GATEWAY_REGIONS_GIVEN=yes; shift ;;
+    --min-refresh-interval) need_value $# "$1"; MIN_INTERVAL_ARG=$2 MIN_INTERVAL_GIVEN=yes; shift 2 ;;
+    --min-refresh-interval=*) MIN_INTERVAL_ARG=${1#*=} MIN_INTERVAL_GIVEN=yes; shift ;;
+    --migrate) MIGRATE=true; shift ;;
     --arch) need_value $# "$1"; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#*=}; shift ;;
     --alarm-topic) need_value $# "$1"; ALARM_TOPIC_ARG=$2 ALARM_TOPIC_GIVEN=yes; shift 2 ;;
@@ -211,6 +244,21 @@ check_gateway_regions() {
   printf '%s' "${seen%,}"
 }
 if [ -n "$GATEWAY_REGIONS_GIVEN" ]; then GATEWAY_REGIONS_ARG=$(check_gateway_regions "$GATEWAY_REGIONS_ARG"); fi
+if [ -n "$MIN_INTERVAL_GIVEN" ]; then
+  case $MIN_INTERVAL_ARG in
+    "" | *[!0-9]*) usage_error "invalid --min-refresh-interval '$MIN_INTERVAL_ARG': a whole number of seconds from 0 to 3600" ;;
+  esac
+  # Without its leading zeros, more than 4 digits cannot be in range (and could
+  # overflow the shell's arithmetic).
+  MIN_INTERVAL_VALUE=$(printf '%s' "$MIN_INTERVAL_ARG" | sed 's/^0*//')
+  if [ "${#MIN_INTERVAL_VALUE}" -gt 4 ] || [ "$((10#${MIN_INTERVAL_VALUE:-0}))" -gt 3600 ]; then
+    usage_error "invalid --min-refresh-interval '$MIN_INTERVAL_ARG': a whole number of seconds from 0 to 3600"
+  fi
+  MIN_INTERVAL_ARG=$((10#${MIN_INTERVAL_VALUE:-0}))
+fi
+if $MIGRATE && [ "$PREFIX_ARG" != "$DEFAULT_PREFIX" ]; then
+  usage_error "--migrate takes a 2018 deployment over into the stack of the default prefix $DEFAULT_PREFIX, whose names it shares (its table, queue and function); --prefix $PREFIX_ARG cannot be used with it"
+fi
 case $ARCH in
   arm64) BUILD_ARCH_FLAG=--arm64 RUST_TARGET=aarch64-unknown-linux-gnu ;;
   x86_64) BUILD_ARCH_FLAG=--x86-64 RUST_TARGET=x86_64-unknown-linux-gnu ;;
@@ -269,6 +317,35 @@ fi
 
 step "Checking the buckets: ${BUCKETS[*]}"
 for bucket in "${BUCKETS[@]}"; do require_bucket "$bucket"; done
+
+# A deployment of the 2018 scripts (scripts/lib/takeover.sh): before anything changes,
+# and before the build. Without --migrate the run stops here; with it, every bucket
+# that the 2018 deployment serves must be named, so that none loses its events.
+step "Looking for a deployment of the 2018 scripts"
+find_legacy "${BUCKETS[@]}"
+TAKEOVER=false
+if ! $LEGACY_FOUND; then
+  if $MIGRATE; then
+    info "none found: nothing to take over (--migrate is a plain run now)"
+  else
+    info "none found"
+  fi
+else
+  all_buckets=$(printf '%s\n' "${BUCKETS[@]}" ${LEGACY_BUCKETS[@]+"${LEGACY_BUCKETS[@]}"} | sort -u | tr '\n' ' ' | sed 's/ $//')
+  if ! $MIGRATE; then
+    print_legacy migrate " (--migrate does what each line says)"
+    if [ "$PREFIX" != "$DEFAULT_PREFIX" ]; then
+      die "a deployment of the 2018 scripts exists here (above), and nothing was changed. It shares its names with the stack of the default prefix: take it over with scripts/create-stack.sh --migrate $all_buckets (without --prefix), then create this stack"
+    fi
+    die "a deployment of the 2018 scripts exists here (above), and nothing was changed. Take it over with: scripts/create-stack.sh --migrate $all_buckets"
+  fi
+  print_legacy migrate ": taking it over (--migrate)"
+  missing=$(legacy_missing_buckets "${BUCKETS[@]}")
+  if [ -n "$missing" ]; then
+    die "the 2018 deployment also serves $missing, which this run does not name; nothing was changed. Name every one of its buckets, so that none loses its events: scripts/create-stack.sh --migrate $all_buckets"
+  fi
+  TAKEOVER=true DROP_LEGACY_ENTRY=true
+fi
 
 # ---------------------------------------------------------------------------------
 # Build
@@ -368,7 +445,12 @@ ensure_queues() {
   ensure_queue "$ACTION_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
   URL_ACTION_DLQ=$QUEUE_URL_OUT
   redrive="{\\\"deadLetterTargetArn\\\":\\\"$ACTION_DLQ_ARN\\\",\\\"maxReceiveCount\\\":$ACTION_MAX_RECEIVE_COUNT}"
-  ensure_queue "$ACTION_QUEUE" "{$sse,\"VisibilityTimeout\":\"$ACTION_VISIBILITY_TIMEOUT\",\"MessageRetentionPeriod\":\"$ACTION_RETENTION_SECONDS\",\"RedrivePolicy\":\"$redrive\"}"
+  # The action queue's policy (scripts/lib/completion.sh) is set with its other
+  # attributes: its current statements are read first and kept, and ours is put in
+  # by Sid. (moto drops a policy that set-queue-attributes does not name.)
+  load_action_queue_policy
+  ensure_queue "$ACTION_QUEUE" "{$sse,\"VisibilityTimeout\":\"$ACTION_VISIBILITY_TIMEOUT\",\"MessageRetentionPeriod\":\"$ACTION_RETENTION_SECONDS\",\"RedrivePolicy\":\"$redrive\",$(action_queue_policy_attribute)}"
+  info "policy: $ACTION_QUEUE_POLICY_NOTE"
   URL_ACTION_QUEUE=$QUEUE_URL_OUT
   ensure_queue "$AGGREGATOR_DLQ" "{$sse,\"MessageRetentionPeriod\":\"$DLQ_RETENTION_SECONDS\"}"
   URL_AGGREGATOR_DLQ=$QUEUE_URL_OUT
@@ -452,8 +534,13 @@ ensure_policy() {
     aws_cli iam create-policy --policy-name "$name" --policy-document "$document" \
       --description "s3-event-aggregator ($PREFIX): $function" >/dev/null
   fi
-  info "attaching to role $role"
-  aws_cli iam attach-role-policy --role-name "$role" --policy-arn "$arn"
+  if [ "$(aws_cli iam list-attached-role-policies --role-name "$role" \
+    --query "length(AttachedPolicies[?PolicyArn == '$arn'])" --output text)" = 1 ]; then
+    info "attached to role $role"
+  else
+    info "attaching to role $role"
+    aws_cli iam attach-role-policy --role-name "$role" --policy-arn "$arn"
+  fi
 }
 
 # ---------------------------------------------------------------------------------
@@ -504,6 +591,31 @@ environment_json() {
   printf '%s}}' "$json"
 }
 
+# Our variables; any other variable of a function is the operator's, and stays.
+OUR_VARIABLES=" QUEUE_URL REFRESH_DELAY_SECONDS LOG_LEVEL TABLE_NAME GATEWAY_REGIONS MIN_REFRESH_INTERVAL_SECONDS "
+
+# merge_foreign_env FUNCTION KEY=VALUE...: MERGED_ENV, the given variables and the
+# existing function's variables that are not ours (each one said).
+merge_foreign_env() {
+  local name=$1 keys key value
+  shift
+  MERGED_ENV=("$@")
+  # shellcheck disable=SC2016 # JMESPath literal
+  keys=$(aws_cli lambda get-function-configuration --function-name "$name" \
+    --query 'keys(Environment.Variables || `{}`)' --output text)
+  for key in $keys; do
+    case $OUR_VARIABLES in
+      *" $key "*) ;;
+      *)
+        value=$(aws_cli lambda get-function-configuration --function-name "$name" \
+          --query "Environment.Variables.\"$key\"" --output text)
+        MERGED_ENV+=("$key=$value")
+        info "keeping the variable $key"
+        ;;
+    esac
+  done
+}
+
 # deploy_function NAME BINARY ROLE_ARN TIMEOUT MEMORY KEY=VALUE...
 deploy_function() {
   local name=$1 binary=$2 role=$3 timeout=$4 memory=$5 exists=false current_arch
@@ -541,21 +653,8 @@ deploy_function() {
     local variables
     if $exists; then
       # Like cargo lambda deploy with merge_env: keep the variables that are not ours.
-      local keys key value
-      # shellcheck disable=SC2016 # JMESPath literal
-      keys=$(aws_cli lambda get-function-configuration --function-name "$name" \
-        --query 'keys(Environment.Variables || `{}`)' --output text)
-      for key in $keys; do
-        case $key in
-          QUEUE_URL | REFRESH_DELAY_SECONDS | LOG_LEVEL | TABLE_NAME | GATEWAY_REGIONS) ;;
-          *)
-            value=$(aws_cli lambda get-function-configuration --function-name "$name" \
-              --query "Environment.Variables.\"$key\"" --output text)
-            env_vars+=("$key=$value")
-            info "keeping the variable $key"
-            ;;
-        esac
-      done
+      merge_foreign_env "$name" "${env_vars[@]}"
+      env_vars=("${MERGED_ENV[@]}")
     fi
     variables=$(environment_json "${env_vars[@]}")
     if $exists; then
@@ -586,19 +685,47 @@ setting() { # FUNCTION VARIABLE GIVEN DEFAULT
   printf '%s' "${value:-$4}"
 }
 
-deploy_functions() {
-  local delay aggregator_level refresher_level gateway_regions refresher_env
+# aggregator_env: AGGREGATOR_ENV, the aggregator's variables. The 2018 aggregator has
+# REFRESH_DELAY_SECONDS and LOG_LEVEL too, and keeps their values.
+aggregator_env() {
+  local delay level
   delay=$(setting "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS "$DELAY_ARG" 30)
-  aggregator_level=$(setting "$AGGREGATOR_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
+  level=$(setting "$AGGREGATOR_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
+  AGGREGATOR_ENV=("QUEUE_URL=$URL_ACTION_QUEUE" "REFRESH_DELAY_SECONDS=$delay" "LOG_LEVEL=$level" "TABLE_NAME=$TABLE_NAME")
+}
+
+deploy_aggregator() {
+  aggregator_env
+  deploy_function "$AGGREGATOR_FUNCTION" aggregator "$AGGREGATOR_ROLE_ARN" "$AGGREGATOR_TIMEOUT" \
+    "$AGGREGATOR_MEMORY" "${AGGREGATOR_ENV[@]}"
+}
+
+# convert_aggregator: a 2018 aggregator becomes ours in place (scripts/lib/takeover.sh).
+convert_aggregator() {
+  $LEGACY_AGGREGATOR_PYTHON || return 0
+  aggregator_env
+  merge_foreign_env "$AGGREGATOR_FUNCTION" "${AGGREGATOR_ENV[@]}"
+  convert_legacy_aggregator "$(environment_json "${MERGED_ENV[@]}")"
+}
+
+deploy_refresher() {
+  local refresher_level gateway_regions min_interval refresher_env
   refresher_level=$(setting "$REFRESHER_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
   # GATEWAY_REGIONS: the option, else the function's current value (a re-run keeps
   # it), else not set at all, so that the refresher uses its own region.
   gateway_regions=$(setting "$REFRESHER_FUNCTION" GATEWAY_REGIONS "$GATEWAY_REGIONS_ARG" "")
-  refresher_env=("LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME")
+  # MIN_REFRESH_INTERVAL_SECONDS: the option, else the current value, else the
+  # function's own default, written out.
+  min_interval=$(setting "$REFRESHER_FUNCTION" MIN_REFRESH_INTERVAL_SECONDS "$MIN_INTERVAL_ARG" 60)
+  refresher_env=("LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME" "MIN_REFRESH_INTERVAL_SECONDS=$min_interval")
   if [ -n "$gateway_regions" ]; then refresher_env+=("GATEWAY_REGIONS=$gateway_regions"); fi
-  deploy_function "$AGGREGATOR_FUNCTION" aggregator "$AGGREGATOR_ROLE_ARN" "$AGGREGATOR_TIMEOUT" \
-    "$AGGREGATOR_MEMORY" "QUEUE_URL=$URL_ACTION_QUEUE" "REFRESH_DELAY_SECONDS=$delay" \
-    "LOG_LEVEL=$aggregator_level" "TABLE_NAME=$TABLE_NAME"
+  if [ -n "$MIN_INTERVAL_GIVEN" ]; then
+    step "Refresher minimum refresh interval: ${min_interval}s (--min-refresh-interval)"
+  elif function_exists "$REFRESHER_FUNCTION" && [ -n "$(current_env "$REFRESHER_FUNCTION" MIN_REFRESH_INTERVAL_SECONDS)" ]; then
+    step "Refresher minimum refresh interval: ${min_interval}s (the function's current MIN_REFRESH_INTERVAL_SECONDS, kept)"
+  else
+    step "Refresher minimum refresh interval: ${min_interval}s (the default)"
+  fi
   if [ -n "$GATEWAY_REGIONS_ARG" ]; then
     step "Refresher gateway regions: $gateway_regions (--gateway-regions)"
   elif [ -n "$gateway_regions" ]; then
@@ -654,12 +781,30 @@ ensure_logging_config() {
   wait_function_ready "$name"
 }
 
-ensure_concurrency() {
-  step "Reserved concurrency: $REFRESHER_FUNCTION $REFRESHER_CONCURRENCY, $AGGREGATOR_FUNCTION unreserved"
+ensure_refresher_concurrency() {
+  step "Reserved concurrency of $REFRESHER_FUNCTION: $REFRESHER_CONCURRENCY"
   if ! aws_maybe 'ReservedConcurrentExecutions|UnreservedConcurrentExecution|below its minimum' \
     lambda put-function-concurrency --function-name "$REFRESHER_FUNCTION" \
     --reserved-concurrent-executions "$REFRESHER_CONCURRENCY"; then
     warn "the account's concurrency quota is too small to reserve $REFRESHER_CONCURRENCY for $REFRESHER_FUNCTION; the event source mapping still caps it at $REFRESHER_CONCURRENCY"
+  fi
+}
+
+# The aggregator reserves nothing. A takeover removes the 2018 reservation of 1; a
+# reservation that the operator made on our aggregator is said and kept.
+ensure_aggregator_concurrency() {
+  local reserved
+  step "Reserved concurrency of $AGGREGATOR_FUNCTION: none"
+  if $TAKEOVER; then
+    remove_legacy_concurrency
+    return 0
+  fi
+  reserved=$(aws_cli lambda get-function-concurrency --function-name "$AGGREGATOR_FUNCTION" \
+    --query ReservedConcurrentExecutions --output text)
+  if [ "$reserved" = None ] || [ -z "$reserved" ]; then
+    info "unreserved"
+  else
+    info "it has a reserved concurrency of $reserved, not set by this script: kept (aws lambda delete-function-concurrency --function-name $AGGREGATOR_FUNCTION removes it)"
   fi
 }
 
@@ -782,16 +927,33 @@ ensure_role "$REFRESHER_ROLE"
 ensure_policy "$REFRESHER_POLICY" "$REFRESHER_POLICY_ARN" refresher-policy.json "$REFRESHER_FUNCTION" "$REFRESHER_ROLE"
 ensure_log_group "$AGGREGATOR_FUNCTION"
 ensure_log_group "$REFRESHER_FUNCTION"
-deploy_functions
-ensure_logging_config "$AGGREGATOR_FUNCTION"
+# The refresher and its mapping come first: in a takeover, it reads the action queue
+# (the 2018 messages and ours alike) before the 2018 mapping goes, and before the
+# aggregator sends messages of our format.
+deploy_refresher
 ensure_logging_config "$REFRESHER_FUNCTION"
-ensure_concurrency
-ensure_async_config
+ensure_refresher_concurrency
 ensure_event_source_mapping
+if $TAKEOVER; then remove_legacy_mappings; fi
+# After the 2018 mapping: its function does not read refresh-complete events.
+ensure_completion_rule
+if $TAKEOVER; then convert_aggregator; fi
+deploy_aggregator
+ensure_logging_config "$AGGREGATOR_FUNCTION"
+ensure_aggregator_concurrency
+ensure_async_config
 if $WITH_SQS; then ensure_ingest_mapping; fi
 if $WITH_EVENTBRIDGE; then ensure_rule; fi
 record_ingest
+# In a takeover, each bucket's own grant comes first, then its 2018 entry is replaced
+# by ours in one write (DROP_LEGACY_ENTRY), and only then do the 2018 permissions go.
 for bucket in "${BUCKETS[@]}"; do attach_bucket "$bucket" "$INGEST"; done
+if $TAKEOVER; then
+  remove_legacy_permissions
+  remove_legacy_refresher
+  remove_legacy_iam
+  step "The 2018 deployment is taken over: its table $LEGACY_TABLE and queue $LEGACY_QUEUE are the stack's, and its other parts are converted or gone"
+fi
 # Alarms (with --alarm-topic) and the dashboard: scripts/lib/monitoring.sh.
 ensure_alarms "$ALARM_TOPIC_ARG" "$(current_env "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS)" "$WITH_SQS"
 load_all_attached_buckets
@@ -832,6 +994,7 @@ cat <<EOF
       policy         $REFRESHER_POLICY_ARN
       log group      arn:aws:logs:$REGION:$ACCOUNT_ID:log-group:/aws/lambda/$REFRESHER_FUNCTION
       event source   $MAPPING_UUID ($ACTION_QUEUE -> $REFRESHER_FUNCTION)
+    completion rule  $COMPLETION_RULE_ARN (target $ACTION_QUEUE)
 EOF
 load_function_policy
 attached_buckets | sed 's/^/    bucket           arn:aws:s3:::/; s/$/ (direct)/'

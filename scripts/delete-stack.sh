@@ -7,6 +7,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib/stack.sh"
 # shellcheck source=scripts/lib/monitoring.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/monitoring.sh"
+# shellcheck source=scripts/lib/completion.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/completion.sh"
+# shellcheck source=scripts/lib/takeover.sh disable=SC1091 # followed with shellcheck -x
+. "$(dirname "$0")/lib/takeover.sh"
 
 USAGE="usage: scripts/delete-stack.sh [--prefix NAME] [--region REGION] [BUCKET...]"
 
@@ -17,12 +21,21 @@ $USAGE
 Deletes the stack, whatever its ingest mode: first detaches every attached bucket
 (the buckets named in the aggregator's permissions, in the ingest queue's policy and
 in the EventBridge rule's pattern, plus any BUCKET given) as detach-bucket.sh does,
-then the event source mappings, the EventBridge rule <prefix>S3Events, both functions,
+then the event source mappings, the EventBridge rules <prefix>S3Events and
+<prefix>RefreshCompleted, both functions,
 their log groups, the IAM roles and policies, the SQS queues (action queue and DLQ,
 aggregator DLQ, ingest queue and DLQ), the DynamoDB table, the CloudWatch alarms
 <prefix>-<Name> and the CloudWatch dashboard <prefix>. Every other
 notification entry of the buckets stays as it is, and the buckets themselves are not
 touched. What is already gone is skipped, so a second run succeeds.
+
+With the default prefix, it also removes what is left of a deployment of the 2018
+scripts (README.md, Coming from the 2018 scripts): the entries s3-event-aggregator on
+the buckets that its permissions SID_<bucket> name and on every BUCKET given, the
+function S3StorageGatewayRefresh with its mapping and log group, the roles
+S3EventAggregatorLambdaRole and S3AggregatorActionLambdaRole and the policies
+S3EventAggregatorDynamo, S3EventAggregatorSqsWriter, S3EventAggregatorSqsReader and
+StorageGatewayRefreshPolicy. (Its function, table and queue have the names of ours.)
 
 Give a BUCKET when our entry may be on a bucket whose permission was removed by hand.
 
@@ -61,6 +74,21 @@ resolve_target "$REGION_FLAG"
 
 load_all_attached_buckets
 BUCKETS+=(${ALL_BUCKETS[@]+"${ALL_BUCKETS[@]}"})
+
+# The 2018 deployment shares its function, table and queue names with the default
+# prefix only; with another prefix, it is not this stack's.
+LEGACY_FOUND=false LEGACY_MAPPINGS=
+if [ "$PREFIX" = "$DEFAULT_PREFIX" ]; then
+  step "Looking for what is left of a deployment of the 2018 scripts"
+  find_legacy ${BUCKETS[@]+"${BUCKETS[@]}"}
+  if $LEGACY_FOUND; then
+    print_legacy delete ": deleting it with the stack"
+    DROP_LEGACY_ENTRY=true
+    BUCKETS+=(${LEGACY_BUCKETS[@]+"${LEGACY_BUCKETS[@]}"})
+  else
+    info "none found"
+  fi
+fi
 if [ "${#BUCKETS[@]}" -eq 0 ]; then
   step "Buckets: none attached"
 else
@@ -70,34 +98,26 @@ fi
 # ---------------------------------------------------------------------------------
 # Lambda
 
-step "Event source mappings of $REFRESHER_FUNCTION and $AGGREGATOR_FUNCTION"
+step "Event source mappings of $REFRESHER_FUNCTION and $AGGREGATOR_FUNCTION${LEGACY_MAPPINGS:+ (and of the 2018 $LEGACY_REFRESHER)}"
 # All the region's mappings, filtered here: this also finds a mapping that outlived
 # its function. A mapping that is being deleted already is left alone.
 uuids=$(aws_cli lambda list-event-source-mappings \
   --query "EventSourceMappings[?(FunctionArn == '$REFRESHER_ARN' || FunctionArn == '$AGGREGATOR_ARN') && State != 'Deleting'].UUID" --output text)
 [ "$uuids" != None ] || uuids=
+uuids="$uuids${LEGACY_MAPPINGS:+ $LEGACY_MAPPINGS}"
 if [ -z "$uuids" ]; then info "none"; fi
 for uuid in $uuids; do
   info "deleting $uuid"
   aws_maybe 'ResourceNotFoundException' lambda delete-event-source-mapping --uuid "$uuid" || info "already gone"
 done
 
-step "EventBridge rule $EVENT_RULE"
-if rule_exists; then
-  targets=$(aws_cli events list-targets-by-rule --rule "$EVENT_RULE" --query 'Targets[].Id' --output text)
-  [ "$targets" != None ] || targets=
-  if [ -n "$targets" ]; then
-    info "removing its targets: $targets"
-    # shellcheck disable=SC2086 # one argument per target id
-    aws_cli events remove-targets --rule "$EVENT_RULE" --ids $targets >/dev/null
-  fi
-  aws_cli events delete-rule --name "$EVENT_RULE"
-  info "deleted (with its tags)"
-else
-  info "absent"
-fi
+delete_rule "$EVENT_RULE"
+delete_rule "$COMPLETION_RULE"
 
-for function in "$AGGREGATOR_FUNCTION" "$REFRESHER_FUNCTION"; do
+functions=("$AGGREGATOR_FUNCTION" "$REFRESHER_FUNCTION")
+# With the default prefix, the 2018 refresh function and its log group too.
+if [ "$PREFIX" = "$DEFAULT_PREFIX" ]; then functions+=("$LEGACY_REFRESHER"); fi
+for function in "${functions[@]}"; do
   step "Lambda function $function (with its permissions, concurrency and invoke configuration)"
   if aws_maybe 'ResourceNotFoundException' lambda delete-function --function-name "$function"; then
     info "deleted"
@@ -113,68 +133,18 @@ for function in "$AGGREGATOR_FUNCTION" "$REFRESHER_FUNCTION"; do
 done
 
 # ---------------------------------------------------------------------------------
-# IAM: detach our policies from every entity, drop their old versions, delete them;
-# then the roles, once nothing is attached to them.
-
-delete_policy() {
-  local arn=$1 name entity version
-  step "IAM policy ${arn##*/}"
-  if ! aws_maybe 'NoSuchEntity' iam get-policy --policy-arn "$arn" --query Policy.Arn --output text; then
-    info "absent"
-    return
-  fi
-  for name in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyRoles[].RoleName' --output text); do
-    [ "$name" != None ] || continue
-    info "detaching from role $name"
-    aws_cli iam detach-role-policy --role-name "$name" --policy-arn "$arn"
-  done
-  for entity in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyUsers[].UserName' --output text); do
-    [ "$entity" != None ] || continue
-    info "detaching from user $entity"
-    aws_cli iam detach-user-policy --user-name "$entity" --policy-arn "$arn"
-  done
-  for entity in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyGroups[].GroupName' --output text); do
-    [ "$entity" != None ] || continue
-    info "detaching from group $entity"
-    aws_cli iam detach-group-policy --group-name "$entity" --policy-arn "$arn"
-  done
-  # shellcheck disable=SC2016 # JMESPath literals
-  for version in $(aws_cli iam list-policy-versions --policy-arn "$arn" \
-    --query 'Versions[?IsDefaultVersion == `false`].VersionId' --output text); do
-    [ "$version" != None ] || continue
-    info "deleting version $version"
-    aws_cli iam delete-policy-version --policy-arn "$arn" --version-id "$version"
-  done
-  aws_cli iam delete-policy --policy-arn "$arn"
-  info "deleted"
-}
-
-delete_role() {
-  local role=$1 arn name
-  step "IAM role $role"
-  if ! aws_maybe 'NoSuchEntity' iam get-role --role-name "$role" --query Role.Arn --output text; then
-    info "absent"
-    return
-  fi
-  for arn in $(aws_cli iam list-attached-role-policies --role-name "$role" --query 'AttachedPolicies[].PolicyArn' --output text); do
-    [ "$arn" != None ] || continue
-    info "detaching $arn"
-    aws_cli iam detach-role-policy --role-name "$role" --policy-arn "$arn"
-  done
-  for name in $(aws_cli iam list-role-policies --role-name "$role" --query 'PolicyNames[]' --output text); do
-    [ "$name" != None ] || continue
-    info "deleting inline policy $name"
-    aws_cli iam delete-role-policy --role-name "$role" --policy-name "$name"
-  done
-  aws_cli iam delete-role --role-name "$role"
-  info "deleted"
-}
+# IAM (delete_policy and delete_role: scripts/lib/stack.sh).
 
 delete_policy "$AGGREGATOR_POLICY_ARN"
 delete_policy "$INGEST_POLICY_ARN"
 delete_policy "$REFRESHER_POLICY_ARN"
 delete_role "$AGGREGATOR_ROLE"
 delete_role "$REFRESHER_ROLE"
+if [ "$PREFIX" = "$DEFAULT_PREFIX" ]; then
+  # What is left of a 2018 deployment (each step says "absent" when there is nothing).
+  for name in "${LEGACY_POLICIES[@]}"; do delete_policy "arn:aws:iam::$ACCOUNT_ID:policy/$name"; done
+  for name in "${LEGACY_ROLES[@]}"; do delete_role "$name"; done
+fi
 
 # ---------------------------------------------------------------------------------
 # SQS and DynamoDB

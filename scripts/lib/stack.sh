@@ -105,6 +105,9 @@ set_names() {
   INGEST_POLICY=${PREFIX}AggregatorIngestPolicy
   # --ingest eventbridge: the rule on the default event bus.
   EVENT_RULE=${PREFIX}S3Events
+  # Every stack: the rule that sends the gateways' "Storage Gateway Refresh Cache
+  # Event" to the action queue, for the refresher (scripts/lib/completion.sh).
+  COMPLETION_RULE=${PREFIX}RefreshCompleted
   # Our entry's Id in each bucket's notification configuration (a Lambda entry with
   # --ingest direct, a queue entry with --ingest sqs).
   NOTIFICATION_ID=${PREFIX}ObjectEvents
@@ -130,6 +133,7 @@ set_arns() {
   INGEST_DLQ_ARN="$sqs:$INGEST_DLQ"
   INGEST_POLICY_ARN="arn:aws:iam::$ACCOUNT_ID:policy/$INGEST_POLICY"
   EVENT_RULE_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:rule/$EVENT_RULE"
+  COMPLETION_RULE_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:rule/$COMPLETION_RULE"
 }
 
 # render_policy FILE FUNCTION_NAME [BUCKET...]: an iam/ document with its placeholders
@@ -146,6 +150,7 @@ render_policy() {
     -e "s/INGEST_QUEUE/$INGEST_QUEUE/g" \
     -e "s/AGGREGATOR_DLQ/$AGGREGATOR_DLQ/g" \
     -e "s/EVENT_RULE/$EVENT_RULE/g" \
+    -e "s/COMPLETION_RULE/$COMPLETION_RULE/g" \
     -e "s/FUNCTION_NAME/$function/g" \
     -e "s/\"SOURCE_BUCKET_ARNS\"/[$arns]/g" \
     "$file"
@@ -277,8 +282,18 @@ our_entry() {
 # on, merge(@, {...}) keeps every other key (topic configurations, EventBridge, any
 # newer key) as it is. JMESPath cannot delete a key, so off rebuilds the configuration
 # from its three lists of entries, which are all that it holds besides EventBridge.
+#
+# With DROP_LEGACY_ENTRY=true (create-stack.sh --migrate, delete-stack.sh), the 2018
+# deployment's Lambda entry (Id LEGACY_NOTIFICATION_ID, scripts/lib/takeover.sh) leaves
+# the Lambda list in the same write: it subscribes to the same event types as ours,
+# so S3 would refuse the two side by side, and one write leaves no gap between them.
+DROP_LEGACY_ENTRY=false
+LEGACY_NOTIFICATION_ID=s3-event-aggregator
 notification_query() {
   local lambda="LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID'] || \`[]\`"
+  if $DROP_LEGACY_ENTRY; then
+    lambda="LambdaFunctionConfigurations[?Id != '$NOTIFICATION_ID' && Id != '$LEGACY_NOTIFICATION_ID'] || \`[]\`"
+  fi
   local queue="QueueConfigurations[?Id != '$NOTIFICATION_ID'] || \`[]\`"
   case $1 in
     lambda) lambda="[$lambda, [\`$(our_entry lambda)\`]][]" ;;
@@ -294,13 +309,14 @@ notification_query() {
 }
 
 # load_notification_state BUCKET: OURS_LAMBDA and OURS_QUEUE, the number of our
-# entries in each list (0 or 1), EVENTBRIDGE_ON (True or False), and OURS_EVENTS, the
-# event types of our entries, sorted and comma-separated (empty without an entry).
+# entries in each list (0 or 1), LEGACY_ENTRY, the number of 2018 entries (Id
+# LEGACY_NOTIFICATION_ID), EVENTBRIDGE_ON (True or False), and OURS_EVENTS, the event
+# types of our entries, sorted and comma-separated (empty without an entry).
 load_notification_state() {
-  local state ours="[?Id == '$NOTIFICATION_ID']"
+  local state ours="[?Id == '$NOTIFICATION_ID']" legacy="[?Id == '$LEGACY_NOTIFICATION_ID']"
   state=$(aws_cli s3api get-bucket-notification-configuration --bucket "$1" --output text --query \
-    "[length(LambdaFunctionConfigurations$ours || \`[]\`), length(QueueConfigurations$ours || \`[]\`), EventBridgeConfiguration != \`null\`, join(',', sort([LambdaFunctionConfigurations$ours.Events[], QueueConfigurations$ours.Events[]][] || \`[]\`))]")
-  read -r OURS_LAMBDA OURS_QUEUE EVENTBRIDGE_ON OURS_EVENTS <<<"$state"
+    "[length(LambdaFunctionConfigurations$ours || \`[]\`), length(QueueConfigurations$ours || \`[]\`), length(LambdaFunctionConfigurations$legacy || \`[]\`), EventBridgeConfiguration != \`null\`, join(',', sort([LambdaFunctionConfigurations$ours.Events[], QueueConfigurations$ours.Events[]][] || \`[]\`))]")
+  read -r OURS_LAMBDA OURS_QUEUE LEGACY_ENTRY EVENTBRIDGE_ON OURS_EVENTS <<<"$state"
 }
 
 # s3_events_sorted: S3_EVENTS as OURS_EVENTS shows them (sorted, comma-separated).
@@ -629,6 +645,10 @@ attach_bucket() {
   local bucket=$1 mode=$2 entry eventbridge=keep kind
   step "Bucket $bucket (ingest $mode)"
   require_bucket "$bucket"
+  load_notification_state "$bucket"
+  if [ "$LEGACY_ENTRY" != 0 ] && ! $DROP_LEGACY_ENTRY; then
+    die "bucket $bucket has the notification entry $LEGACY_NOTIFICATION_ID of the 2018 deployment, which sends the same events: take that deployment over first with scripts/create-stack.sh --migrate BUCKET... (README.md, Coming from the 2018 scripts)"
+  fi
 
   case $mode in
     direct) grant_lambda_permission "$bucket"; entry=lambda kind=Lambda ;;
@@ -651,6 +671,9 @@ attach_bucket() {
     fi
   else
     info "notification $NOTIFICATION_ID: replacing our entry by a $kind entry (other entries kept)"
+  fi
+  if [ "$LEGACY_ENTRY" != 0 ]; then
+    info "notification $LEGACY_NOTIFICATION_ID (the 2018 entry): removing, in the same write"
   fi
   if [ "$mode" = eventbridge ]; then
     if [ "$EVENTBRIDGE_ON" != True ]; then
@@ -688,12 +711,17 @@ detach_bucket() {
     else
       info "notification $NOTIFICATION_ID: removing (other entries kept)"
     fi
+    if ! $DROP_LEGACY_ENTRY; then
+      LEGACY_ENTRY=0
+    elif [ "$LEGACY_ENTRY" != 0 ]; then
+      info "notification $LEGACY_NOTIFICATION_ID (the 2018 entry): removing"
+    fi
     if [ "$eventbridge" = off ]; then
       info "EventBridge delivery: turning off (attach-bucket turned it on)"
     elif [ "$EVENTBRIDGE_ON" = True ]; then
       info "EventBridge delivery: on, left on (attach-bucket did not turn it on)"
     fi
-    if [ "$OURS_LAMBDA" != 0 ] || [ "$OURS_QUEUE" != 0 ] || [ "$eventbridge" = off ]; then
+    if [ "$OURS_LAMBDA" != 0 ] || [ "$OURS_QUEUE" != 0 ] || [ "$LEGACY_ENTRY" != 0 ] || [ "$eventbridge" = off ]; then
       # Only our part goes; skip the destination check so that a stale foreign entry
       # (say, a deleted queue) cannot block the removal.
       write_notification "$bucket" none "$eventbridge" --skip-destination-validation
@@ -732,4 +760,171 @@ load_all_attached_buckets() {
 function_exists() {
   aws_maybe 'ResourceNotFoundException' lambda get-function-configuration --function-name "$1" \
     --query FunctionArn --output text
+}
+
+# ---------------------------------------------------------------------------------
+# IAM deletion (delete-stack.sh, and the 2018 roles and policies in
+# scripts/lib/takeover.sh): detach a policy from every entity, drop its old versions,
+# delete it; a role loses its attached and inline policies, then goes.
+
+# delete_policy ARN: the customer managed policy, from wherever it is attached.
+delete_policy() {
+  local arn=$1 name entity version
+  step "IAM policy ${arn##*/}"
+  if ! aws_maybe 'NoSuchEntity' iam get-policy --policy-arn "$arn" --query Policy.Arn --output text; then
+    info "absent"
+    return
+  fi
+  for name in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyRoles[].RoleName' --output text); do
+    [ "$name" != None ] || continue
+    info "detaching from role $name"
+    aws_cli iam detach-role-policy --role-name "$name" --policy-arn "$arn"
+  done
+  for entity in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyUsers[].UserName' --output text); do
+    [ "$entity" != None ] || continue
+    info "detaching from user $entity"
+    aws_cli iam detach-user-policy --user-name "$entity" --policy-arn "$arn"
+  done
+  for entity in $(aws_cli iam list-entities-for-policy --policy-arn "$arn" --query 'PolicyGroups[].GroupName' --output text); do
+    [ "$entity" != None ] || continue
+    info "detaching from group $entity"
+    aws_cli iam detach-group-policy --group-name "$entity" --policy-arn "$arn"
+  done
+  # shellcheck disable=SC2016 # JMESPath literals
+  for version in $(aws_cli iam list-policy-versions --policy-arn "$arn" \
+    --query 'Versions[?IsDefaultVersion == `false`].VersionId' --output text); do
+    [ "$version" != None ] || continue
+    info "deleting version $version"
+    aws_cli iam delete-policy-version --policy-arn "$arn" --version-id "$version"
+  done
+  aws_cli iam delete-policy --policy-arn "$arn"
+  info "deleted"
+}
+
+# delete_role NAME: the role, once its managed policies are detached (they stay) and
+# its inline policies deleted.
+delete_role() {
+  local role=$1 arn name
+  step "IAM role $role"
+  if ! aws_maybe 'NoSuchEntity' iam get-role --role-name "$role" --query Role.Arn --output text; then
+    info "absent"
+    return
+  fi
+  for arn in $(aws_cli iam list-attached-role-policies --role-name "$role" --query 'AttachedPolicies[].PolicyArn' --output text); do
+    [ "$arn" != None ] || continue
+    info "detaching $arn"
+    aws_cli iam detach-role-policy --role-name "$role" --policy-arn "$arn"
+  done
+  for name in $(aws_cli iam list-role-policies --role-name "$role" --query 'PolicyNames[]' --output text); do
+    [ "$name" != None ] || continue
+    info "deleting inline policy $name"
+    aws_cli iam delete-role-policy --role-name "$role" --policy-name "$name"
+  done
+  aws_cli iam delete-role --role-name "$role"
+  info "deleted"
+}
+
+# ---------------------------------------------------------------------------------
+# Resource policies with statements that are not ours (the action queue's): merged
+# by Sid, without a JSON tool. split_policy reads one policy document on stdin and
+# prints it as lines: "P" and the text before the Statement list, "S" and each
+# statement, "X" and the text after the list (each with the document's line breaks
+# turned into spaces, which JSON allows outside strings and forbids inside them). A
+# Statement that is a single object rather than a list prints as one "S" line. It
+# prints nothing for a document without a top-level Statement.
+split_policy() {
+  tr '\n\r' '  ' | awk '
+    function flush_statement() {
+      if (current ~ /[^ \t]/) print "S" current
+      current = ""
+    }
+    {
+      text = $0; n = length(text); depth = 0; instr = 0; esc = 0; key = ""; lastkey = ""
+      state = 0 # 0 before the Statement value, 1 in its list, 2 in a lone object, 3 after it
+      before = ""; after = ""; current = ""; sdepth = 0
+      for (i = 1; i <= n; i++) {
+        c = substr(text, i, 1)
+        if (state == 3) { after = after c; continue }
+        if (instr) {
+          if (esc) esc = 0
+          else if (c == "\\") esc = 1
+          else if (c == "\"") instr = 0
+          if (state == 0) { before = before c; if (instr) key = key c } else current = current c
+          continue
+        }
+        if (c == "\"") {
+          instr = 1
+          if (state == 0) { before = before c; key = "" } else current = current c
+          continue
+        }
+        if (state == 0) {
+          if (c == ":" && depth == 1) lastkey = key
+          if ((c == "[" || c == "{") && depth == 1 && lastkey == "Statement") {
+            state = (c == "[") ? 1 : 2
+            sdepth = depth + 1
+            depth++
+            if (state == 2) current = c
+            continue
+          }
+          if (c == "{" || c == "[") depth++
+          if (c == "}" || c == "]") depth--
+          if (c == ",") lastkey = ""
+          before = before c
+          continue
+        }
+        # In the Statement value.
+        if (c == "{" || c == "[") depth++
+        if (c == "}" || c == "]") depth--
+        if (state == 1 && depth < sdepth) { flush_statement(); state = 3; continue }
+        if (state == 1 && c == "," && depth == sdepth) { flush_statement(); continue }
+        current = current c
+        if (state == 2 && depth < sdepth) { flush_statement(); state = 3 }
+      }
+      if (state == 3) { print "P" before; print "X" after }
+    }'
+}
+
+# statement_sid STATEMENT: its Sid, or nothing.
+statement_sid() {
+  printf '%s' "$1" | { grep -o '"Sid"[[:space:]]*:[[:space:]]*"[^"\\]*"' || true; } | head -n 1 |
+    sed 's/^"Sid"[[:space:]]*:[[:space:]]*"//; s/"$//'
+}
+
+# merge_policy CURRENT OURS: the document CURRENT (empty for none) with the statements
+# of the document OURS in place of its statements of the same Sid; every other
+# statement, and everything else in CURRENT, stays as it is. Prints the result.
+merge_policy() {
+  local current=$1 ours=$2 line sid prefix='' suffix='' statements='' our_sids=, sep=''
+  while IFS= read -r line; do
+    case $line in
+      S*)
+        sid=$(statement_sid "${line#S}")
+        [ -n "$sid" ] || die "a statement of our policy template has no Sid"
+        our_sids="$our_sids$sid,"
+        ;;
+    esac
+  done < <(printf '%s' "$ours" | split_policy)
+  if [ -z "$current" ]; then
+    printf '%s' "$ours"
+    return
+  fi
+  printf '%s' "$current" | split_policy >"$S3EA_TMP/split"
+  [ -s "$S3EA_TMP/split" ] || return 1
+  while IFS= read -r line; do
+    case $line in
+      P*) prefix=${line#P} ;;
+      X*) suffix=${line#X} ;;
+      S*)
+        sid=$(statement_sid "${line#S}")
+        if [ -z "$sid" ] || [[ $our_sids != *",$sid,"* ]]; then
+          statements="$statements$sep${line#S}"
+          sep=,
+        fi
+        ;;
+    esac
+  done <"$S3EA_TMP/split"
+  while IFS= read -r line; do
+    case $line in S*) statements="$statements$sep${line#S}" sep=, ;; esac
+  done < <(printf '%s' "$ours" | split_policy)
+  printf '%s[%s]%s' "$prefix" "$statements" "$suffix"
 }

@@ -38,7 +38,7 @@ for file in iam/*.json; do
   esac
   # Two buckets for the ingest queue's policy, which lists the attached buckets.
   render_policy "$file" "$function" example-bucket example.bucket.two >"$rendered/$name"
-  if grep -Eq 'REGION|ACCOUNT_ID|TABLE_NAME|ACTION_QUEUE|INGEST_QUEUE|AGGREGATOR_DLQ|EVENT_RULE|FUNCTION_NAME|SOURCE_BUCKET_ARNS' "$rendered/$name"; then
+  if grep -Eq 'REGION|ACCOUNT_ID|TABLE_NAME|ACTION_QUEUE|INGEST_QUEUE|AGGREGATOR_DLQ|EVENT_RULE|COMPLETION_RULE|FUNCTION_NAME|SOURCE_BUCKET_ARNS' "$rendered/$name"; then
     die "$file: a placeholder is left after rendering"
   fi
   python3 -m json.tool "$rendered/$name" >/dev/null || die "$file: not JSON after rendering"
