@@ -770,3 +770,55 @@ async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result
     assert_eq!(last["Generation"].as_n().map_err(|_| "Generation")?, "1");
     Ok(())
 }
+
+/// A table taken over from the 2018 deployment (`create-stack.sh --migrate` keeps it)
+/// holds items keyed by bucket with the 2018 attributes `timestamp` and `share`. They
+/// open no window of their own: the first event opens one beside them, and it is
+/// refreshed like any other.
+#[tokio::test]
+async fn a_2018_item_in_the_table_does_no_harm() -> Result<(), BoxError> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 1,
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("y2018").await?;
+    let gw = stack.gateway.add_gateway("gw-1");
+    let share = stack
+        .gateway
+        .add_share(&gw, ShareKind::Nfs, &s3_arn(&bucket, ""));
+    stack
+        .clients
+        .dynamodb
+        .put_item()
+        .table_name(&stack.table)
+        .item("BucketName", AttributeValue::S(bucket.clone()))
+        .item("timestamp", AttributeValue::N("1534097642149".into()))
+        .item("share", AttributeValue::S(share.clone()))
+        .send()
+        .await?;
+
+    let events = put_and_collect(&stack, &bucket, &["after-2018/k".to_string()]).await?;
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert!(feed.errors.is_empty(), "{:?}", feed.errors);
+    assert_eq!(feed.total("windowsOpened"), 1);
+    let run = stack.run_refresher(1, stack.window_wait()).await?;
+    assert_eq!((run.messages, run.batch_item_failures), (1, 0));
+    let refreshes = stack.gateway.refreshes();
+    assert_eq!(refreshes.len(), 1);
+    assert_eq!(refreshes[0].share_arn, share);
+    assert_eq!(refreshes[0].folder_list, ["/", "/after-2018"]);
+    let item = stack
+        .clients
+        .bucket_item(&stack.table, &bucket)
+        .await?
+        .ok_or("no item")?;
+    assert_eq!(item["Generation"].as_n().map_err(|_| "Generation")?, "1");
+    assert_eq!(
+        item["timestamp"].as_n().map_err(|_| "timestamp")?,
+        "1534097642149",
+        "the 2018 attributes are left as they are"
+    );
+    Ok(())
+}
