@@ -27,19 +27,37 @@
 //! crosses the window's entry limit (`MAX_WINDOW_FOLDERS`): the gateway's folders
 //! become "anywhere for that gateway", then the window becomes the whole bucket.
 //!
+//! The refresher's per-share scheduler (`shared::scheduler`, driven by
+//! `shared::dispatcher`) runs against the same models: its share items sit in the
+//! modelled table (compare-and-set on `version`, faults before and after each write,
+//! crash points at every read and write), its wake-ups go on the action queue with
+//! their delay and come back as SQS records, and the gateway holds each refresh in
+//! flight for a time that grows with its folders (in some runs 1 to 4 hours), throttles
+//! a third call, and sends its refresh-complete event through EventBridge to the action
+//! queue, where it is lost, duplicated, minutes late or overtaken as the run's knobs
+//! say; some events come from refreshes that no refresher of ours started. The
+//! refreshers run with a `MIN_REFRESH_INTERVAL_SECONDS` of 0, 1, 5 or 60 and the skew
+//! bound as their clock margin.
+//!
 //! After a storm of faults, the operator redrives the DLQs and the run goes on until
-//! nothing is left to do. Then the checker asserts the invariant of SPEC.md: every
+//! nothing is left to do: nothing queued (a share that waits has a wake-up on the
+//! queue, chained every 900 s up to a 6-hour lease) and no refresh still listing. Then the checker asserts the invariant of SPEC.md: every
 //! object event E is followed by a RefreshCache that covers its key and started after
 //! E, on every share that maps the key and existed before E, except a share that no
 //! longer exists and the shares on the gateway that wrote E (for a writer the principal
 //! does not name: only when all the bucket's shares were on one gateway; see
 //! `unnamed_writer_is_known`). It also asserts what gateway writes cost: a bucket whose
 //! shares were all on one gateway and whose every change was written through it got no
-//! RefreshCache call at all.
+//! RefreshCache call at all. And it asserts the gateway's limits: no call while two
+//! refreshes that the product knew of were in flight on the share (`check_in_flight`),
+//! no two accepted calls on a share closer than the interval in true time
+//! (`check_pace`), and no share left with pending listings at the end
+//! (`check_drained`).
 //!
 //! - `SIM_SEEDS=n` sets how many seeds `simulation_holds_the_invariant` runs (CI runs
 //!   100,000 with the optimised `sim` profile).
-//! - `SEED=n` replays one seed and prints its trace.
+//! - `SEED=n` replays one seed and prints its trace (`SIM_FAULT=Name` with one of the
+//!   switches below).
 //!
 //! The faults of the 2018 design are rebuilt in the model as switches; each must make
 //! the checker fail, which shows that it can catch them.
@@ -50,11 +68,13 @@ use shared::clock::Clock;
 use shared::error::{GatewayError, QueueError, Retry, StoreError};
 use shared::metrics::NullSink;
 use shared::ports::{
-    DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage, ShareSummary, WindowStore,
+    DescribedShare, FileGateway, RefreshQueue, Requeue, SharePage, ShareStore, ShareSummary,
+    WindowStore,
 };
-use shared::refresh_message::{RefreshMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
+use shared::refresh_message::{RefreshMessage, WakeMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use shared::refresher::Refresher;
 use shared::s3_event::format_event_time;
+use shared::scheduler::{ShareState, SLOT_LEASE_MS};
 use shared::shares::{RefreshPlan, ShareKind};
 use shared::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -115,7 +135,27 @@ enum Fault2018 {
     /// a write through one gateway never reaches the other gateways' shares. Rebuilt in
     /// the event delivery, since the product no longer has it.
     SkipGatewayWrites,
+    /// Not a 2018 fault but ours without its guard: the scheduler trusts a refresh in
+    /// flight to cover a later change of a folder it lists
+    /// (`Refresher::trusting_in_flight_refreshes`), though that refresh started before
+    /// the change. Its runs have gateways that take hours, so folders change again
+    /// while their refreshes are still listing.
+    TrustInFlight,
+    /// Not a 2018 fault but ours without its guard: the refreshers pace their calls with
+    /// no clock margin, so a container whose clock runs ahead calls a share less than
+    /// `MIN_REFRESH_INTERVAL_SECONDS` after another container's call.
+    PaceWithoutClockMargin,
 }
+
+const ALL_FAULTS: [Fault2018; 7] = [
+    Fault2018::NoUnsentRepair,
+    Fault2018::DeleteOnRefreshError,
+    Fault2018::TimeOnlyWindow,
+    Fault2018::CoalesceWithoutClockMargin,
+    Fault2018::SkipGatewayWrites,
+    Fault2018::TrustInFlight,
+    Fault2018::PaceWithoutClockMargin,
+];
 
 // ---------------------------------------------------------------------------------
 // The world: every service's state, one lock
@@ -141,7 +181,9 @@ enum Fault {
 struct QueuedMessage {
     id: String,
     body: String,
-    bucket: String,
+    /// The `bucket-name` attribute; `None` for an EventBridge event, which carries no
+    /// message attributes.
+    bucket: Option<String>,
     timestamp_ms: i64,
     visible_at: i64,
     receive_count: u32,
@@ -162,9 +204,41 @@ struct SimShare {
 #[derive(Debug, Clone)]
 struct AcceptedRefresh {
     share_arn: String,
+    /// When the refresh started (the call reached the gateway), in true time.
     at: i64,
     folders: Vec<String>,
     recursive: bool,
+    notification_id: String,
+    /// When the gateway finishes listing: until then the refresh holds one of the
+    /// share's two slots.
+    completes_at: i64,
+    /// The true time at which the product decided the call: its claim's `claimed_at`,
+    /// less the claiming container's clock error.
+    decided_at: i64,
+    /// The caller saw the call succeed. `false`: the call started, but its response was
+    /// lost (a timeout), so the product believes that it did not start.
+    answered: bool,
+}
+
+/// A `RefreshCache` call that found two refreshes in flight on its share, and the
+/// refreshes (indices into `World::refreshes`) that held the slots.
+#[derive(Debug, Clone)]
+struct ThrottledAttempt {
+    share_arn: String,
+    at: i64,
+    in_flight: Vec<usize>,
+}
+
+/// What happens to the gateway's refresh-complete events on their way through
+/// EventBridge to the action queue, per run.
+#[derive(Debug, Clone, Copy, Default)]
+struct CompletionFaults {
+    lost: f64,
+    duplicated: f64,
+    /// The chance of an extra delay of minutes.
+    delayed: f64,
+    /// Up to this much jitter per event, so that events overtake each other.
+    reorder_ms: i64,
 }
 
 /// Who changed an object, as the checker knows it (the product reads only the record).
@@ -208,6 +282,21 @@ struct Stats {
     /// Buckets held to the cost promise (only writes through their only gateway).
     single_writer_buckets: u64,
     shares_moved: u64,
+    /// Accepted `RefreshCache` calls.
+    refreshes: u64,
+    /// Wake-ups sent, and refresh-complete events queued, lost, duplicated, and sent
+    /// for refreshes that no refresher of ours started.
+    wakes: u64,
+    completions: u64,
+    completions_lost: u64,
+    completions_duplicated: u64,
+    stray_completions: u64,
+    /// Calls that found two refreshes in flight (each excused, or the run fails), and
+    /// the most of them in one run, with its seed.
+    throttled_in_flight: u64,
+    most_throttled: (u64, u64),
+    /// Runs whose gateway takes hours per refresh.
+    slow_runs: u64,
 }
 
 impl Stats {
@@ -222,6 +311,15 @@ impl Stats {
         self.windows_whole_bucket += o.windows_whole_bucket;
         self.single_writer_buckets += o.single_writer_buckets;
         self.shares_moved += o.shares_moved;
+        self.refreshes += o.refreshes;
+        self.wakes += o.wakes;
+        self.completions += o.completions;
+        self.completions_lost += o.completions_lost;
+        self.completions_duplicated += o.completions_duplicated;
+        self.stray_completions += o.stray_completions;
+        self.throttled_in_flight += o.throttled_in_flight;
+        self.most_throttled = self.most_throttled.max(o.most_throttled);
+        self.slow_runs += o.slow_runs;
     }
 }
 
@@ -237,9 +335,25 @@ struct World {
     shares: Vec<SimShare>,
     next_share: u64,
     list_page_size: usize,
-    /// Completion times of the refreshes in flight, per share.
-    in_flight: HashMap<String, Vec<i64>>,
+    /// The share items of the scheduler (the same table as the windows).
+    share_items: HashMap<String, ShareState>,
+    /// Every refresh the gateway started, in call order.
     refreshes: Vec<AcceptedRefresh>,
+    /// Calls that found two refreshes in flight on their share.
+    throttled: Vec<ThrottledAttempt>,
+    /// Refreshes take 1 to 4 hours (else seconds to minutes, growing with the folders).
+    slow_gateway: bool,
+    completion_faults: CompletionFaults,
+    /// The refreshers' `MIN_REFRESH_INTERVAL_SECONDS`, in ms.
+    min_interval_ms: i64,
+    /// The most two containers' clocks differ by (twice the skew bound).
+    clock_spread_ms: i64,
+    /// What the model saw the product do against a service's contract.
+    violations: Vec<String>,
+    wakes: u64,
+    completions: u64,
+    completions_lost: u64,
+    completions_duplicated: u64,
     /// Every `RefreshCache` call, accepted or not, per share.
     refresh_calls: HashMap<String, u32>,
     /// Buckets whose window ever held "anywhere" for a gateway, or the whole bucket.
@@ -283,6 +397,113 @@ impl World {
     fn live_shares(&self) -> impl Iterator<Item = &SimShare> {
         self.shares.iter().filter(|s| s.deleted_at.is_none())
     }
+
+    /// The refreshes still listing on `share_arn` (indices into `refreshes`).
+    fn in_flight(&self, share_arn: &str) -> Vec<usize> {
+        let now = self.now;
+        self.refreshes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.share_arn == share_arn && r.completes_at > now)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn next_message_id(&mut self) -> String {
+        self.next_message += 1;
+        format!("m{}", self.next_message)
+    }
+
+    /// The gateway's refresh-complete event for refresh `index`, as EventBridge puts it
+    /// on the action queue: lost, duplicated, late or overtaken as this run's knobs say.
+    fn emit_completion(&mut self, index: usize) {
+        let r = self.refreshes[index].clone();
+        let k = self.completion_faults;
+        if self.rng.chance(k.lost) {
+            self.completions_lost += 1;
+            self.log(|| format!("eventbridge: completion of {} lost", r.notification_id));
+            return;
+        }
+        let copies = if self.rng.chance(k.duplicated) {
+            self.completions_duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut latency = self.rng.range(100, 2_000) + self.rng.range(0, k.reorder_ms);
+            if self.rng.chance(k.delayed) {
+                latency += self.rng.range(60_000, 900_000);
+            }
+            let body = completion_event(
+                &r.share_arn,
+                &r.notification_id,
+                r.at,
+                r.completes_at,
+                &r.folders,
+                &mut self.rng,
+            );
+            self.push_event(body, r.completes_at + latency);
+            self.completions += 1;
+        }
+    }
+
+    /// An EventBridge event on the action queue, visible at `visible_at`.
+    fn push_event(&mut self, body: String, visible_at: i64) {
+        let id = self.next_message_id();
+        self.log(|| format!("eventbridge: {id} visible at {visible_at}: {body}"));
+        self.queue.push(QueuedMessage {
+            id,
+            body,
+            bucket: None,
+            timestamp_ms: 0,
+            visible_at,
+            receive_count: 0,
+        });
+    }
+}
+
+/// A "Storage Gateway Refresh Cache Event" as EventBridge delivers it. Spelled out
+/// here rather than taken from the product's constants, so that the product's decoder
+/// is checked against the event's real shape.
+fn completion_event(
+    share_arn: &str,
+    notification_id: &str,
+    started: i64,
+    completed: i64,
+    folders: &[String],
+    rng: &mut Rng,
+) -> String {
+    json!({
+        "version": "0",
+        "id": new_notification_id(rng),
+        "detail-type": "Storage Gateway Refresh Cache Event",
+        "source": "aws.storagegateway",
+        "account": "123456789012",
+        "time": format_event_time(completed).unwrap_or_default(),
+        "region": "us-east-1",
+        "resources": [share_arn],
+        "detail": {
+            "event-type": "refresh-complete",
+            "notification-id": notification_id,
+            "started": format_event_time(started).unwrap_or_default(),
+            "completed": format_event_time(completed).unwrap_or_default(),
+            "folderList": folders,
+        }
+    })
+    .to_string()
+}
+
+/// A notification id as the gateway makes them (and an EventBridge event id).
+fn new_notification_id(rng: &mut Rng) -> String {
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        rng.next() as u32,
+        rng.below(1 << 16),
+        rng.below(1 << 16),
+        rng.below(1 << 16),
+        rng.below(1 << 48)
+    )
 }
 
 fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
@@ -306,6 +527,9 @@ struct Port {
     invocation: Arc<Mutex<InvocationState>>,
     /// This container's clock error, in ms.
     skew_ms: i64,
+    /// Per share, the true time of this container's latest claim that the table took
+    /// (its `claimed_at` less the clock error): the decision behind its next call.
+    claims: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 /// Pending once, so the scheduler can run another container in between.
@@ -462,6 +686,104 @@ impl WindowStore for SimStore {
     }
 }
 
+/// A share item in one trace line.
+fn share_line(s: &ShareState) -> String {
+    let slots: Vec<String> = s
+        .slots
+        .iter()
+        .map(|slot| {
+            format!(
+                "{}@{}{}{}:{}",
+                slot.claim_id,
+                slot.claimed_at_ms,
+                slot.notification_id
+                    .as_deref()
+                    .map(|n| format!("={}", &n[..8.min(n.len())]))
+                    .unwrap_or_default(),
+                if slot.returned { "(returned)" } else { "" },
+                slot.listings
+                    .iter()
+                    .map(|l| l.encode())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
+        .collect();
+    format!(
+        "v{} pending [{}] slots [{}] last_call {:?} wake {:?}",
+        s.version,
+        s.pending
+            .iter()
+            .map(|l| l.encode())
+            .collect::<Vec<_>>()
+            .join(","),
+        slots.join(" "),
+        s.last_call_at_ms,
+        s.wake_at_ms
+    )
+}
+
+impl ShareStore for SimStore {
+    async fn read_share(&self, share_arn: &str) -> Result<Option<ShareState>, StoreError> {
+        self.0.call().await;
+        let mut w = self.0.world();
+        w.tick();
+        let fault = w.roll(Service::Dynamo);
+        if fault == Fault::Before {
+            w.log(|| format!("dynamo read_share {share_arn}: fails"));
+            return Err(store_fault());
+        }
+        let state = w.share_items.get(share_arn).cloned();
+        if fault == Fault::After {
+            w.log(|| format!("dynamo read_share {share_arn}: times out"));
+            return Err(store_fault());
+        }
+        Ok(state)
+    }
+
+    /// Compare-and-set on `version`, as `MemoryWindowStore` and the DynamoDB condition.
+    async fn write_share(&self, state: &ShareState) -> Result<bool, StoreError> {
+        self.0.call().await;
+        let mut w = self.0.world();
+        w.tick();
+        let fault = w.roll(Service::Dynamo);
+        let arn = &state.share_arn;
+        if fault == Fault::Before {
+            w.log(|| format!("dynamo write_share {arn}: fails"));
+            return Err(store_fault());
+        }
+        let stored = w.share_items.get(arn);
+        let written = stored.map_or(0, |s| s.version) == state.version;
+        if written {
+            let mut claims = self.0.claims.lock().unwrap_or_else(|p| p.into_inner());
+            for slot in &state.slots {
+                let new_claim =
+                    stored.is_none_or(|old| !old.slots.iter().any(|s| s.claim_id == slot.claim_id));
+                if new_claim {
+                    claims.insert(arn.clone(), slot.claimed_at_ms - self.0.skew_ms);
+                }
+            }
+            drop(claims);
+            let mut next = state.clone();
+            next.version = state.version + 1;
+            w.log(|| format!("dynamo write_share {arn}: {}", share_line(&next)));
+            w.share_items.insert(arn.clone(), next);
+        } else {
+            w.log(|| {
+                format!(
+                    "dynamo write_share {arn} v{}: version changed",
+                    state.version
+                )
+            });
+        }
+        if fault == Fault::After {
+            w.log(|| format!("dynamo write_share {arn}: (caller sees a timeout)"));
+            return Err(store_fault());
+        }
+        Ok(written)
+    }
+}
+
 impl SimStore {
     /// The item as the write left it (the write's ReturnValues=ALL_NEW), not a call.
     fn peek(&self, bucket: &str) -> Option<WindowItem> {
@@ -504,13 +826,12 @@ impl RefreshQueue for SimQueue {
             }
             return Err(err());
         }
-        w.next_message += 1;
-        let id = format!("m{}", w.next_message);
+        let id = w.next_message_id();
         let visible_at = w.now + i64::from(delay_seconds.min(self.1)) * 1000;
         let queued = QueuedMessage {
             id: id.clone(),
             body: message.body(),
-            bucket: message.bucket.clone(),
+            bucket: Some(message.bucket.clone()),
             timestamp_ms: message.timestamp_ms,
             visible_at,
             receive_count: 0,
@@ -529,14 +850,79 @@ impl RefreshQueue for SimQueue {
     }
 }
 
+/// The action queue's ARN, as the event source mapping names it in every record.
+const ACTION_QUEUE_ARN: &str = "arn:aws:sqs:us-east-1:123456789012:s3-event-aggregator";
+
+impl SimQueue {
+    /// The refresher's SQS adapter is not told its queue: it sends back to the queue
+    /// that the record came from, so a send without that ARN cannot be made.
+    fn check_source(&self, what: &str, source_arn: Option<&str>) -> Result<(), QueueError> {
+        if source_arn == Some(ACTION_QUEUE_ARN) {
+            return Ok(());
+        }
+        let message =
+            format!("{what} to queue {source_arn:?}, not the record's {ACTION_QUEUE_ARN}");
+        self.0.world().violations.push(message.clone());
+        Err(QueueError {
+            retry: Retry::Never,
+            message,
+        })
+    }
+}
+
 impl Requeue for SimQueue {
     async fn requeue(
         &self,
-        _source_arn: Option<&str>,
+        source_arn: Option<&str>,
         message: &RefreshMessage,
         delay_seconds: u32,
     ) -> Result<String, QueueError> {
+        self.check_source("requeue", source_arn)?;
         self.send(message, delay_seconds).await
+    }
+
+    /// A wake-up goes on the action queue with its delay, like a message sent back, and
+    /// comes back as an SQS record like any other.
+    async fn wake(
+        &self,
+        source_arn: Option<&str>,
+        message: &WakeMessage,
+        delay_seconds: u32,
+    ) -> Result<String, QueueError> {
+        self.check_source("wake-up", source_arn)?;
+        self.0.call().await;
+        let mut w = self.0.world();
+        w.tick();
+        let fault = w.roll(Service::Sqs);
+        let err = || QueueError {
+            retry: Retry::Later,
+            message: "simulated SQS failure".into(),
+        };
+        if fault == Fault::Before {
+            w.log(|| format!("sqs wake {}: fails", message.share_arn));
+            return Err(err());
+        }
+        let id = w.next_message_id();
+        let visible_at = w.now + i64::from(delay_seconds.min(self.1)) * 1000;
+        w.queue.push(QueuedMessage {
+            id: id.clone(),
+            body: message.body(),
+            bucket: Some(message.bucket.clone()),
+            timestamp_ms: message.visible_at_ms,
+            visible_at,
+            receive_count: 0,
+        });
+        w.wakes += 1;
+        w.log(|| {
+            format!(
+                "sqs wake {} as {id}, visible at {visible_at} (due {})",
+                message.share_arn, message.due_at_ms
+            )
+        });
+        if fault == Fault::After {
+            return Err(err());
+        }
+        Ok(id)
     }
 }
 
@@ -623,49 +1009,99 @@ impl FileGateway for SimGateway {
         self.0.call().await;
         let mut w = self.0.world();
         w.tick();
-        *w.refresh_calls.entry(plan.share_arn.clone()).or_default() += 1;
-        if !w.live_shares().any(|s| s.arn == plan.share_arn) {
-            w.log(|| format!("gateway refresh {}: share not found", plan.share_arn));
+        let arn = &plan.share_arn;
+        *w.refresh_calls.entry(arn.clone()).or_default() += 1;
+        if !w.live_shares().any(|s| &s.arn == arn) {
+            w.log(|| format!("gateway refresh {arn}: share not found"));
             return Err(GatewayError::ShareNotFound {
-                share_arn: plan.share_arn.clone(),
+                share_arn: arn.clone(),
                 message: "The specified file share was not found.".into(),
             });
         }
-        if let Some(e) = self.fault(&mut w) {
-            w.log(|| format!("gateway refresh {}: {e}", plan.share_arn));
+        // The gateway's own limit comes first: a third call while two refreshes list
+        // is refused whatever else happens to it, and the checker judges the attempt.
+        let now = w.now;
+        let in_flight = w.in_flight(arn);
+        if in_flight.len() >= 2 {
+            w.log(|| format!("gateway refresh {arn}: two already in flight {in_flight:?}"));
+            w.throttled.push(ThrottledAttempt {
+                share_arn: arn.clone(),
+                at: now,
+                in_flight,
+            });
+            return Err(GatewayError::Busy {
+                message: "The specified gateway is busy: too many refreshes in flight.".into(),
+            });
+        }
+        let fault = w.roll(Service::Gateway);
+        if fault == Fault::Before {
+            let e = if w.rng.chance(0.5) {
+                GatewayError::Busy {
+                    message: "simulated throttle".into(),
+                }
+            } else {
+                GatewayError::Other {
+                    retry: Retry::Later,
+                    message: "simulated 5xx / unreachable".into(),
+                }
+            };
+            w.log(|| format!("gateway refresh {arn}: {e}"));
             return Err(e);
         }
         assert!(
             (1..=50).contains(&plan.folders.len()),
             "FolderList takes 1 to 50 folders"
         );
-        let now = w.now;
-        let in_flight = w.in_flight.entry(plan.share_arn.clone()).or_default();
-        in_flight.retain(|done| *done > now);
-        if in_flight.len() >= 2 {
-            w.log(|| format!("gateway refresh {}: two already in flight", plan.share_arn));
-            return Err(GatewayError::Busy {
-                message: "too many requests".into(),
-            });
-        }
-        let duration = w.rng.range(500, 90_000);
-        w.in_flight
-            .entry(plan.share_arn.clone())
-            .or_default()
-            .push(now + duration);
+        // A refresh lists every folder it names (a recursive one, their subtrees, with
+        // a HEAD per object): its time grows with the work; some gateways take hours.
+        let duration = if w.slow_gateway {
+            w.rng.range(3_600_000, 4 * 3_600_000)
+        } else {
+            let per_folder = w.rng.range(200, 3_000) * if plan.recursive { 8 } else { 1 };
+            w.rng.range(500, 5_000) + per_folder * plan.folders.len() as i64
+        };
+        let decided_at = self
+            .0
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(arn)
+            .copied()
+            .unwrap_or(now);
+        let notification_id = new_notification_id(&mut w.rng);
+        let answered = fault == Fault::None;
         w.refreshes.push(AcceptedRefresh {
-            share_arn: plan.share_arn.clone(),
+            share_arn: arn.clone(),
             at: now,
             folders: plan.folders.clone(),
             recursive: plan.recursive,
+            notification_id: notification_id.clone(),
+            completes_at: now + duration,
+            decided_at,
+            answered,
         });
         w.log(|| {
             format!(
-                "gateway refresh {} {:?} recursive={} accepted",
-                plan.share_arn, plan.folders, plan.recursive
+                "gateway refresh {arn} {:?} recursive={} accepted as {notification_id}, until {}{}",
+                plan.folders,
+                plan.recursive,
+                now + duration,
+                if answered {
+                    ""
+                } else {
+                    " (caller sees a timeout)"
+                }
             )
         });
-        Ok(format!("n{}", w.refreshes.len()))
+        let index = w.refreshes.len() - 1;
+        w.emit_completion(index);
+        if !answered {
+            return Err(GatewayError::Other {
+                retry: Retry::Later,
+                message: "simulated timeout after the refresh started".into(),
+            });
+        }
+        Ok(notification_id)
     }
 }
 
@@ -737,7 +1173,11 @@ enum Agenda {
     Deliver {
         seq: u64,
     },
-    Poll,
+    /// The event source mapping's poll of the action queue; only the latest scheduled
+    /// one (`Sim::poll_seq`) counts.
+    Poll {
+        seq: u64,
+    },
     IngestPoll,
     /// Delete the share and create it again under a new ARN, on `gateway` (its own, or
     /// another one: the share moved).
@@ -772,6 +1212,14 @@ struct Sim {
     redrives: u32,
     /// Some: events reach the aggregator through an SQS ingest queue, in batches.
     ingest: Option<IngestQueue>,
+    ingest_poll_scheduled: bool,
+    /// The latest scheduled poll of the action queue, and when it is due.
+    poll_seq: u64,
+    poll_at: Option<i64>,
+    /// Names containers, so that claim ids never repeat within a run.
+    next_container: u64,
+    /// The refreshers' `MIN_REFRESH_INTERVAL_SECONDS`.
+    min_interval_seconds: u32,
 }
 
 impl Sim {
@@ -779,6 +1227,16 @@ impl Sim {
         self.agenda_seq += 1;
         self.agenda
             .push(std::cmp::Reverse((at, self.agenda_seq, item)));
+    }
+
+    /// Polls the ingest queue within its batching window (up to a few seconds).
+    fn schedule_ingest_poll(&mut self) {
+        if self.ingest.is_none() || self.ingest_poll_scheduled {
+            return;
+        }
+        self.ingest_poll_scheduled = true;
+        let next = self.now() + 500 + (self.agenda_seq as i64 % 3) * 1_000;
+        self.schedule(next, Agenda::IngestPoll);
     }
 
     fn deliver(&mut self, at: i64, event: Arc<Value>, attempt: u32) {
@@ -792,12 +1250,60 @@ impl Sim {
         lock(&self.world).now
     }
 
+    /// Polls the action queue at `at`, instead of any poll scheduled before.
+    fn schedule_poll(&mut self, at: i64) {
+        self.poll_seq += 1;
+        self.poll_at = Some(at);
+        let seq = self.poll_seq;
+        self.schedule(at, Agenda::Poll { seq });
+    }
+
+    /// Makes sure that the action queue is polled by `at`.
+    fn poll_by(&mut self, at: i64) {
+        if self.poll_at.is_none_or(|t| t > at) {
+            self.schedule_poll(at);
+        }
+    }
+
+    /// When to poll next: every second while anything runs. With nothing running
+    /// nothing can reach the queue before the next agenda item, so the poll goes
+    /// straight to the first message that becomes visible, the next agenda item, or
+    /// the end of a refresh still listing, whichever comes first (a wake-up waits up to
+    /// 900 s, a lease 6 hours).
+    fn next_poll_at(&self) -> i64 {
+        let now = self.now();
+        let soon = now + 1_000;
+        if !self.running.is_empty() {
+            return soon;
+        }
+        let w = lock(&self.world);
+        let next = w
+            .queue
+            .iter()
+            .map(|m| m.visible_at)
+            .chain(
+                w.refreshes
+                    .iter()
+                    .map(|r| r.completes_at)
+                    .filter(|t| *t > now),
+            )
+            .chain(
+                self.agenda
+                    .iter()
+                    .filter(|std::cmp::Reverse((_, _, a))| !matches!(a, Agenda::Poll { .. }))
+                    .map(|std::cmp::Reverse((t, _, _))| *t),
+            )
+            .min();
+        next.map_or(soon, |t| t.max(soon))
+    }
+
     fn new_port(&mut self) -> Port {
         let skew = self.rng.range(-self.skew_ms, self.skew_ms);
         Port {
             world: self.world.clone(),
             invocation: Arc::new(Mutex::new(InvocationState::default())),
             skew_ms: skew,
+            claims: Arc::default(),
         }
     }
 
@@ -828,13 +1334,30 @@ impl Sim {
 
     fn new_refresher(&mut self) -> Container {
         let port = self.new_port();
+        self.next_container += 1;
+        // Like the aggregator's margin: two containers' clocks differ by at most twice
+        // the skew bound, so calls from two containers stay the interval apart in true
+        // time.
+        let fault = lock(&self.world).fault_2018;
+        let clock_margin_ms = if fault == Some(Fault2018::PaceWithoutClockMargin) {
+            0
+        } else {
+            2 * self.skew_ms + 1
+        };
         let service = Refresher::new(
             SimStore(port.clone()),
             SimGateway(port.clone()),
             SimQueue(port.clone(), 900),
             SimClock(port.clone()),
         )
+        .with_pace(self.min_interval_seconds, clock_margin_ms)
+        .with_claim_prefix(format!("c{}", self.next_container))
         .with_metrics_sink(Arc::new(NullSink));
+        let service = if fault == Some(Fault2018::TrustInFlight) {
+            service.trusting_in_flight_refreshes()
+        } else {
+            service
+        };
         Container {
             busy: false,
             port,
@@ -843,9 +1366,12 @@ impl Sim {
         }
     }
 
-    fn crash_point(&mut self) -> Option<u32> {
+    /// The call at which the next invocation dies, if it does: any of its first
+    /// `calls` port calls (a refresher makes many: share reads and writes, the call,
+    /// the wake-up).
+    fn crash_point(&mut self, calls: i64) -> Option<u32> {
         (!self.storm_over && self.rng.chance(self.crash_probability))
-            .then(|| self.rng.range(1, 8) as u32)
+            .then(|| self.rng.range(1, calls) as u32)
     }
 
     fn start_aggregator(&mut self, event: Arc<Value>, attempt: u32) -> bool {
@@ -907,7 +1433,7 @@ impl Sim {
             }
             None => return false,
         };
-        let crash_at = self.crash_point();
+        let crash_at = self.crash_point(8);
         let container = &mut self.aggregators[index];
         container.busy = true;
         *container
@@ -966,16 +1492,22 @@ impl Sim {
                     continue;
                 }
                 m.visible_at = now + self.visibility_ms;
+                let attributes = match &m.bucket {
+                    Some(bucket) => json!({
+                        ATTR_BUCKET: {"stringValue": bucket, "dataType": "String"},
+                        ATTR_TIMESTAMP: {"stringValue": m.timestamp_ms.to_string(), "dataType": "Number"},
+                    }),
+                    None => json!({}),
+                };
                 records.push(json!({
                     "messageId": m.id,
                     "receiptHandle": format!("{}-{}", m.id, m.receive_count),
                     "body": m.body,
                     "attributes": {"ApproximateReceiveCount": m.receive_count.to_string()},
-                    "messageAttributes": {
-                        ATTR_BUCKET: {"stringValue": m.bucket, "dataType": "String"},
-                        ATTR_TIMESTAMP: {"stringValue": m.timestamp_ms.to_string(), "dataType": "Number"},
-                    },
+                    "messageAttributes": attributes,
                     "eventSource": "aws:sqs",
+                    "eventSourceARN": ACTION_QUEUE_ARN,
+                    "awsRegion": "us-east-1",
                 }));
                 ids.push(m.id.clone());
             }
@@ -997,7 +1529,7 @@ impl Sim {
         if records.is_empty() {
             return;
         }
-        let crash_at = self.crash_point();
+        let crash_at = self.crash_point(30);
         let container = &mut self.refreshers[index];
         container.busy = true;
         *container
@@ -1031,6 +1563,8 @@ impl Sim {
 
     fn finish(&mut self, run: Running, outcome: Option<Outcome>) {
         let now = self.now();
+        // What the invocation sent may be visible soon.
+        self.poll_by(now + 1_000);
         let crashed = outcome.is_none();
         if run.is_refresher {
             if crashed {
@@ -1090,15 +1624,18 @@ impl Sim {
         }
     }
 
+    /// Nothing left to do: nothing running or queued (a share that still waits has a
+    /// wake-up on the queue), and no refresh still listing.
     fn quiet(&self) -> bool {
         let w = lock(&self.world);
+        let now = w.now;
         self.running.is_empty()
             && w.queue.is_empty()
+            && w.refreshes.iter().all(|r| r.completes_at <= now)
             && self.ingest.as_ref().is_none_or(|i| i.messages.is_empty())
-            && !self
-                .agenda
-                .iter()
-                .any(|std::cmp::Reverse((_, _, a))| !matches!(a, Agenda::Poll | Agenda::IngestPoll))
+            && !self.agenda.iter().any(|std::cmp::Reverse((_, _, a))| {
+                !matches!(a, Agenda::Poll { .. } | Agenda::IngestPoll)
+            })
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -1194,6 +1731,7 @@ impl Sim {
                             visible_at: at,
                             receive_count: 0,
                         });
+                        self.schedule_ingest_poll();
                         continue;
                     }
                     {
@@ -1204,24 +1742,26 @@ impl Sim {
                     }
                 }
                 Agenda::IngestPoll => {
+                    self.ingest_poll_scheduled = false;
                     self.poll_ingest();
-                    let busy = self.ingest.as_ref().is_some_and(|i| !i.messages.is_empty());
-                    if busy
-                        || !self.quiet()
-                        || self.ingest.as_ref().is_some_and(|i| !i.dlq.is_empty())
-                    {
-                        // The batching window: up to a few seconds.
-                        let next = self.now() + 500 + (self.agenda_seq as i64 % 3) * 1_000;
-                        self.schedule(next, Agenda::IngestPoll);
+                    // Only a delivery (or the redrive) brings messages to an empty
+                    // ingest queue, and it schedules the next poll.
+                    if self.ingest.as_ref().is_some_and(|i| !i.messages.is_empty()) {
+                        self.schedule_ingest_poll();
                     }
                 }
-                Agenda::Poll => {
+                Agenda::Poll { seq } => {
+                    if seq != self.poll_seq {
+                        continue;
+                    }
+                    self.poll_at = None;
                     self.poll_queue();
                     if !self.quiet()
                         || !self.aggregator_dlq.is_empty()
                         || !lock(&self.world).dlq.is_empty()
                     {
-                        self.schedule(self.now() + 1_000, Agenda::Poll);
+                        let next = self.next_poll_at();
+                        self.schedule_poll(next);
                     }
                 }
                 Agenda::RecreateShare { index, gateway } => {
@@ -1256,7 +1796,7 @@ impl Sim {
                 if events.is_empty() && messages.is_empty() {
                     if self.running.is_empty()
                         && self.agenda.iter().all(|std::cmp::Reverse((_, _, a))| {
-                            matches!(a, Agenda::Poll | Agenda::IngestPoll)
+                            matches!(a, Agenda::Poll { .. } | Agenda::IngestPoll)
                         })
                     {
                         break;
@@ -1271,9 +1811,6 @@ impl Sim {
                 for event in events {
                     self.deliver(now, event, 0);
                 }
-                if self.ingest.is_some() {
-                    self.schedule(now + 500, Agenda::IngestPoll);
-                }
                 let mut w = lock(&self.world);
                 for mut m in messages {
                     m.receive_count = 0;
@@ -1281,7 +1818,7 @@ impl Sim {
                     w.queue.push(m);
                 }
                 drop(w);
-                self.schedule(now + 1_000, Agenda::Poll);
+                self.poll_by(now + 1_000);
             }
         }
         Ok(())
@@ -1479,6 +2016,9 @@ fn writer_gateway<'a>(world: &'a World, event: &'a SimEvent) -> Option<&'a str> 
 }
 
 fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
+    if let Some(v) = world.violations.first() {
+        return Err(format!("the product broke a service's contract: {v}"));
+    }
     let live: Vec<&SimShare> = world.live_shares().collect();
     for event in events {
         let writer = writer_gateway(world, event);
@@ -1509,7 +2049,113 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
             }
         }
     }
+    check_in_flight(world)?;
+    check_pace(world)?;
+    check_drained(world)?;
     check_cost(world, events)
+}
+
+/// At most two refreshes in flight per share, as the gateway sees it.
+///
+/// The gateway model refuses a third call itself (`GatewayError::Busy`), so what the
+/// checker judges is the attempt: a call that finds two refreshes still listing on
+/// its share is a violation, since the share's item must have shown both slots taken,
+/// unless the product had no way to know of one of the two:
+/// - that refresh's call started but its caller saw an error (a timeout on the
+///   response), so the product put the slot back as for a call that did not start;
+/// - that refresh's slot may have reached its lease (`SLOT_LEASE_MS` after its claim,
+///   on the clock of any container, so less the clock spread): the product frees a
+///   slot whose completion event never came, and a refresh may outlast it.
+///
+/// A claim's timeout (`CLAIM_TIMEOUT_MS`) gives the claim's listings back but keeps its
+/// slot until the lease, so it excuses nothing. Neither do lost, late, duplicated or
+/// reordered completion events: a slot is freed only by the event of its own
+/// notification id. A throttle that the gateway sends for other reasons (the fault
+/// knob) is not an attempt on two in flight and is not judged.
+fn check_in_flight(world: &World) -> Result<(), String> {
+    for attempt in &world.throttled {
+        let excused = attempt.in_flight.iter().any(|&i| {
+            let r = &world.refreshes[i];
+            !r.answered || attempt.at >= r.decided_at + SLOT_LEASE_MS - world.clock_spread_ms - 1
+        });
+        if !excused {
+            let holding: Vec<String> = attempt
+                .in_flight
+                .iter()
+                .map(|&i| {
+                    let r = &world.refreshes[i];
+                    format!(
+                        "{} started at {} (decided at {}), until {}",
+                        r.notification_id, r.at, r.decided_at, r.completes_at
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "a third RefreshCache on share {} at {} while two refreshes were in flight that the product knew of: {}",
+                attempt.share_arn,
+                attempt.at,
+                holding.join("; ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// No two accepted calls on one share closer than `MIN_REFRESH_INTERVAL_SECONDS`, in
+/// true time.
+///
+/// The product paces its decisions: a claim is taken only once the interval plus the
+/// clock margin has passed, on the claiming container's clock, since the claim recorded
+/// in the share's item. The margin is the most two clocks differ by, so in true time
+/// each claim comes at least the interval after the previous one. A call follows its
+/// claim by the claim's write (a few ms of model time), so the rule for the calls the
+/// gateway accepted: each starts at least the interval after the decision behind the
+/// call accepted before it on the share. Without the margin, skewed clocks break it.
+fn check_pace(world: &World) -> Result<(), String> {
+    let interval = world.min_interval_ms;
+    if interval == 0 {
+        return Ok(());
+    }
+    let mut by_share: HashMap<&str, Vec<&AcceptedRefresh>> = HashMap::new();
+    for r in &world.refreshes {
+        by_share.entry(r.share_arn.as_str()).or_default().push(r);
+    }
+    for (share, calls) in by_share {
+        for pair in calls.windows(2) {
+            let (before, after) = (pair[0], pair[1]);
+            if after.at - before.decided_at < interval {
+                return Err(format!(
+                    "RefreshCache on share {share} at {} (decided at {}) only {} ms after the call at {} (decided at {}); the interval is {interval} ms",
+                    after.at,
+                    after.decided_at,
+                    after.at - before.decided_at,
+                    before.at,
+                    before.decided_at
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// At the end nothing is queued, so the item of a live share that still holds pending
+/// listings has no wake-up left to bring them to a call: they would wait forever. (A
+/// share that is gone may keep its item: nobody calls it, and the invariant excuses
+/// it.)
+fn check_drained(world: &World) -> Result<(), String> {
+    let mut stuck: Vec<(&String, &ShareState)> = world
+        .share_items
+        .iter()
+        .filter(|(arn, s)| !s.pending.is_empty() && world.live_shares().any(|l| &l.arn == *arn))
+        .collect();
+    stuck.sort_by_key(|(arn, _)| arn.as_str());
+    if let Some((arn, state)) = stuck.first() {
+        return Err(format!(
+            "share {arn} ends with pending listings and no wake-up to call it: {}",
+            share_line(state)
+        ));
+    }
+    Ok(())
 }
 
 /// A bucket whose shares were all on one gateway, and whose every change was written
@@ -1666,8 +2312,18 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         next_share: 100,
         list_page_size: rng.range(1, 4) as usize,
         shares,
-        in_flight: HashMap::new(),
+        share_items: HashMap::new(),
         refreshes: Vec::new(),
+        throttled: Vec::new(),
+        slow_gateway: false,
+        completion_faults: CompletionFaults::default(),
+        min_interval_ms: 0,
+        clock_spread_ms: 0,
+        violations: Vec::new(),
+        wakes: 0,
+        completions: 0,
+        completions_lost: 0,
+        completions_duplicated: 0,
         refresh_calls: HashMap::new(),
         gateway_anywhere: Default::default(),
         whole_bucket: Default::default(),
@@ -1685,12 +2341,19 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     }
     // Up to 40 minutes: windows longer than SQS's 900-second delay come back.
     let dense = fault_2018 == Some(Fault2018::CoalesceWithoutClockMargin);
+    // Trusting an in-flight refresh shows when a folder changes again while its refresh
+    // lists: short windows, one after another, on a gateway that takes hours.
+    let trust = fault_2018 == Some(Fault2018::TrustInFlight);
     let delay_seconds = if dense {
         *rng.pick(&[1u32, 5, 10])
+    } else if trust {
+        *rng.pick(&[1u32, 5, 10, 30])
     } else {
         *rng.pick(&[0u32, 1, 5, 30, 120, 900, 2_400])
     };
-    let skew_ms = if fault_2018 == Some(Fault2018::TimeOnlyWindow) || dense {
+    // Pacing without a margin shows between two refreshers whose clocks differ.
+    let pace_fault = fault_2018 == Some(Fault2018::PaceWithoutClockMargin);
+    let skew_ms = if fault_2018 == Some(Fault2018::TimeOnlyWindow) || dense || pace_fault {
         3_000
     } else {
         rng.range(0, 2_000)
@@ -1700,7 +2363,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         rng: Rng(rng.next()),
         delay_seconds,
         max_aggregators: rng.range(1, 3) as usize,
-        max_refreshers: rng.range(1, 2) as usize,
+        max_refreshers: (rng.range(1, 2) as usize).max(if pace_fault { 2 } else { 1 }),
         skew_ms,
         crash_probability: if faults_on {
             rng.below(15) as f64 / 100.0
@@ -1722,8 +2385,53 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         redrives: 0,
         // A third of the runs deliver through an SQS ingest queue, in batches.
         ingest: rng.chance(0.33).then(IngestQueue::default),
+        ingest_poll_scheduled: false,
+        poll_seq: 0,
+        poll_at: None,
+        next_container: 0,
+        min_interval_seconds: 0,
     };
     let mut stats = Stats::default();
+    // The gateway's pace and its completion events. The interval varies per run; the
+    // refreshers' clock margin is the modelled skew (see `Sim::new_refresher`).
+    sim.min_interval_seconds = *rng.pick(&[0u32, 1, 5, 60]);
+    if pace_fault && sim.min_interval_seconds == 0 {
+        sim.min_interval_seconds = 5;
+    }
+    let slow_gateway = rng.chance(0.15) || trust;
+    let completion_faults = CompletionFaults {
+        lost: *rng.pick(&[0.0, 0.0, 0.05, 0.3]),
+        duplicated: *rng.pick(&[0.0, 0.1, 0.5]),
+        delayed: *rng.pick(&[0.0, 0.0, 0.2]),
+        reorder_ms: *rng.pick(&[0, 5_000, 120_000]),
+    };
+    {
+        let mut w = lock(&sim.world);
+        w.slow_gateway = slow_gateway;
+        w.completion_faults = completion_faults;
+        w.min_interval_ms = i64::from(sim.min_interval_seconds) * 1000;
+        w.clock_spread_ms = 2 * skew_ms;
+        let interval = sim.min_interval_seconds;
+        w.log(|| {
+            format!(
+                "run: window {delay_seconds} s, interval {interval} s, skew up to {skew_ms} ms, slow gateway {slow_gateway}, completions {completion_faults:?}"
+            )
+        });
+        // Refresh-complete events for refreshes that no refresher of ours started (an
+        // operator's, another tool's), on our shares and others: they must be harmless.
+        let arns: Vec<String> = w.shares.iter().map(|s| s.arn.clone()).collect();
+        for _ in 0..rng.range(0, 3) {
+            let arn = rng.pick(&arns).clone();
+            let id = new_notification_id(&mut rng);
+            let visible_at = rng.range(0, 1_500_000);
+            let started = visible_at - rng.range(1_000, 600_000);
+            let completed = visible_at - rng.range(0, 1_000);
+            let body = completion_event(&arn, &id, started, completed, &["/".into()], &mut rng);
+            w.push_event(body, visible_at);
+            stats.stray_completions += 1;
+        }
+    }
+    stats.slow_runs += u64::from(slow_gateway);
     // The clock-margin fault needs events near window ends: a short, dense burst.
     let (burst_ms, event_count) = if dense {
         (rng.range(1_000, 30_000), rng.range(30, 80))
@@ -1859,16 +2567,20 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     }
     let storm_ends = sim.storm_ends_at;
     sim.schedule(storm_ends, Agenda::StormEnds);
-    sim.schedule(1_000, Agenda::Poll);
-    if sim.ingest.is_some() {
-        sim.schedule(500, Agenda::IngestPoll);
-    }
+    sim.schedule_poll(1_000);
 
     let outcome = sim.run().and_then(|()| {
         let w = lock(&sim.world);
         check_invariant(&w, &sim.events)
     });
     let mut w = lock(&sim.world);
+    stats.refreshes = w.refreshes.len() as u64;
+    stats.wakes = w.wakes;
+    stats.completions = w.completions;
+    stats.completions_lost = w.completions_lost;
+    stats.completions_duplicated = w.completions_duplicated;
+    stats.throttled_in_flight = w.throttled.len() as u64;
+    stats.most_throttled = (stats.throttled_in_flight, seed);
     stats.windows_gateway_anywhere = w.gateway_anywhere.len() as u64;
     stats.windows_whole_bucket = w.whole_bucket.len() as u64;
     stats.single_writer_buckets = single_writer_buckets(&w, &sim.events).len() as u64;
@@ -1930,7 +2642,14 @@ fn env_u64(name: &str) -> Option<u64> {
 #[test]
 fn simulation_holds_the_invariant() {
     if let Some(seed) = env_u64("SEED") {
-        let result = run_seed(seed, None, true);
+        // `SIM_FAULT=TrustInFlight` (a switch's name) replays the seed with that switch.
+        let fault = std::env::var("SIM_FAULT").ok().map(|name| {
+            ALL_FAULTS
+                .into_iter()
+                .find(|f| format!("{f:?}") == name.trim())
+                .unwrap_or_else(|| panic!("SIM_FAULT={name}: not one of {ALL_FAULTS:?}"))
+        });
+        let result = run_seed(seed, fault, true);
         for line in &result.trace {
             println!("{line}");
         }
@@ -1961,6 +2680,19 @@ fn simulation_holds_the_invariant() {
         stats.single_writer_buckets,
         stats.shares_moved
     );
+    println!(
+        "simulation: {} refreshes, {} wake-ups; completion events: {} queued, {} lost, {} duplicated, {} not ours; {} calls on two in flight (excused; at most {} in one run, seed {}); {} runs with hour-long refreshes",
+        stats.refreshes,
+        stats.wakes,
+        stats.completions,
+        stats.completions_lost,
+        stats.completions_duplicated,
+        stats.stray_completions,
+        stats.throttled_in_flight,
+        stats.most_throttled.0,
+        stats.most_throttled.1,
+        stats.slow_runs
+    );
     for (seed, error) in failures.iter().take(20) {
         println!("seed {seed}: {error}");
     }
@@ -1983,6 +2715,12 @@ fn simulation_holds_the_invariant() {
                 stats.windows_whole_bucket,
                 stats.single_writer_buckets,
                 stats.shares_moved,
+                stats.wakes,
+                stats.completions,
+                stats.completions_lost,
+                stats.completions_duplicated,
+                stats.stray_completions,
+                stats.slow_runs,
             ]
             .iter()
             .all(|n| *n > 0),
@@ -1993,8 +2731,20 @@ fn simulation_holds_the_invariant() {
 /// Each 2018 fault must be caught within this many seeds.
 const FAULT_SEEDS: u64 = 3_000;
 
+impl Fault2018 {
+    /// What the checker must report for this fault: a lost refresh, or a call inside
+    /// the interval. A failure of another kind is not this fault being caught.
+    fn caught_as(self) -> &'static str {
+        match self {
+            Fault2018::PaceWithoutClockMargin => "the interval is",
+            _ => "was never refreshed",
+        }
+    }
+}
+
 /// The first seed (of a batch run on every core) that breaks the invariant with the
-/// fault and holds it without: the fault, and nothing else, is what the checker saw.
+/// fault, in the way that the fault breaks it, and holds it without: the fault, and
+/// nothing else, is what the checker saw.
 fn assert_fault_is_caught(fault: Fault2018) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -2011,7 +2761,10 @@ fn assert_fault_is_caught(fault: Fault2018) {
                         seeds
                             .iter()
                             .filter_map(|&seed| {
-                                let error = run_seed(seed, Some(fault), false).outcome.err()?;
+                                let error = run_seed(seed, Some(fault), false)
+                                    .outcome
+                                    .err()
+                                    .filter(|e| e.contains(fault.caught_as()))?;
                                 run_seed(seed, None, false)
                                     .outcome
                                     .is_ok()
@@ -2031,7 +2784,7 @@ fn assert_fault_is_caught(fault: Fault2018) {
             return;
         }
     }
-    panic!("the checker missed the 2018 fault {fault:?} in {FAULT_SEEDS} seeds");
+    panic!("the checker missed the fault {fault:?} in {FAULT_SEEDS} seeds");
 }
 
 #[test]
@@ -2060,6 +2813,16 @@ fn checker_catches_skipping_every_gateway_write() {
 }
 
 #[test]
+fn checker_catches_trusting_an_in_flight_refresh() {
+    assert_fault_is_caught(Fault2018::TrustInFlight);
+}
+
+#[test]
+fn checker_catches_pacing_without_a_clock_margin() {
+    assert_fault_is_caught(Fault2018::PaceWithoutClockMargin);
+}
+
+#[test]
 fn the_same_seed_replays_the_same_run() {
     let a = run_seed(7, None, true);
     let b = run_seed(7, None, true);
@@ -2074,6 +2837,10 @@ fn coverage_rules() {
         at: 0,
         folders: folders.iter().map(|f| f.to_string()).collect(),
         recursive,
+        notification_id: "n".into(),
+        completes_at: 1,
+        decided_at: 0,
+        answered: true,
     };
     assert!(lists(&r(&["/"], true), "a/b/"));
     assert!(lists(&r(&["/"], false), ""));
