@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Measures the product on this machine and writes BENCHMARKS.md: bursts of S3 events
 # through the release binaries on moto and the Storage Gateway stand-in (compared with
-# the 2018 protocol), cold start, warm handler time, peak RSS, and sizes.
+# the 2018 protocol and the physical limit), cold start, warm handler time, peak RSS,
+# sizes, log bytes, and minutes of sustained load (compared with modelled replays of the
+# 2018 design and of the previous per-window refresher).
 #
-# usage: scripts/bench.sh [--with-lambda-build] [--out FILE] [-- DRIVER-ARGS...]
+# usage: scripts/bench.sh [--with-lambda-build] [--no-build] [--out FILE] [--only SECTIONS]
+#                         [-- DRIVER-ARGS...]
 #
 #   --with-lambda-build  also build the arm64 Lambda packages as scripts/create-stack.sh does:
 #                        `cargo lambda build --release --arm64 --output-format zip -p aggregator -p refresher`
 #                        (needs cargo-lambda and the aarch64-unknown-linux-gnu target)
+#   --no-build           use target/release/{aggregator,refresher} and target/debug/bench as they
+#                        are (for iterating; a measured run should build)
 #   --out FILE           where the report goes (default: BENCHMARKS.md)
-#   DRIVER-ARGS          passed to the driver, e.g. `-- --only bursts --scenario direct-10000x1x1`
+#   --only SECTIONS      bursts, startup, sizes, logs, sustained (comma-separated; default: all)
+#   DRIVER-ARGS          passed to the driver, e.g. `-- --scenario direct-10000x1x1`
 #                        (`target/debug/bench --help` lists them)
 #
 # Uses the moto server at MOTO_ENDPOINT when it answers, and starts one otherwise.
@@ -21,16 +27,24 @@ cd "$(dirname "$0")/.."
 started_ms=$(date +%s%3N)
 command_line="bash scripts/bench.sh${*:+ $*}"
 
-usage() { sed -n '6,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '8,21p' "$0" | sed 's/^# \{0,1\}//'; }
 with_lambda_build=false
+build=true
 out=BENCHMARKS.md
+only=()
 driver_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --with-lambda-build) with_lambda_build=true ;;
+    --no-build) build=false ;;
     --out)
       [ $# -ge 2 ] || { echo "error: --out needs a file name" >&2; exit 2; }
       out=$2
+      shift
+      ;;
+    --only)
+      [ $# -ge 2 ] || { echo "error: --only needs sections, e.g. --only sustained" >&2; exit 2; }
+      only=(--only "$2")
       shift
       ;;
     --) shift; driver_args=("$@"); break ;;
@@ -44,8 +58,15 @@ for tool in cargo python3 zip; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is not installed" >&2; exit 1; }
 done
 
-echo "==> Building the release Lambda binaries (cargo build --release -p aggregator -p refresher)"
-cargo build --release -p aggregator -p refresher
+if $build; then
+  echo "==> Building the release Lambda binaries (cargo build --release -p aggregator -p refresher)"
+  cargo build --release -p aggregator -p refresher
+else
+  for name in aggregator refresher; do
+    [ -x "target/release/$name" ] || { echo "error: --no-build, but target/release/$name is missing" >&2; exit 1; }
+  done
+  echo "==> Not building (--no-build): target/release/aggregator and target/release/refresher as they are"
+fi
 
 if $with_lambda_build; then
   if ! cargo lambda --version >/dev/null 2>&1; then
@@ -65,8 +86,12 @@ for name in aggregator refresher; do
   (cd "$dir" && zip -9 -q -X bootstrap.zip bootstrap)
 done
 
-echo "==> Building the benchmark driver (cargo build -p integration-tests --bin bench)"
-cargo build -p integration-tests --bin bench
+if $build; then
+  echo "==> Building the benchmark driver (cargo build -p integration-tests --bin bench)"
+  cargo build -p integration-tests --bin bench
+else
+  [ -x target/debug/bench ] || { echo "error: --no-build, but target/debug/bench is missing" >&2; exit 1; }
+fi
 
 if [ -n "${MOTO_ENDPOINT:-}" ] && python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/moto-api/', timeout=2)" "$MOTO_ENDPOINT" 2>/dev/null; then
   echo "==> Using the moto server at $MOTO_ENDPOINT"
@@ -78,11 +103,12 @@ else
 fi
 
 log=target/bench/driver.log
-echo "==> Running the benchmark: S3EA_BIN_DIR=target/release target/debug/bench --out $out${driver_args[*]:+ ${driver_args[*]}} (harness output: $log)"
+args=(--out "$out" "${only[@]}" "${driver_args[@]}")
+echo "==> Running the benchmark: S3EA_BIN_DIR=target/release target/debug/bench ${args[*]} (harness output: $log)"
 S3EA_BIN_DIR=target/release \
   BENCH_COMMAND="$command_line" \
   BENCH_STARTED_MS="$started_ms" \
-  target/debug/bench --out "$out" "${driver_args[@]}" 2>"$log" || {
+  target/debug/bench "${args[@]}" 2>"$log" || {
     echo "error: the benchmark failed; the last lines of $log:" >&2
     tail -n 40 "$log" >&2
     exit 1
