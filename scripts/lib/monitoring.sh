@@ -40,6 +40,12 @@ check_alarm_topic() {
 # delivery and the refresher's own batch.
 oldest_event_threshold() { printf '%s' $((2 * $1 * 1000 + 60000)); }
 
+# staleness_threshold DELAY: the refresher's StalenessMs alarm threshold in ms. A
+# completed refresh is as stale as its window, plus up to two intervals of pacing (at
+# the default MIN_REFRESH_INTERVAL_SECONDS, 60 s) when the share was busy, plus the
+# listing itself, allowed 10 minutes.
+staleness_threshold() { printf '%s' $((2 * $1 * 1000 + 2 * 60000 + 600000)); }
+
 # The alarms, one per line: NAME|NAMESPACE|METRIC|DIMENSION=VALUE|STATISTIC|PERIOD|
 # EVALUATION_PERIODS|THRESHOLD|DESCRIPTION. Every alarm is "STATISTIC > THRESHOLD in
 # each of EVALUATION_PERIODS periods of PERIOD seconds", and missing data is not
@@ -58,9 +64,10 @@ IngestDlqNotEmpty|AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName=$INGEST_D
 EOF
   fi
   cat <<EOF
-RefreshesThrottled|$ns|RefreshesThrottled|Function=$r|Sum|900|1|10|More than 10 refreshes in 15 minutes were refused at the gateway's two-in-flight limit: the window (REFRESH_DELAY_SECONDS) is too short for the shares' listing time. $see
+RefreshesThrottled|$ns|RefreshesThrottled|Function=$r|Sum|900|1|10|More than 10 refreshes in 15 minutes were refused by the gateway although the refresher paced them: something else calls RefreshCache on the shares, completion events do not arrive (the RefreshCompleted rule), or the gateway is busy or offline. $see
 MessagesFailed|$ns|MessagesFailed|Function=$r|Sum|300|3|0|Refresh messages failed in 3 periods of 5 minutes in a row (throttling, 5xx, an unreachable gateway): SQS redelivers them, then moves them to $ACTION_DLQ. $see
 OldestEventTooOld|$ns|OldestEventAgeMs|Function=$r|Maximum|300|1|$(oldest_event_threshold "$1")|A refresh started more than 2 x REFRESH_DELAY_SECONDS ($1 s) + 60 s after its window's first event: shares are staler than the window promises. $see
+StalenessTooHigh|$ns|StalenessMs|Function=$r|Maximum|300|1|$(staleness_threshold "$1")|A refresh completed more than 2 x REFRESH_DELAY_SECONDS ($1 s) + 2 minutes of pacing + 10 minutes of listing after the oldest event it covers: a share shows changes late. $see
 S3DeliveryLate|$ns|OldestEventAgeMs|Function=$a|Maximum|300|1|300000|An S3 event reached the aggregator more than 5 minutes after its eventTime (S3's delivery lag, or a backlog in Lambda's asynchronous queue or the ingest queue). $see
 EventsSkippedMalformed|$ns|EventsSkippedMalformed|Function=$a|Sum|3600|1|0|Records with no bucket or key reached the aggregator in the last hour: something other than S3 invokes it. $see
 AccessPointsUnresolved|$ns|AccessPointsUnresolved|Function=$r|Sum|3600|1|0|A file share on an S3 access point could not be mapped to its bucket in the last hour: that share is not refreshed. $see
