@@ -641,6 +641,7 @@ expected_alarms() {
     echo "$PREFIX-RefreshesThrottled|$ns|RefreshesThrottled|Function=refresher|Sum|900|1|1|10|$tail"
     echo "$PREFIX-MessagesFailed|$ns|MessagesFailed|Function=refresher|Sum|300|3|3|0|$tail"
     echo "$PREFIX-OldestEventTooOld|$ns|OldestEventAgeMs|Function=refresher|Maximum|300|1|1|$2|$tail"
+    echo "$PREFIX-StalenessTooHigh|$ns|StalenessMs|Function=refresher|Maximum|300|1|1|$(($2 + 660000))|$tail"
     echo "$PREFIX-S3DeliveryLate|$ns|OldestEventAgeMs|Function=aggregator|Maximum|300|1|1|300000|$tail"
     echo "$PREFIX-EventsSkippedMalformed|$ns|EventsSkippedMalformed|Function=aggregator|Sum|3600|1|1|0|$tail"
     echo "$PREFIX-AccessPointsUnresolved|$ns|AccessPointsUnresolved|Function=refresher|Sum|3600|1|1|0|$tail"
@@ -726,13 +727,13 @@ before=$(alarm_timestamps)
 sleep 1 # so that a put would change AlarmConfigurationUpdatedTimestamp
 check_run "create-stack.sh again without --alarm-topic" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
-check_log_has "a run without --alarm-topic says that it keeps the alarms" "CloudWatch alarms: 9 kept as they are"
+check_log_has "a run without --alarm-topic says that it keeps the alarms" "CloudWatch alarms: 10 kept as they are"
 check_eq "alarms kept as they were (same configuration time)" "$before" "$(alarm_timestamps)"
 check_eq "alarms after a run without --alarm-topic" "$(expected_alarms "$TOPIC_A" 150000 false)" "$(alarms)"
 check_run "create-stack.sh --alarm-topic=$TOPIC_B (another topic)" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic="$TOPIC_B" "$ONE" "$TWO"
 check_eq "alarms updated to the new topic" "$(expected_alarms "$TOPIC_B" 150000 false)" "$(alarms)"
-check_eq "alarms $PREFIX-* after three runs: none duplicated" 9 "$(alarm_count)"
+check_eq "alarms $PREFIX-* after three runs: none duplicated" 10 "$(alarm_count)"
 check_eq "dashboards named $PREFIX" 1 "$(dashboard_count)"
 
 # ---------------------------------------------------------------------------------
