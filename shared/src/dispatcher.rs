@@ -266,7 +266,6 @@ where
                         }
                         Err(error) => {
                             let claim = slot.claim_id.clone();
-                            let put_back = |s: &mut ShareState| s.put_back(&claim);
                             match error {
                                 GatewayError::ShareNotFound {
                                     share_arn: gone,
@@ -302,7 +301,20 @@ where
                                     .await?;
                                 }
                                 other => {
-                                    self.update_share(share_arn, None, put_back).await?;
+                                    // Back to pending with the back-off, and a wake-up of
+                                    // its own: the failing message may come back as one
+                                    // that no longer leads here (a gone share's wake-up
+                                    // whose changes were handed to this share).
+                                    let refused = self
+                                        .update_share(share_arn, None, |s: &mut ShareState| {
+                                            s.refused(&claim, now)
+                                        })
+                                        .await?;
+                                    if let Some((state, ())) = refused {
+                                        let due = state.busy_until_ms.unwrap_or(now);
+                                        self.send_wake(&state, due, now, source_arn, metrics)
+                                            .await?;
+                                    }
                                     return Err(other.into());
                                 }
                             }

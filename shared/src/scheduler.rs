@@ -331,10 +331,13 @@ impl ShareState {
     }
 
     /// The earliest time at which [`ShareState::dispatch`] could call, ignoring
-    /// completion events that may come before; `None` when nothing is pending.
+    /// completion events that may come before; `None` when nothing is pending and no
+    /// claim will give listings back.
     pub fn next_call_at(&self, now_ms: i64, pace: Pace) -> Option<i64> {
         if self.pending.is_empty() {
-            return None;
+            // A claim whose call is not known to have started gives its listings back
+            // at its timeout: a wake-up must come then, or they would wait forever.
+            return self.slots.iter().filter_map(Slot::claim_times_out_at).min();
         }
         let after_interval = self
             .last_call_at_ms
@@ -724,8 +727,11 @@ mod tests {
         let mut s = state();
         s.add_pending(folders(&["/a"]), 0);
         claimed(s.dispatch(0, PACE, "c1"));
-        // Nothing pending: idle, even though the slot has no id yet.
-        assert_eq!(s.dispatch(10, PACE, "x"), Dispatch::Idle);
+        // Nothing pending, but the slot has no id yet: wait for its claim timeout.
+        assert_eq!(
+            s.dispatch(10, PACE, "x"),
+            Dispatch::WaitUntil(CLAIM_TIMEOUT_MS)
+        );
         s.housekeep(CLAIM_TIMEOUT_MS);
         assert!(s.pending.contains(&Listing::folder("/a")));
         assert!(s.slots[0].returned);
