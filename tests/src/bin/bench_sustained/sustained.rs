@@ -726,11 +726,7 @@ pub fn render(md: &mut String, command: &str, r: &SustainedResult) {
         } else {
             "rejected"
         };
-        let _ = write!(
-            header,
-            " {}: calls / {refused} | p50 / max |",
-            design.short
-        );
+        let _ = write!(header, " {}: calls / {refused} | p50 / max |", design.short);
         rule.push_str("--:|--:|");
     }
     let _ = writeln!(md, "{header}\n{rule}");
