@@ -273,17 +273,19 @@ where
                                 } => {
                                     warn!(share = %gone, %message, "File share is gone; handing what it waited for to the bucket's other shares");
                                     metrics.count(Some(&state.bucket), name::SHARES_NOT_FOUND, 1);
-                                    let forgotten = self
-                                        .update_share(share_arn, None, ShareState::forget)
-                                        .await?;
-                                    driven.orphaned = Some(forgotten.map_or_else(
-                                        || Owed {
-                                            bucket: state.bucket.clone(),
-                                            changes: Default::default(),
-                                            oldest_event_ms: now,
-                                        },
-                                        |(_, owed)| owed,
-                                    ));
+                                    // What it owes, read now but forgotten only once it
+                                    // has been handed on (see `rehome`): a failure in
+                                    // between leaves it here for the redelivery.
+                                    let owed = self
+                                        .store
+                                        .read_share(share_arn)
+                                        .await?
+                                        .map(|mut current| current.forget());
+                                    driven.orphaned = Some(owed.unwrap_or(Owed {
+                                        bucket: state.bucket.clone(),
+                                        changes: Default::default(),
+                                        oldest_event_ms: now,
+                                    }));
                                     return Ok(driven);
                                 }
                                 GatewayError::Busy { message } => {
@@ -325,10 +327,11 @@ where
         }
     }
 
-    /// Hands what a gone share owed to the bucket's shares that the scheduler has not
-    /// met yet, on a share map resolved anew: a share recreated under a new ARN, or one
-    /// that a cached map did not know. A share that has an item got the same changes
-    /// when they were handed off (every window goes to every share in the map).
+    /// Hands what a gone share owed to the bucket's other shares, on a share map
+    /// resolved anew (a share recreated under a new ARN is in it), then clears the gone
+    /// share's item. Conservative: a share that already had these changes lists them
+    /// again, which costs some listing only when a share disappears; a share that a
+    /// cached map did not know at the hand-off gets them.
     pub(crate) async fn rehome(
         &self,
         gone_arn: &str,
@@ -348,6 +351,10 @@ where
             };
             self.forget_share_map().await;
             if owed.is_empty() {
+                self.update_share(&gone, None, |s: &mut ShareState| {
+                    s.forget();
+                })
+                .await?;
                 continue;
             }
             let (shares, _) = self.shares(true).await?;
@@ -355,9 +362,6 @@ where
                 .into_iter()
                 .filter(|s| s.share_arn != gone)
             {
-                if self.store.read_share(&share.share_arn).await?.is_some() {
-                    continue;
-                }
                 info!(gone = %gone, share = %share.share_arn, bucket = %owed.bucket,
                     "Handing the changes of a gone share to share {}", share.share_arn);
                 let handed = self
@@ -376,6 +380,11 @@ where
                     work.push((share.share_arn, next));
                 }
             }
+            // Handed on: now the gone share's item may let go of it.
+            self.update_share(&gone, None, |s: &mut ShareState| {
+                s.forget();
+            })
+            .await?;
         }
         if work.is_empty() {
             Ok(driven)
