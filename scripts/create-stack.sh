@@ -344,6 +344,7 @@ else
   if [ -n "$missing" ]; then
     die "the 2018 deployment also serves $missing, which this run does not name; nothing was changed. Name every one of its buckets, so that none loses its events: scripts/create-stack.sh --migrate $all_buckets"
   fi
+  # shellcheck disable=SC2034 # read by scripts/lib/stack.sh (ensure_notifications)
   TAKEOVER=true DROP_LEGACY_ENTRY=true
 fi
 
@@ -470,6 +471,7 @@ ensure_queues() {
     redrive="{\\\"deadLetterTargetArn\\\":\\\"$INGEST_DLQ_ARN\\\",\\\"maxReceiveCount\\\":$INGEST_MAX_RECEIVE_COUNT}"
     ensure_queue "$INGEST_QUEUE" "{$sse,\"VisibilityTimeout\":\"$INGEST_VISIBILITY_TIMEOUT\",\"MessageRetentionPeriod\":\"$INGEST_RETENTION_SECONDS\",\"RedrivePolicy\":\"$redrive\"}"
     URL_INGEST_QUEUE=$QUEUE_URL_OUT
+    # shellcheck disable=SC2034 # read by scripts/lib/stack.sh
     INGEST_QUEUE_URL=$QUEUE_URL_OUT
     if [ "${#kept[@]}" -gt 0 ]; then
       info "writing its policy again (iam/ingest-queue-policy.json), for the buckets it names: ${kept[*]}"

@@ -83,6 +83,7 @@ if [ "$PREFIX" = "$DEFAULT_PREFIX" ]; then
   find_legacy ${BUCKETS[@]+"${BUCKETS[@]}"}
   if $LEGACY_FOUND; then
     print_legacy delete ": deleting it with the stack"
+    # shellcheck disable=SC2034 # read by scripts/lib/stack.sh (ensure_notifications)
     DROP_LEGACY_ENTRY=true
     BUCKETS+=(${LEGACY_BUCKETS[@]+"${LEGACY_BUCKETS[@]}"})
   else
