@@ -420,7 +420,7 @@ impl Stack {
 
 /// Creates the event bus `rule` in moto, in [`REGION`], and on it the rule `rule` that
 /// sends the gateway's refresh-complete events to `queue_arn`.
-async fn route_completion_events(
+pub async fn route_completion_events(
     moto_endpoint: &str,
     rule: &str,
     queue_arn: &str,

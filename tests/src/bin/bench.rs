@@ -42,9 +42,9 @@ use integration_tests::moto::Moto;
 use integration_tests::runtime_api::{Invocation, LambdaProcess, LambdaSpawn};
 use integration_tests::sgw_standin::{
     eventbridge_call, BucketModel, BucketSource, CompletionEvents, ListingWork, RefreshRecord,
-    SgwStandIn, ShareKind, REFRESH_EVENT_DETAIL_TYPE, REFRESH_EVENT_SOURCE,
+    SgwStandIn, ShareKind, REFRESH_EVENT_SOURCE,
 };
-use integration_tests::stack::binary;
+use integration_tests::stack::{binary, route_completion_events};
 
 /// Objects in every benchmark bucket, spread over [`FOLDERS_PER_BUCKET`] folders.
 const OBJECTS_PER_BUCKET: usize = 100_000;
@@ -768,50 +768,6 @@ impl Bench {
             .await
             .map_err(|e| format!("deleting queue {}: {e}", d.queue_url))?;
         Ok(())
-    }
-}
-
-/// Creates the event bus `rule` in moto and on it the rule `rule` that sends the
-/// gateway's refresh-complete events to `queue_arn` (what `tests/src/stack.rs` does for
-/// a test stack, and `scripts/create-stack.sh` on AWS). A bus of its own, so that an
-/// earlier deployment's late events cannot reach this queue.
-async fn route_completion_events(
-    moto_endpoint: &str,
-    rule: &str,
-    queue_arn: &str,
-) -> Result<(), BoxError> {
-    let pattern = json!({
-        "source": [REFRESH_EVENT_SOURCE],
-        "detail-type": [REFRESH_EVENT_DETAIL_TYPE],
-    });
-    let call = |operation: &'static str, input: Value| async move {
-        eventbridge_call(moto_endpoint, REGION, ACCOUNT_ID, operation, &input)
-            .await
-            .map_err(|e| format!("routing the refresh-complete events: {e}"))
-    };
-    call("CreateEventBus", json!({ "Name": rule })).await?;
-    call(
-        "PutRule",
-        json!({
-            "Name": rule,
-            "EventBusName": rule,
-            "EventPattern": pattern.to_string(),
-            "State": "ENABLED",
-        }),
-    )
-    .await?;
-    let out = call(
-        "PutTargets",
-        json!({
-            "Rule": rule,
-            "EventBusName": rule,
-            "Targets": [{"Id": "ActionQueue", "Arn": queue_arn}],
-        }),
-    )
-    .await?;
-    match out.get("FailedEntryCount").and_then(Value::as_u64) {
-        Some(0) | None => Ok(()),
-        Some(_) => Err(format!("PutTargets failed: {out}").into()),
     }
 }
 
