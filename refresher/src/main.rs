@@ -36,7 +36,9 @@ async fn main() -> Result<(), Error> {
     .with_pace(config.min_refresh_interval_seconds, DEFAULT_CLOCK_MARGIN_MS);
     let refresher = &refresher;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
-        refresher.handle(&event.payload).await
+        // Lambda's deadline (epoch ms): no call is started that could not be recorded.
+        let deadline_ms = i64::try_from(event.context.deadline).unwrap_or(0);
+        refresher.handle_until(&event.payload, deadline_ms).await
     }))
     .await
 }

@@ -201,6 +201,17 @@ impl RefresherConfig {
             None => DEFAULT_MIN_REFRESH_INTERVAL_SECONDS,
             Some(v) => parse_min_refresh_interval(&v)?,
         };
+        let allow_short = match env.var("ALLOW_SHORT_REFRESH_INTERVAL") {
+            None => false,
+            Some(v) => parse_allow_short(&v)?,
+        };
+        if min_refresh_interval_seconds < DEFAULT_MIN_REFRESH_INTERVAL_SECONDS && !allow_short {
+            return Err(ConfigError::Invalid {
+                name: "MIN_REFRESH_INTERVAL_SECONDS",
+                value: min_refresh_interval_seconds.to_string(),
+                accepted: "accepted: 60 to 3600; below 60 only with ALLOW_SHORT_REFRESH_INTERVAL=true also set, since a RefreshCache call within 60 s of the previous one on a share may not evict cached entries (deletes may stay visible)",
+            });
+        }
         Ok(RefresherConfig {
             common,
             gateway_regions,
@@ -288,6 +299,20 @@ fn parse_min_refresh_interval(value: &str) -> Result<u32, ConfigError> {
         });
     }
     Ok(seconds)
+}
+
+/// `ALLOW_SHORT_REFRESH_INTERVAL`: `true` or `false`, in any case.
+fn parse_allow_short(value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" | "" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            name: "ALLOW_SHORT_REFRESH_INTERVAL",
+            value: value.to_string(),
+            accepted:
+                "accepted: true or false (true lets MIN_REFRESH_INTERVAL_SECONDS go below 60)",
+        }),
+    }
 }
 
 fn parse_queue_url(value: Option<String>) -> Result<String, ConfigError> {
@@ -477,29 +502,49 @@ mod tests {
     }
 
     #[test]
-    fn min_refresh_interval_defaults_to_60_and_takes_0_to_3600() {
-        let read = |value: Option<&str>| {
+    fn min_refresh_interval_defaults_to_60_and_takes_0_to_3600_below_60_only_when_allowed() {
+        let read = |value: Option<&str>, allow: Option<&str>| {
             RefresherConfig::from_env(&|name: &str| match name {
                 "MIN_REFRESH_INTERVAL_SECONDS" => value.map(str::to_string),
+                "ALLOW_SHORT_REFRESH_INTERVAL" => allow.map(str::to_string),
                 _ => None,
             })
         };
-        assert_eq!(read(None).map(|c| c.min_refresh_interval_seconds), Ok(60));
         assert_eq!(
-            read(Some("0")).map(|c| c.min_refresh_interval_seconds),
+            read(None, None).map(|c| c.min_refresh_interval_seconds),
+            Ok(60)
+        );
+        assert_eq!(
+            read(Some("0"), Some("TRUE")).map(|c| c.min_refresh_interval_seconds),
             Ok(0)
         );
         assert_eq!(
-            read(Some(" 3600 ")).map(|c| c.min_refresh_interval_seconds),
+            read(Some(" 3600 "), None).map(|c| c.min_refresh_interval_seconds),
             Ok(3600)
         );
         for bad in ["3601", "-1", "1.5", "", "soon"] {
-            let line = read(Some(bad)).map(|_| ()).unwrap_err().to_string();
+            let line = read(Some(bad), Some("true"))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
             assert!(
                 line.contains("MIN_REFRESH_INTERVAL_SECONDS") && line.contains("0 to 3600"),
                 "{line}"
             );
         }
+        for allow in [None, Some("false"), Some("")] {
+            let line = read(Some("59"), allow).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                line.contains("MIN_REFRESH_INTERVAL_SECONDS")
+                    && line.contains("ALLOW_SHORT_REFRESH_INTERVAL=true"),
+                "{line}"
+            );
+        }
+        let line = read(Some("5"), Some("yes"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(line.contains("ALLOW_SHORT_REFRESH_INTERVAL"), "{line}");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use crate::metrics::{name, InvocationMetrics};
 use crate::ports::{AccessPoints, FileGateway, Requeue, ShareStore, WindowStore};
 use crate::refresh_message::{CompletionEvent, IncomingWake, WakeMessage, MAX_SQS_DELAY_SECONDS};
 use crate::refresher::{RecordError, Refresher};
-use crate::scheduler::{Completion, Dispatch, Listing, Owed, ShareState, Slot};
+use crate::scheduler::{
+    CompletedRefresh, Completion, Dispatch, Listing, Owed, ShareState, Slot, CLAIM_TIMEOUT_MS,
+};
 use crate::shares::{plan_share_listings, RefreshPlan};
 use crate::window::StartedRefresh;
 use tracing::{info, warn};
@@ -31,6 +33,10 @@ pub(crate) struct Driven {
     /// The share is gone (the gateway said so), owing this to the bucket's other shares.
     pub orphaned: Option<Owed>,
 }
+
+/// The least time before the invocation's deadline in which a call is still started:
+/// the call, and the write that records it, must both fit (the SDK's attempt timeout).
+const RECORD_RESERVE_MS: i64 = 10_000;
 
 /// How many times what a gone share owed is handed on when the shares it goes to turn
 /// out to be gone too.
@@ -152,16 +158,25 @@ where
         source_arn: Option<&str>,
         metrics: &mut InvocationMetrics,
     ) -> Result<Driven, RecordError> {
-        let Some(share_arn) = event.share_arn.as_deref() else {
+        let share_arn = if self.faults.share_is_the_first_resource {
+            event.resources.first().map(String::as_str)
+        } else {
+            event.share_arn.as_deref()
+        };
+        let Some(share_arn) = share_arn else {
             warn!(notification_id = %event.notification_id, "Refresh-complete event names no share; ignored");
             return Ok(Driven::default());
         };
         let now = self.clock.now_ms();
-        let completed_at = event.completed_at_ms.unwrap_or(now);
-        let notification_id = event.notification_id.clone();
+        let completed = CompletedRefresh {
+            notification_id: event.notification_id.clone(),
+            folders: event.folders.clone(),
+            started_at_ms: event.started_at_ms,
+            completed_at_ms: event.completed_at_ms.unwrap_or(now),
+        };
         let mut freed: Option<Slot> = None;
         let complete = |state: &mut ShareState| {
-            freed = match state.complete(&notification_id, completed_at) {
+            freed = match state.complete_refresh(&completed) {
                 Completion::Freed(slot) => Some(slot),
                 Completion::Unknown => None,
             };
@@ -200,6 +215,11 @@ where
 
     /// Applies `prepare`, then calls the share for as long as the rules allow, and
     /// leaves a wake-up for what still waits.
+    ///
+    /// A call that fails is this share's alone: its listings go back to pending, the
+    /// share backs off ([`crate::scheduler::backoff_ms`]) with a wake-up of its own, and
+    /// the message goes on, since the share's item now holds the work. Only a failure
+    /// to record that (DynamoDB, SQS) fails the message.
     async fn drive(
         &self,
         share_arn: &str,
@@ -214,11 +234,41 @@ where
         loop {
             let now = self.clock.now_ms();
             let claim_id = self.next_claim_id();
+            // A claim lives until this invocation's deadline; none is made when too
+            // little time is left to make the call and record it.
+            let (claim_expires_at, time_to_call) = match self.deadline() {
+                Some(deadline) => (
+                    deadline.saturating_add(self.pace.clock_margin_ms),
+                    deadline.saturating_sub(now) >= RECORD_RESERVE_MS,
+                ),
+                None => (now.saturating_add(CLAIM_TIMEOUT_MS), true),
+            };
+            let mut leases_ended = 0;
             let step = |state: &mut ShareState| {
                 if let Some(prepare) = prepare.as_mut() {
                     prepare(state);
                 }
-                state.dispatch(now, self.pace, &claim_id)
+                let expiring: Vec<Listing> = if self.faults.lease_drops_its_folders {
+                    state
+                        .slots
+                        .iter()
+                        .filter(|s| now >= s.lease_ends_at_ms && !s.returned)
+                        .flat_map(|s| s.listings.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                leases_ended = state.housekeep(now);
+                for listing in &expiring {
+                    state.pending.remove(listing);
+                }
+                if time_to_call {
+                    return state.dispatch_until(now, self.pace, &claim_id, claim_expires_at);
+                }
+                match state.next_call_at(now, self.pace) {
+                    None => Dispatch::Idle,
+                    Some(at) => Dispatch::WaitUntil(at.max(now.saturating_add(1_000))),
+                }
             };
             let Some((state, decided)) = self
                 .update_share(share_arn, create_for_bucket, step)
@@ -227,9 +277,17 @@ where
                 return Ok(driven);
             };
             prepare = None;
+            if leases_ended > 0 {
+                warn!(share = %share_arn, bucket = %state.bucket, leases_ended,
+                    "No completion event came for {leases_ended} refresh(es) of share {share_arn} by the end of the lease; their folders will be listed again");
+                metrics.count(Some(&state.bucket), name::LEASES_ENDED, leases_ended);
+            }
             match decided {
                 Dispatch::Idle => return Ok(driven),
                 Dispatch::WaitUntil(at) => {
+                    if !time_to_call {
+                        metrics.count(Some(&state.bucket), name::CALLS_LEFT_FOR_DEADLINE, 1);
+                    }
                     if state.needs_wake(at, now, consumed_wake) {
                         self.send_wake(&state, at, now, source_arn, metrics).await?;
                     }
@@ -243,9 +301,9 @@ where
                         folders: slot.folders(),
                         recursive: slot.recursive(),
                     };
-                    match self.gateway.refresh_cache(&plan).await {
+                    let claim = slot.claim_id.clone();
+                    let error = match self.gateway.refresh_cache(&plan).await {
                         Ok(notification_id) => {
-                            let claim = slot.claim_id.clone();
                             let id = notification_id.clone();
                             self.update_share(share_arn, None, |s: &mut ShareState| {
                                 s.started(&claim, &id)
@@ -263,65 +321,75 @@ where
                                 folders: plan.folders,
                                 recursive: plan.recursive,
                             });
+                            continue;
                         }
-                        Err(error) => {
-                            let claim = slot.claim_id.clone();
-                            match error {
-                                GatewayError::ShareNotFound {
-                                    share_arn: gone,
-                                    message,
-                                } => {
-                                    warn!(share = %gone, %message, "File share is gone; handing what it waited for to the bucket's other shares");
-                                    metrics.count(Some(&state.bucket), name::SHARES_NOT_FOUND, 1);
-                                    // What it owes, read now but forgotten only once it
-                                    // has been handed on (see `rehome`): a failure in
-                                    // between leaves it here for the redelivery.
-                                    let owed = self
-                                        .store
-                                        .read_share(share_arn)
-                                        .await?
-                                        .map(|mut current| current.forget());
-                                    driven.orphaned = Some(owed.unwrap_or(Owed {
-                                        bucket: state.bucket.clone(),
-                                        changes: Default::default(),
-                                        oldest_event_ms: now,
-                                    }));
-                                    return Ok(driven);
-                                }
-                                GatewayError::Busy { message } => {
-                                    // Back to pending; the next round waits for the
-                                    // back-off and leaves a wake-up.
-                                    warn!(share = %share_arn, %message, "Refresh throttled; the folders wait for the next allowed call");
-                                    metrics.count(
-                                        Some(&state.bucket),
-                                        name::REFRESHES_THROTTLED,
-                                        1,
-                                    );
-                                    self.update_share(share_arn, None, |s: &mut ShareState| {
-                                        s.refused(&claim, now)
-                                    })
-                                    .await?;
-                                }
-                                other => {
-                                    // Back to pending with the back-off, and a wake-up of
-                                    // its own: the failing message may come back as one
-                                    // that no longer leads here (a gone share's wake-up
-                                    // whose changes were handed to this share).
-                                    let refused = self
-                                        .update_share(share_arn, None, |s: &mut ShareState| {
-                                            s.refused(&claim, now)
-                                        })
-                                        .await?;
-                                    if let Some((state, ())) = refused {
-                                        let due = state.busy_until_ms.unwrap_or(now);
-                                        self.send_wake(&state, due, now, source_arn, metrics)
-                                            .await?;
-                                    }
-                                    return Err(other.into());
-                                }
-                            }
-                        }
+                        Err(error) => error,
+                    };
+                    if let GatewayError::Busy { message } = &error {
+                        // Back to pending; the next round waits for the back-off and
+                        // leaves a wake-up.
+                        warn!(share = %share_arn, %message, "Refresh throttled; the folders wait for the next allowed call");
+                        metrics.count(Some(&state.bucket), name::REFRESHES_THROTTLED, 1);
+                        self.update_share(share_arn, None, |s: &mut ShareState| {
+                            s.refused(&claim, now)
+                        })
+                        .await?;
+                        continue;
                     }
+                    // Back to pending with the back-off first, so that whatever comes
+                    // next (a gone share's hand-on, a failure) finds the listings there.
+                    let refused = self
+                        .update_share(share_arn, None, |s: &mut ShareState| s.refused(&claim, now))
+                        .await?;
+                    if let GatewayError::ShareNotFound { message, .. } = &error {
+                        // Gone only if a map resolved now no longer lists it: the
+                        // gateway's text may be about a folder, or a share in another
+                        // region that a mis-routed call did not find.
+                        self.forget_share_map().await;
+                        // Boxed: the resolve's future is large, and this one is nested
+                        // in every message's.
+                        let (shares, _) = Box::pin(self.shares(true)).await?;
+                        if !shares.iter().any(|s| s.arn == share_arn) {
+                            warn!(share = %share_arn, %message, "File share is gone; handing what it waited for to the bucket's other shares");
+                            metrics.count(Some(&state.bucket), name::SHARES_NOT_FOUND, 1);
+                            // What it owes, read now but forgotten only once it has
+                            // been handed on (see `rehome`): a failure in between
+                            // leaves it here for the redelivery.
+                            let owed = self
+                                .store
+                                .read_share(share_arn)
+                                .await?
+                                .map(|mut current| current.forget());
+                            driven.orphaned = Some(owed.unwrap_or(Owed {
+                                bucket: state.bucket.clone(),
+                                changes: Default::default(),
+                                oldest_event_ms: now,
+                            }));
+                            return Ok(driven);
+                        }
+                        warn!(share = %share_arn, %message,
+                            "The gateway answered \"not found\" for share {share_arn}, which the share map still lists; treated as a failed call");
+                    }
+                    metrics.count(Some(&state.bucket), name::REFRESHES_FAILED, 1);
+                    let Some((state, ())) = refused else {
+                        return Ok(driven);
+                    };
+                    if self.faults.failing_share_fails_the_message {
+                        let due = state.busy_until_ms.unwrap_or(now);
+                        self.send_wake(&state, due, now, source_arn, metrics)
+                            .await?;
+                        return Err(error.into());
+                    }
+                    let due = state.busy_until_ms.unwrap_or(now);
+                    warn!(share = %share_arn, bucket = %state.bucket, error = %error, failures = state.failures,
+                        retry_in_ms = due.saturating_sub(now), retry = ?error.retry(),
+                        "RefreshCache failed on share {share_arn}; its folders wait in its own item for the next try");
+                    // A wake-up of its own: no other message may come to this share.
+                    if state.needs_wake(due, now, consumed_wake) {
+                        self.send_wake(&state, due, now, source_arn, metrics)
+                            .await?;
+                    }
+                    return Ok(driven);
                 }
             }
         }
@@ -425,7 +493,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::refresh_message::REFRESH_COMPLETE_DETAIL_TYPE;
     use crate::refresher::Refresher;
-    use crate::scheduler::{Listing, SLOT_LEASE_MS};
+    use crate::scheduler::{Listing, MIN_SLOT_LEASE_MS};
     use crate::shares::ShareKind;
     use serde_json::{json, Value};
 
@@ -522,7 +590,10 @@ mod tests {
             delay, 900,
             "the lease is hours away: chained 900-s wake-ups"
         );
-        assert_eq!(wake.due_at_ms, state.slots[0].claimed_at_ms + SLOT_LEASE_MS);
+        assert_eq!(
+            wake.due_at_ms,
+            state.slots[0].claimed_at_ms + MIN_SLOT_LEASE_MS
+        );
         // The completion of the first call frees its slot and dispatches what waits.
         let first = state.slots[0].notification_id.clone().unwrap();
         let out = r.handle(&completion("c1", SHARE, &first)).await.unwrap();

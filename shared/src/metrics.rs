@@ -4,6 +4,9 @@
 //! Each invocation writes one line with the function's totals (dimension `Function`)
 //! and, for the metrics worth seeing per bucket, one line per bucket (dimensions
 //! `Function`, `Bucket`). Buckets are few per deployment, so the cardinality stays low.
+//! `Function` is the Lambda function's own name (`AWS_LAMBDA_FUNCTION_NAME`), so that
+//! two stacks in one account and region keep their metrics apart; outside Lambda it
+//! is `aggregator` or `refresher`.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -43,6 +46,27 @@ pub mod name {
     /// Times a share's pending changes had to wait (the interval, or two in flight).
     pub const REFRESHES_DEFERRED: &str = "RefreshesDeferred";
     pub const WAKE_UPS_SENT: &str = "WakeUpsSent";
+    /// `RefreshCache` calls that failed (5xx, timeout, denied, a share the gateway
+    /// calls unknown while the share map lists it): the share backs off, alone.
+    pub const REFRESHES_FAILED: &str = "RefreshesFailed";
+    /// Slots whose completion event never came by the end of their lease: their
+    /// folders were put back to be listed again.
+    pub const LEASES_ENDED: &str = "LeasesEnded";
+    /// Calls not started because the invocation's deadline was too near to record
+    /// them: a wake-up brings them back at once.
+    pub const CALLS_LEFT_FOR_DEADLINE: &str = "CallsLeftForDeadline";
+}
+
+/// The `Function` dimension: the Lambda function's name, else `default`.
+pub fn function_dimension(default: &str) -> String {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::var("AWS_LAMBDA_FUNCTION_NAME")
+            .ok()
+            .filter(|n| !n.trim().is_empty())
+    })
+    .clone()
+    .unwrap_or_else(|| default.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -219,7 +243,9 @@ impl InvocationMetrics {
     }
 
     /// Writes the function line, then one line per bucket.
-    pub fn emit(&self, sink: &dyn MetricsSink, function: &str, timestamp_ms: i64) {
+    pub fn emit(&self, sink: &dyn MetricsSink, default_function: &str, timestamp_ms: i64) {
+        let function = function_dimension(default_function);
+        let function = function.as_str();
         if let Some(line) = emf_line(function, None, timestamp_ms, &self.total) {
             sink.emit(&line);
         }

@@ -115,12 +115,27 @@ pub const STORAGE_GATEWAY_SOURCE: &str = "aws.storagegateway";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletionEvent {
     pub message_id: String,
-    /// `resources[0]`; `None` when the event names no share.
+    /// The share ARN among `resources` (found by its form, `...:share/share-...`, in
+    /// whatever order the event lists the share and its gateway); `None` when the
+    /// event names no share.
     pub share_arn: Option<String>,
+    /// `resources`, as the event lists them.
+    pub resources: Vec<String>,
     pub notification_id: String,
     pub started_at_ms: Option<i64>,
     pub completed_at_ms: Option<i64>,
     pub folders: Vec<String>,
+}
+
+/// Whether `arn` names a Storage Gateway file share
+/// (`arn:PARTITION:storagegateway:REGION:ACCOUNT:share/ID`), not its gateway.
+pub fn is_file_share_arn(arn: &str) -> bool {
+    let mut parts = arn.splitn(6, ':');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.nth(2)),
+        (Some("arn"), Some(_), Some("storagegateway"), Some(resource))
+            if resource.strip_prefix("share/").is_some_and(|id| !id.is_empty())
+    )
 }
 
 /// A wake-up as read back from an SQS record.
@@ -169,13 +184,20 @@ pub fn decode_action_record(record: &Value) -> Result<ActionMessage, BadMessage>
                         "refresh-complete event without a notification-id: {body}"
                     ))
                 })?;
+            let resources: Vec<String> = body
+                .get("resources")
+                .and_then(Value::as_array)
+                .map(|r| {
+                    r.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
             return Ok(ActionMessage::Completion(CompletionEvent {
                 message_id,
-                share_arn: body
-                    .get("resources")
-                    .and_then(Value::as_array)
-                    .and_then(|r| r.iter().find_map(Value::as_str))
-                    .map(str::to_string),
+                share_arn: resources.iter().find(|arn| is_file_share_arn(arn)).cloned(),
+                resources,
                 notification_id,
                 started_at_ms: text("started").as_deref().and_then(parse_event_time),
                 completed_at_ms: text("completed").as_deref().and_then(parse_event_time),

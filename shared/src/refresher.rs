@@ -12,14 +12,12 @@ use crate::ports::{
 };
 use crate::refresh_message::{decode_action_record, ActionMessage, IncomingRefresh};
 use crate::scheduler::Pace;
-use crate::shares::{
-    leaves_out_writer_shares, plan_share_listings, FileShare, ShareKind, ShareLocation,
-};
+use crate::shares::{plan_share_listings, FileShare, ShareKind, ShareLocation};
 use crate::window::{ChangeSet, CloseOutcome, RefreshLog};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::Mutex;
@@ -86,6 +84,9 @@ pub fn remaining_delay_seconds(now_ms: i64, ends_at_ms: i64) -> u32 {
 #[derive(Debug)]
 struct ShareCache {
     shares: Vec<FileShare>,
+    /// Every share that `ListFileShares` named when the map was resolved, including
+    /// those left out of `shares` (an access point that could not be resolved).
+    listed: BTreeSet<String>,
     loaded_at_ms: i64,
 }
 
@@ -110,6 +111,24 @@ pub struct Refresher<S, G, Q, C, A = NoAccessPoints> {
     /// A fault switch for the simulation: in-flight refreshes are trusted to cover
     /// later changes of the folders they list.
     pub(crate) trusts_in_flight: bool,
+    /// The simulation's other fault switches (all off in production).
+    pub(crate) faults: FaultSwitches,
+    /// The current invocation's deadline (epoch ms; 0: none known). Invocations of
+    /// one container run one at a time.
+    deadline_ms: AtomicI64,
+}
+
+/// Faults that the simulation must catch, rebuilt in the product behind switches that
+/// only the simulation sets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultSwitches {
+    /// A failed `RefreshCache` fails the whole message (the shares after it wait for
+    /// the redelivery), as before the bound.
+    pub failing_share_fails_the_message: bool,
+    /// A lease that ends frees its slot and forgets its folders.
+    pub lease_drops_its_folders: bool,
+    /// The completion event's share is `resources[0]`, whatever it is.
+    pub share_is_the_first_resource: bool,
 }
 
 pub use crate::config::DEFAULT_MIN_REFRESH_INTERVAL_SECONDS;
@@ -143,6 +162,8 @@ impl<S: WindowStore, G: FileGateway, Q: Requeue, C: Clock> Refresher<S, G, Q, C>
             claim_prefix: random_claim_prefix(),
             claims: AtomicU64::new(0),
             trusts_in_flight: false,
+            faults: FaultSwitches::default(),
+            deadline_ms: AtomicI64::new(0),
         }
     }
 }
@@ -164,6 +185,8 @@ impl<S, G, Q, C, A> Refresher<S, G, Q, C, A> {
             claim_prefix: self.claim_prefix,
             claims: self.claims,
             trusts_in_flight: self.trusts_in_flight,
+            faults: self.faults,
+            deadline_ms: self.deadline_ms,
         }
     }
 
@@ -192,9 +215,20 @@ impl<S, G, Q, C, A> Refresher<S, G, Q, C, A> {
         self
     }
 
+    /// The simulation's fault switches. Never set in production.
+    pub fn with_fault_switches(mut self, faults: FaultSwitches) -> Self {
+        self.faults = faults;
+        self
+    }
+
     /// Drops the share map: a share is gone, so the next message resolves again.
     pub(crate) async fn forget_share_map(&self) {
         *self.cache.lock().await = None;
+    }
+
+    /// The current invocation's deadline, if known.
+    pub(crate) fn deadline(&self) -> Option<i64> {
+        Some(self.deadline_ms.load(Ordering::Relaxed)).filter(|d| *d > 0)
     }
 
     pub(crate) fn next_claim_id(&self) -> String {
@@ -224,9 +258,29 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
         &self.requeue
     }
 
+    /// Handles one SQS event as [`Refresher::handle`], in an invocation that ends at
+    /// `deadline_ms` (Lambda's deadline, epoch ms): no call is started that could not
+    /// be recorded before it.
+    pub async fn handle_until(
+        &self,
+        payload: &Value,
+        deadline_ms: i64,
+    ) -> Result<SqsBatchResponse, RefresherError> {
+        self.deadline_ms.store(deadline_ms, Ordering::Relaxed);
+        // Boxed: the whole invocation's future is deep, and a caller's own future
+        // nests it once more.
+        let response = Box::pin(self.handle_records(payload)).await;
+        self.deadline_ms.store(0, Ordering::Relaxed);
+        response
+    }
+
     /// Handles one SQS event. Messages are processed one after another, so this
     /// container never has more than one refresh in flight per share.
     pub async fn handle(&self, payload: &Value) -> Result<SqsBatchResponse, RefresherError> {
+        Box::pin(self.handle_records(payload)).await
+    }
+
+    async fn handle_records(&self, payload: &Value) -> Result<SqsBatchResponse, RefresherError> {
         let records = payload
             .get("Records")
             .and_then(Value::as_array)
@@ -360,15 +414,13 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
         // happened before the close, so every call claimed after this hand-off starts
         // after it.
         let oldest_event_ms = request.timestamp_ms.unwrap_or(log.started_at_ms);
-        let (mut shares, loaded_now) = self.shares(false).await?;
-        if !loaded_now && leaves_out_writer_shares(&shares, bucket, &scope) {
-            // A share is left out because its gateway wrote the change. That holds only
-            // if it is still on that gateway: a share that moved to another gateway
-            // since the map was loaded would never see the change (and, never called,
-            // never reports that it is gone). So judge on a map loaded after the close
-            // (this call's), when no event of the window can come any more.
-            (shares, _) = self.shares(true).await?;
-        }
+        // The shares as listed after the close, when no event of the window can come
+        // any more: every share that existed at any of its changes is in it (one
+        // created a moment before a change included), and a share left out because
+        // its gateway wrote a change is still on that gateway (a share never moves: a
+        // share on another gateway has another ARN). A cached map, loaded before some
+        // change of the window, could miss a share created since.
+        let shares = self.shares_listed_now().await?;
         let planned = plan_share_listings(&shares, bucket, &scope);
         if planned.is_empty() {
             if shares.iter().any(|s| s.location.bucket == bucket) {
@@ -480,16 +532,55 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
                 return Ok((c.shares.clone(), false));
             }
         }
-        let shares = self.resolve_shares().await?;
-        info!(shares = shares.len(), "Resolved file shares");
-        *cache = Some(ShareCache {
-            shares: shares.clone(),
-            loaded_at_ms: now,
-        });
+        let summaries = self.list_summaries().await?;
+        let shares = self.resolve(&mut cache, summaries, now).await?;
         Ok((shares, true))
     }
 
-    async fn resolve_shares(&self) -> Result<Vec<FileShare>, RecordError> {
+    /// The shares that exist now: `ListFileShares` is asked again (a page per region
+    /// for most accounts), and the cached map serves if it is fresh and knows every
+    /// share listed; a share it does not know (created since) resolves the map anew.
+    /// Shares that the listing no longer names are left out. A share's gateway and
+    /// location never change, so only new ARNs need `Describe` and S3 Control.
+    pub(crate) async fn shares_listed_now(&self) -> Result<Vec<FileShare>, RecordError> {
+        let now = self.clock.now_ms();
+        let summaries = self.list_summaries().await?;
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref() {
+            let fresh = now.saturating_sub(c.loaded_at_ms) < SHARE_CACHE_TTL_MS;
+            if fresh && summaries.iter().all(|s| c.listed.contains(&s.arn)) {
+                let listed: BTreeSet<&str> = summaries.iter().map(|s| s.arn.as_str()).collect();
+                return Ok(c
+                    .shares
+                    .iter()
+                    .filter(|s| listed.contains(s.arn.as_str()))
+                    .cloned()
+                    .collect());
+            }
+        }
+        self.resolve(&mut cache, summaries, now).await
+    }
+
+    /// Describes and locates `summaries`, and caches the map.
+    async fn resolve(
+        &self,
+        cache: &mut Option<ShareCache>,
+        summaries: Vec<crate::ports::ShareSummary>,
+        now: i64,
+    ) -> Result<Vec<FileShare>, RecordError> {
+        let listed = summaries.iter().map(|s| s.arn.clone()).collect();
+        let shares = self.describe_and_locate(summaries).await?;
+        info!(shares = shares.len(), "Resolved file shares");
+        *cache = Some(ShareCache {
+            shares: shares.clone(),
+            listed,
+            loaded_at_ms: now,
+        });
+        Ok(shares)
+    }
+
+    /// Every page of `ListFileShares`.
+    async fn list_summaries(&self) -> Result<Vec<crate::ports::ShareSummary>, RecordError> {
         let mut summaries = Vec::new();
         let mut marker: Option<String> = None;
         let mut seen_markers = BTreeSet::new();
@@ -508,6 +599,13 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
                 None => break,
             }
         }
+        Ok(summaries)
+    }
+
+    async fn describe_and_locate(
+        &self,
+        summaries: Vec<crate::ports::ShareSummary>,
+    ) -> Result<Vec<FileShare>, RecordError> {
         let mut described = Vec::with_capacity(summaries.len());
         for kind in [ShareKind::Nfs, ShareKind::Smb] {
             let arns: Vec<String> = summaries
@@ -849,11 +947,30 @@ mod tests {
             .map(|p| p.share_arn)
             .collect();
         assert_eq!(refreshed, ["share-129"]);
-        // Warm: the map is cached.
+        // Warm: the shares are listed again (a share created since must be found), but
+        // the cached map knows them all, so nothing is described again.
         r.handle(&json!({"Records": [message("m2", "target", None)]}))
             .await
             .unwrap();
-        assert_eq!(r.gateway().list_calls(), 3);
+        assert_eq!(r.gateway().list_calls(), 6);
+        assert_eq!(r.gateway().describe_calls(), 7 + 7);
+        // A share created since: listed, and the map is resolved anew.
+        r.gateway()
+            .add_share("share-new", ShareKind::Nfs, "arn:aws:s3:::target");
+        r.handle(&json!({"Records": [message("m3", "target", None)]}))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.gateway().list_calls(),
+            9,
+            "the listing is not asked twice"
+        );
+        assert_eq!(r.gateway().describe_calls(), 2 * (7 + 7));
+        assert!(r
+            .gateway()
+            .refreshes()
+            .iter()
+            .any(|p| p.share_arn == "share-new"));
     }
 
     #[tokio::test]

@@ -30,16 +30,37 @@ pub const MAX_FOLDER_LIST: usize = 50;
 pub const MAX_IN_FLIGHT: usize = 2;
 
 /// An invocation that claimed a slot and did not record the call's notification id
-/// within this time (the longest Lambda invocation) is gone: whether its call started
-/// is unknown, so the slot's listings go back to pending. The slot itself still counts
-/// as in flight until its lease ends, in case the call did start.
+/// by its deadline is gone: whether its call started is unknown, so the slot's
+/// listings go back to pending. The slot itself still counts as in flight until its
+/// lease ends, in case the call did start. The claim carries its invocation's deadline
+/// ([`ShareState::dispatch_until`]); this is the claim's life when no deadline is known
+/// (the longest Lambda invocation).
 pub const CLAIM_TIMEOUT_MS: i64 = 15 * 60 * 1000;
 
-/// A slot whose completion event never comes is freed after this. Refreshes of large
-/// shares legitimately take hours (the gateway sends a HEAD per object it lists); a
-/// shorter lease would let a third call reach a share that is still listing. While
-/// one slot waits for its lease the other one keeps the share going.
-pub const SLOT_LEASE_MS: i64 = 6 * 60 * 60 * 1000;
+/// The shortest lease of a slot whose completion event never comes (lost, or the
+/// refresh died with its gateway). A lease that ends puts the slot's listings back.
+pub const MIN_SLOT_LEASE_MS: i64 = 20 * 60 * 1000;
+
+/// The longest lease: refreshes of large shares legitimately take hours (the gateway
+/// sends a HEAD per object it lists).
+pub const MAX_SLOT_LEASE_MS: i64 = 6 * 60 * 60 * 1000;
+
+/// The lease of a call on a share whose refreshes took `refresh_ms` lately: twice
+/// that, within [`MIN_SLOT_LEASE_MS`] and [`MAX_SLOT_LEASE_MS`]. A lease that is too
+/// short costs a call that the gateway refuses (it still runs two refreshes) and
+/// backs off from, or a listing made twice; one that is too long costs a lost
+/// completion event that much staleness. So it follows what this share's refreshes
+/// take, not the worst any share could take.
+pub fn slot_lease_ms(refresh_ms: Option<i64>) -> i64 {
+    refresh_ms
+        .unwrap_or(0)
+        .saturating_mul(2)
+        .clamp(MIN_SLOT_LEASE_MS, MAX_SLOT_LEASE_MS)
+}
+
+/// The gateway's and Lambda's clocks may differ by this much when a completion event
+/// is matched to a claim by its start time.
+pub const COMPLETION_CLOCK_MARGIN_MS: i64 = 5_000;
 
 /// The longest backlog, in calls, that waits chunk by chunk. With one call per interval
 /// (60 s by default), the last of 4 chunks starts about 3 intervals after the first;
@@ -47,10 +68,31 @@ pub const SLOT_LEASE_MS: i64 = 6 * 60 * 60 * 1000;
 /// backlog collapses into common ancestors (see [`ShareState::dispatch`]).
 pub const MAX_BACKLOG_CALLS: usize = 4;
 
-/// After the gateway refused a call (busy, or two refreshes in flight that this state
-/// does not know of, such as another tool's), the share is not called again for at
-/// least this long, whatever the interval: a refusal is never retried in a loop.
+/// After the gateway refused or failed a call (busy, two refreshes in flight that this
+/// state does not know of, a 5xx, a timeout, access denied), the share is not called
+/// again for at least this long, whatever the interval: a failure is never retried in
+/// a loop. Each further failure in a row doubles it, up to [`MAX_BACKOFF_MS`].
 pub const BUSY_BACKOFF_MS: i64 = 10_000;
+
+/// The back-off's cap: one SQS delay, so one wake-up reaches it; a share whose gateway
+/// keeps failing is called about four times an hour.
+pub const MAX_BACKOFF_MS: i64 = 15 * 60 * 1000;
+
+/// The back-off after `failures` failed calls in a row (at least 1).
+pub fn backoff_ms(failures: u32) -> i64 {
+    let doublings = failures.saturating_sub(1).min(20);
+    BUSY_BACKOFF_MS
+        .saturating_mul(1i64 << doublings)
+        .min(MAX_BACKOFF_MS)
+}
+
+/// The most bytes of listings that a share item keeps pending: past it, the pending
+/// set collapses like a long backlog. With S3 keys of up to 1,024 bytes, this and two
+/// calls of [`MAX_CALL_BYTES`] keep a share item far under DynamoDB's 400 KB.
+pub const MAX_PENDING_BYTES: usize = 64 * 1024;
+
+/// The most bytes of folders in one call (`FolderList`), besides its 50 folders.
+pub const MAX_CALL_BYTES: usize = 16 * 1024;
 
 /// Completion events whose notification id is not (yet) recorded in a slot are kept
 /// this many at a time: an event can overtake the write that records the id.
@@ -163,6 +205,10 @@ pub struct Slot {
     pub oldest_event_ms: i64,
     /// The claim timed out and its listings went back to pending.
     pub returned: bool,
+    /// When the claiming invocation can no longer record the call (its deadline).
+    pub claim_expires_at_ms: i64,
+    /// When the slot is freed, and its listings put back, if no completion came.
+    pub lease_ends_at_ms: i64,
 }
 
 impl Slot {
@@ -175,13 +221,38 @@ impl Slot {
     }
 
     fn lease_ends_at(&self) -> i64 {
-        self.claimed_at_ms.saturating_add(SLOT_LEASE_MS)
+        self.lease_ends_at_ms
     }
 
     fn claim_times_out_at(&self) -> Option<i64> {
-        (self.notification_id.is_none() && !self.returned)
-            .then(|| self.claimed_at_ms.saturating_add(CLAIM_TIMEOUT_MS))
+        (self.notification_id.is_none() && !self.returned).then_some(self.claim_expires_at_ms)
     }
+
+    /// Whether a completion of a refresh of `folders` (in any order) that started at
+    /// `started_at_ms` may be this claim's call, whose notification id was never
+    /// recorded.
+    fn may_have_started(&self, folders: &[String], started_at_ms: Option<i64>) -> bool {
+        if self.notification_id.is_some() || folders.is_empty() {
+            return false;
+        }
+        let mut mine = self.folders();
+        let mut theirs = folders.to_vec();
+        mine.sort();
+        theirs.sort();
+        mine == theirs
+            && started_at_ms
+                .is_none_or(|t| t.saturating_add(COMPLETION_CLOCK_MARGIN_MS) >= self.claimed_at_ms)
+    }
+}
+
+/// A refresh-complete event, as the scheduler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedRefresh {
+    pub notification_id: String,
+    /// `folderList` of the event (empty: unknown).
+    pub folders: Vec<String>,
+    pub started_at_ms: Option<i64>,
+    pub completed_at_ms: i64,
 }
 
 /// A completion event seen before its notification id was recorded.
@@ -217,6 +288,12 @@ pub struct ShareState {
     /// the refresh covered to its completion (for operators).
     pub last_completed_at_ms: Option<i64>,
     pub last_staleness_ms: Option<i64>,
+    /// Failed or refused calls in a row (the back-off's exponent); 0 after a call
+    /// started.
+    pub failures: u32,
+    /// How long this share's refreshes took lately: the longest recent one, halved at
+    /// each completion that took less (sets the lease).
+    pub refresh_ms: Option<i64>,
 }
 
 /// The timing rules of dispatch.
@@ -283,6 +360,8 @@ impl ShareState {
             early_completions: Vec::new(),
             last_completed_at_ms: None,
             last_staleness_ms: None,
+            failures: 0,
+            refresh_ms: None,
         }
     }
 
@@ -305,6 +384,9 @@ impl ShareState {
             );
         }
         self.pending = without_covered(std::mem::take(&mut self.pending));
+        if listing_bytes(&self.pending) > MAX_PENDING_BYTES {
+            self.pending = collapse_to_bytes(std::mem::take(&mut self.pending), MAX_PENDING_BYTES);
+        }
     }
 
     /// Slots in flight (or claimed), as far as this state knows.
@@ -312,10 +394,20 @@ impl ShareState {
         self.slots.len()
     }
 
-    /// Frees the slots whose lease ended, and gives back the listings of claims whose
-    /// invocation is gone.
-    pub fn housekeep(&mut self, now_ms: i64) {
-        self.slots.retain(|s| now_ms < s.lease_ends_at());
+    /// Frees the slots whose lease ended, putting back their listings (a refresh that
+    /// never completed may never have listed them), and gives back the listings of
+    /// claims whose invocation is gone. Returns how many leases ended.
+    pub fn housekeep(&mut self, now_ms: i64) -> usize {
+        let (ended, live): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut self.slots)
+            .into_iter()
+            .partition(|s| now_ms >= s.lease_ends_at());
+        self.slots = live;
+        let leases_ended = ended.len();
+        for slot in ended {
+            if !slot.returned {
+                self.add_pending(slot.listings, slot.oldest_event_ms);
+            }
+        }
         let mut returned = Vec::new();
         for slot in &mut self.slots {
             if slot.claim_times_out_at().is_some_and(|t| now_ms >= t) {
@@ -327,7 +419,8 @@ impl ShareState {
             self.add_pending(listings, oldest);
         }
         self.early_completions
-            .retain(|c| now_ms.saturating_sub(c.completed_at_ms) < SLOT_LEASE_MS);
+            .retain(|c| now_ms.saturating_sub(c.completed_at_ms) < MAX_SLOT_LEASE_MS);
+        leases_ended
     }
 
     /// The earliest time at which [`ShareState::dispatch`] could call, ignoring
@@ -369,6 +462,24 @@ impl ShareState {
     /// collapses, deepest folders into their parents, recursively, until it fits: then
     /// the wider calls list more, but nothing waits more than a few intervals.
     pub fn dispatch(&mut self, now_ms: i64, pace: Pace, claim_id: &str) -> Dispatch {
+        self.dispatch_until(
+            now_ms,
+            pace,
+            claim_id,
+            now_ms.saturating_add(CLAIM_TIMEOUT_MS),
+        )
+    }
+
+    /// [`ShareState::dispatch`] for an invocation that can record its call until
+    /// `claim_expires_at_ms` (its deadline): a claim not recorded by then gives its
+    /// listings back.
+    pub fn dispatch_until(
+        &mut self,
+        now_ms: i64,
+        pace: Pace,
+        claim_id: &str,
+        claim_expires_at_ms: i64,
+    ) -> Dispatch {
         self.housekeep(now_ms);
         let Some(at) = self.next_call_at(now_ms, pace) else {
             return Dispatch::Idle;
@@ -383,13 +494,17 @@ impl ShareState {
             );
         }
         let recursive = self.pending.iter().any(|l| l.recursive);
-        let chunk: Vec<Listing> = self
-            .pending
-            .iter()
-            .filter(|l| l.recursive == recursive)
-            .take(MAX_FOLDER_LIST)
-            .cloned()
-            .collect();
+        let mut chunk: Vec<Listing> = Vec::new();
+        let mut chunk_bytes = 0;
+        for listing in self.pending.iter().filter(|l| l.recursive == recursive) {
+            if chunk.len() == MAX_FOLDER_LIST
+                || (!chunk.is_empty() && chunk_bytes + listing.path.len() > MAX_CALL_BYTES)
+            {
+                break;
+            }
+            chunk_bytes += listing.path.len();
+            chunk.push(listing.clone());
+        }
         for listing in &chunk {
             self.pending.remove(listing);
         }
@@ -405,6 +520,8 @@ impl ShareState {
             listings: chunk,
             oldest_event_ms,
             returned: false,
+            claim_expires_at_ms: claim_expires_at_ms.max(now_ms),
+            lease_ends_at_ms: now_ms.saturating_add(slot_lease_ms(self.refresh_ms)),
         };
         self.slots.push(slot.clone());
         self.last_call_at_ms = Some(now_ms);
@@ -427,14 +544,16 @@ impl ShareState {
         } else {
             self.slots[index].notification_id = Some(notification_id.to_string());
         }
+        self.failures = 0;
         true
     }
 
-    /// The gateway refused the claimed call: as [`ShareState::put_back`], and no call
-    /// before [`BUSY_BACKOFF_MS`] from now.
+    /// The gateway refused or failed the claimed call: as [`ShareState::put_back`], and
+    /// no call before the back-off ([`backoff_ms`]) from now.
     pub fn refused(&mut self, claim_id: &str, now_ms: i64) {
         self.put_back(claim_id);
-        self.busy_until_ms = Some(now_ms.saturating_add(BUSY_BACKOFF_MS));
+        self.failures = self.failures.saturating_add(1);
+        self.busy_until_ms = Some(now_ms.saturating_add(backoff_ms(self.failures)));
     }
 
     /// The claimed call did not start (throttled, failed): its listings are pending
@@ -449,17 +568,44 @@ impl ShareState {
         }
     }
 
-    /// A completion event for `notification_id`.
+    /// A completion event for `notification_id`, of which nothing else is known.
     pub fn complete(&mut self, notification_id: &str, completed_at_ms: i64) -> Completion {
-        if let Some(index) = self
+        self.complete_refresh(&CompletedRefresh {
+            notification_id: notification_id.to_string(),
+            folders: Vec::new(),
+            started_at_ms: None,
+            completed_at_ms,
+        })
+    }
+
+    /// A completion event: frees the slot with its notification id or, when no slot
+    /// has it, the oldest claim without a recorded id whose folders are the event's
+    /// and which was claimed before the refresh started (the write of its id was lost,
+    /// or has not happened yet).
+    pub fn complete_refresh(&mut self, event: &CompletedRefresh) -> Completion {
+        let notification_id = event.notification_id.as_str();
+        let completed_at_ms = event.completed_at_ms;
+        let by_id = self
             .slots
             .iter()
-            .position(|s| s.notification_id.as_deref() == Some(notification_id))
-        {
+            .position(|s| s.notification_id.as_deref() == Some(notification_id));
+        let by_listing = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.may_have_started(&event.folders, event.started_at_ms))
+                .min_by_key(|(_, s)| s.claimed_at_ms)
+                .map(|(i, _)| i)
+        };
+        if let Some(index) = by_id.or_else(by_listing) {
             let slot = self.slots.remove(index);
             self.last_completed_at_ms = Some(completed_at_ms);
             self.last_staleness_ms =
                 Some(completed_at_ms.saturating_sub(slot.oldest_event_ms).max(0));
+            let took = completed_at_ms
+                .saturating_sub(event.started_at_ms.unwrap_or(slot.claimed_at_ms))
+                .max(0);
+            self.refresh_ms = Some(self.refresh_ms.map_or(took, |r| took.max(r / 2)));
             return Completion::Freed(slot);
         }
         let claimed_without_id = self.slots.iter().any(|s| s.notification_id.is_none());
@@ -561,9 +707,26 @@ fn without_covered(set: BTreeSet<Listing>) -> BTreeSet<Listing> {
 /// deepest folder (and the siblings pending with it) become a recursive listing of
 /// their parent, until the set fits. The parent is itself listed by the recursive
 /// listing, and its ancestors are pending already (every change brings them).
-pub fn collapse(mut set: BTreeSet<Listing>, limit: usize) -> BTreeSet<Listing> {
+pub fn collapse(set: BTreeSet<Listing>, limit: usize) -> BTreeSet<Listing> {
     let limit = limit.max(1);
-    while set.len() > limit {
+    collapse_while(set, |s| s.len() > limit)
+}
+
+/// The bytes of the paths of `set`, as a share item stores them (about).
+pub fn listing_bytes(set: &BTreeSet<Listing>) -> usize {
+    set.iter().map(|l| l.path.len() + 2).sum()
+}
+
+/// Collapses `set` like [`collapse`] until its paths take at most `budget` bytes.
+pub fn collapse_to_bytes(set: BTreeSet<Listing>, budget: usize) -> BTreeSet<Listing> {
+    collapse_while(set, |s| s.len() > 1 && listing_bytes(s) > budget)
+}
+
+fn collapse_while(
+    mut set: BTreeSet<Listing>,
+    too_big: impl Fn(&BTreeSet<Listing>) -> bool,
+) -> BTreeSet<Listing> {
+    while too_big(&set) {
         let Some(deepest) = set
             .iter()
             .max_by_key(|l| (l.depth(), l.path.clone()))
@@ -658,7 +821,7 @@ mod tests {
         // Both in flight: wait for the first lease (a completion normally comes first).
         assert_eq!(
             s.dispatch(20, pace, "c2"),
-            Dispatch::WaitUntil(10 + SLOT_LEASE_MS)
+            Dispatch::WaitUntil(10 + MIN_SLOT_LEASE_MS)
         );
         match s.complete("n0", 30) {
             Completion::Freed(slot) => assert_eq!(slot.folders(), vec!["/a"]),
@@ -739,7 +902,7 @@ mod tests {
         assert_eq!(s.in_flight(), 1);
         let again = claimed(s.dispatch(CLAIM_TIMEOUT_MS, PACE, "c2"));
         assert_eq!(again.folders(), vec!["/a"]);
-        s.housekeep(SLOT_LEASE_MS);
+        s.housekeep(MIN_SLOT_LEASE_MS);
         assert_eq!(s.in_flight(), 1, "only the first slot's lease ended");
         // Putting back a returned claim does not duplicate its listings.
         let mut t = state();
@@ -858,6 +1021,139 @@ mod tests {
         let mut t = state();
         t.add_pending([Listing::subtree("/")], 1);
         assert!(t.forget().changes.whole_bucket);
+    }
+
+    #[test]
+    fn a_lease_that_ends_puts_its_listings_back_and_grows_with_the_refreshes() {
+        let mut s = state();
+        let pace = Pace::from_seconds(0, 0);
+        s.add_pending(folders(&["/a"]), 7);
+        let slot = claimed(s.dispatch(0, pace, "c1"));
+        assert_eq!(slot.lease_ends_at_ms, MIN_SLOT_LEASE_MS);
+        s.started("c1", "n1");
+        // The completion never comes (the gateway restarted mid-refresh).
+        assert_eq!(s.housekeep(MIN_SLOT_LEASE_MS - 1), 0);
+        assert!(s.pending.is_empty());
+        assert_eq!(s.housekeep(MIN_SLOT_LEASE_MS), 1);
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.pending.contains(&Listing::folder("/a")));
+        assert_eq!(s.pending_since_ms, Some(7), "its age is kept");
+        // A share whose refreshes take an hour gets leases of two hours.
+        let mut long = state();
+        long.add_pending(folders(&["/b"]), 0);
+        claimed(long.dispatch(0, pace, "c1"));
+        long.started("c1", "n1");
+        let done = CompletedRefresh {
+            notification_id: "n1".into(),
+            folders: vec!["/b".into()],
+            started_at_ms: Some(1_000),
+            completed_at_ms: 1_000 + 3_600_000,
+        };
+        assert!(matches!(long.complete_refresh(&done), Completion::Freed(_)));
+        assert_eq!(long.refresh_ms, Some(3_600_000));
+        long.add_pending(folders(&["/c"]), 0);
+        let next = claimed(long.dispatch(4_000_000, pace, "c2"));
+        assert_eq!(next.lease_ends_at_ms, 4_000_000 + 7_200_000);
+        assert_eq!(slot_lease_ms(Some(10 * 3_600_000)), MAX_SLOT_LEASE_MS);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_up_to_the_cap_and_a_start_resets_them() {
+        assert_eq!(backoff_ms(1), BUSY_BACKOFF_MS);
+        assert_eq!(backoff_ms(2), 2 * BUSY_BACKOFF_MS);
+        assert_eq!(backoff_ms(4), 8 * BUSY_BACKOFF_MS);
+        assert_eq!(backoff_ms(40), MAX_BACKOFF_MS);
+        let mut s = state();
+        let pace = Pace::from_seconds(0, 0);
+        s.add_pending(folders(&["/a"]), 0);
+        let mut now = 0;
+        for failures in 1..=8u32 {
+            let slot = claimed(s.dispatch(now, pace, &format!("c{failures}")));
+            s.refused(&slot.claim_id, now);
+            assert_eq!(s.failures, failures);
+            let due = now + backoff_ms(failures);
+            // Nothing brings a call before the step ends.
+            assert_eq!(s.dispatch(due - 1, pace, "early"), Dispatch::WaitUntil(due));
+            now = due;
+        }
+        let slot = claimed(s.dispatch(now, pace, "ok"));
+        assert!(s.started(&slot.claim_id, "n"));
+        assert_eq!(s.failures, 0);
+    }
+
+    #[test]
+    fn a_completion_without_a_recorded_id_frees_the_claim_with_its_folders() {
+        let mut s = state();
+        let pace = Pace::from_seconds(0, 0);
+        s.add_pending(folders(&["/a", "/b"]), 0);
+        claimed(s.dispatch(1_000, pace, "c1"));
+        // The write of the notification id was lost. Another refresh's event (other
+        // folders, or started before the claim) frees nothing.
+        let event = |folders: &[&str], started: i64| CompletedRefresh {
+            notification_id: "n-lost".into(),
+            folders: folders.iter().map(|f| f.to_string()).collect(),
+            started_at_ms: Some(started),
+            completed_at_ms: started + 10,
+        };
+        assert_eq!(
+            s.complete_refresh(&event(&["/a"], 2_000)),
+            Completion::Unknown
+        );
+        assert_eq!(
+            s.complete_refresh(&event(
+                &["/b", "/a"],
+                1_000 - COMPLETION_CLOCK_MARGIN_MS - 1
+            )),
+            Completion::Unknown
+        );
+        assert_eq!(s.in_flight(), 1);
+        assert!(matches!(
+            s.complete_refresh(&event(&["/b", "/a"], 2_000)),
+            Completion::Freed(_)
+        ));
+        assert_eq!(s.in_flight(), 0);
+        assert!(
+            s.pending.is_empty(),
+            "the call did start: nothing to list again"
+        );
+    }
+
+    #[test]
+    fn a_claim_expires_at_its_invocations_deadline() {
+        let mut s = state();
+        s.add_pending(folders(&["/a"]), 0);
+        claimed(s.dispatch_until(0, PACE, "c1", 30_000));
+        assert_eq!(s.dispatch(10, PACE, "x"), Dispatch::WaitUntil(30_000));
+        s.housekeep(30_000);
+        assert!(s.pending.contains(&Listing::folder("/a")));
+    }
+
+    #[test]
+    fn long_names_stay_within_the_byte_budgets() {
+        let mut s = state();
+        let long = "x".repeat(1_000);
+        let paths: Vec<String> = (0..300).map(|i| format!("/{long}{i:03}/{long}")).collect();
+        let mut listed: Vec<Listing> = Vec::new();
+        for p in &paths {
+            let (parent, _) = p.rsplit_once('/').unwrap_or(("/", ""));
+            listed.push(Listing::folder(p.as_str()));
+            listed.push(Listing::folder(parent));
+        }
+        s.add_pending(listed.clone(), 0);
+        assert!(listing_bytes(&s.pending) <= MAX_PENDING_BYTES);
+        for l in &listed {
+            assert!(s.pending.iter().any(|p| p.covers(l)), "{} lost", l.path);
+        }
+        let slot = claimed(s.dispatch(0, PACE, "c1"));
+        let bytes: usize = slot.listings.iter().map(|l| l.path.len()).sum();
+        assert!(bytes <= MAX_CALL_BYTES, "{bytes}");
+        // One listing longer than the call budget still goes, alone.
+        let mut t = state();
+        t.add_pending(
+            [Listing::folder(format!("/{}", "y".repeat(MAX_CALL_BYTES)))],
+            0,
+        );
+        assert_eq!(claimed(t.dispatch(0, PACE, "c1")).listings.len(), 1);
     }
 
     fn arb_path() -> impl Strategy<Value = String> {

@@ -220,25 +220,6 @@ pub fn plan_share_listings(
         .collect()
 }
 
-/// Whether [`plan_refreshes`] leaves out some share of `bucket` because the gateway
-/// it sits on wrote (or, for an unnamed writer, must have written) a change.
-pub fn leaves_out_writer_shares(shares: &[FileShare], bucket: &str, changes: &ChangeSet) -> bool {
-    if changes.whole_bucket || changes.gateway_writes.is_empty() {
-        return false;
-    }
-    let bucket_shares: Vec<&FileShare> = shares
-        .iter()
-        .filter(|s| s.location.bucket == bucket)
-        .collect();
-    let all_on_one_gateway = on_one_gateway(&bucket_shares);
-    bucket_shares.iter().any(|share| {
-        changes.gateway_writes.iter().any(|c| {
-            c.writer
-                .wrote_through(share.gateway_id(), all_on_one_gateway)
-        })
-    })
-}
-
 fn on_one_gateway(shares: &[&FileShare]) -> bool {
     let gateways: BTreeSet<String> = shares
         .iter()

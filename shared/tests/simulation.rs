@@ -74,7 +74,7 @@ use shared::ports::{
 use shared::refresh_message::{RefreshMessage, WakeMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use shared::refresher::Refresher;
 use shared::s3_event::format_event_time;
-use shared::scheduler::{ShareState, SLOT_LEASE_MS};
+use shared::scheduler::{ShareState, COMPLETION_CLOCK_MARGIN_MS, MIN_SLOT_LEASE_MS};
 use shared::shares::{RefreshPlan, ShareKind};
 use shared::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -356,6 +356,9 @@ struct World {
     completions_duplicated: u64,
     /// Every `RefreshCache` call, accepted or not, per share.
     refresh_calls: HashMap<String, u32>,
+    /// Every completion event put on the action queue: (share, its folders sorted,
+    /// notification id, started, visible at).
+    emitted_completions: Vec<(String, Vec<String>, String, i64, i64)>,
     /// Buckets whose window ever held "anywhere" for a gateway, or the whole bucket.
     gateway_anywhere: std::collections::BTreeSet<String>,
     whole_bucket: std::collections::BTreeSet<String>,
@@ -443,9 +446,36 @@ impl World {
                 &r.folders,
                 &mut self.rng,
             );
+            self.note_completion(
+                &r.share_arn,
+                &r.folders,
+                &r.notification_id,
+                r.at,
+                r.completes_at + latency,
+            );
             self.push_event(body, r.completes_at + latency);
             self.completions += 1;
         }
+    }
+
+    /// Keeps what the checker needs of a completion event that goes on the queue.
+    fn note_completion(
+        &mut self,
+        share: &str,
+        folders: &[String],
+        id: &str,
+        started: i64,
+        visible_at: i64,
+    ) {
+        let mut sorted = folders.to_vec();
+        sorted.sort();
+        self.emitted_completions.push((
+            share.to_string(),
+            sorted,
+            id.to_string(),
+            started,
+            visible_at,
+        ));
     }
 
     /// An EventBridge event on the action queue, visible at `visible_at`.
@@ -2063,7 +2093,7 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
 /// unless the product had no way to know of one of the two:
 /// - that refresh's call started but its caller saw an error (a timeout on the
 ///   response), so the product put the slot back as for a call that did not start;
-/// - that refresh's slot may have reached its lease (`SLOT_LEASE_MS` after its claim,
+/// - that refresh's slot may have reached its lease (at least `MIN_SLOT_LEASE_MS` after its claim,
 ///   on the clock of any container, so less the clock spread): the product frees a
 ///   slot whose completion event never came, and a refresh may outlast it.
 ///
@@ -2073,10 +2103,35 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
 /// notification id. A throttle that the gateway sends for other reasons (the fault
 /// knob) is not an attempt on two in flight and is not judged.
 fn check_in_flight(world: &World) -> Result<(), String> {
+    check_in_flight_attempts(world)
+}
+
+/// Whether another refresh's completion event, of the same share and folders and
+/// started after `r` was decided, reached the queue before `at`: the product frees a
+/// claim whose notification id it never recorded by such an event, and cannot tell
+/// it from the claim's own.
+fn freed_by_a_lookalike(world: &World, r: &AcceptedRefresh, at: i64) -> bool {
+    let mut folders = r.folders.clone();
+    folders.sort();
+    world
+        .emitted_completions
+        .iter()
+        .any(|(share, f, id, started, visible_at)| {
+            *share == r.share_arn
+                && *f == folders
+                && *id != r.notification_id
+                && started + COMPLETION_CLOCK_MARGIN_MS + world.clock_spread_ms >= r.decided_at
+                && *visible_at <= at
+        })
+}
+
+fn check_in_flight_attempts(world: &World) -> Result<(), String> {
     for attempt in &world.throttled {
         let excused = attempt.in_flight.iter().any(|&i| {
             let r = &world.refreshes[i];
-            !r.answered || attempt.at >= r.decided_at + SLOT_LEASE_MS - world.clock_spread_ms - 1
+            !r.answered
+                || attempt.at >= r.decided_at + MIN_SLOT_LEASE_MS - world.clock_spread_ms - 1
+                || freed_by_a_lookalike(world, r, attempt.at)
         });
         if !excused {
             let holding: Vec<String> = attempt
@@ -2324,6 +2379,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         completions: 0,
         completions_lost: 0,
         completions_duplicated: 0,
+        emitted_completions: Vec::new(),
         refresh_calls: HashMap::new(),
         gateway_anywhere: Default::default(),
         whole_bucket: Default::default(),
@@ -2427,6 +2483,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
             let started = visible_at - rng.range(1_000, 600_000);
             let completed = visible_at - rng.range(0, 1_000);
             let body = completion_event(&arn, &id, started, completed, &["/".into()], &mut rng);
+            w.note_completion(&arn, &["/".into()], &id, started, visible_at);
             w.push_event(body, visible_at);
             stats.stray_completions += 1;
         }

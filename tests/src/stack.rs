@@ -212,10 +212,15 @@ impl Stack {
         let aggregator = LambdaProcess::spawn(spec).await?;
         let refresher_bin = binary("refresher")?;
         let mut spec = LambdaSpawn::new(&refresher_bin, "S3StorageGatewayRefresh");
-        spec.env = vec![(
-            "MIN_REFRESH_INTERVAL_SECONDS".into(),
-            options.min_refresh_interval_seconds.to_string(),
-        )];
+        spec.env = vec![
+            (
+                "MIN_REFRESH_INTERVAL_SECONDS".into(),
+                options.min_refresh_interval_seconds.to_string(),
+            ),
+            // The tests shorten the interval, which the function takes only with the
+            // acknowledgement.
+            ("ALLOW_SHORT_REFRESH_INTERVAL".into(), "true".into()),
+        ];
         spec.env.extend(env);
         let refresher = LambdaProcess::spawn(spec).await?;
         Ok(Stack {

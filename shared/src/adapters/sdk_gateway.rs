@@ -145,6 +145,15 @@ impl FileGateway for SdkFileGateway {
             .file_share_arn(&plan.share_arn)
             .set_folder_list(Some(plan.folders.clone()))
             .recursive(plan.recursive)
+            // One attempt: a failed call is retried by the share's own back-off (one
+            // call per step), not by the SDK three times per message.
+            .customize()
+            .config_override(
+                aws_sdk_storagegateway::config::Config::builder().retry_config(
+                    aws_sdk_storagegateway::config::retry::RetryConfig::standard()
+                        .with_max_attempts(1),
+                ),
+            )
             .send()
             .await
             .map_err(|e| gateway_error(e, Some(&plan.share_arn)))?;

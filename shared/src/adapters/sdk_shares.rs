@@ -5,7 +5,9 @@
 use super::sdk::{n, store_error, DynamoWindowStore};
 use crate::error::StoreError;
 use crate::ports::ShareStore;
-use crate::scheduler::{share_key, EarlyCompletion, Listing, ShareState, Slot};
+use crate::scheduler::{
+    share_key, slot_lease_ms, EarlyCompletion, Listing, ShareState, Slot, CLAIM_TIMEOUT_MS,
+};
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::HashMap;
@@ -24,12 +26,17 @@ pub mod attr {
     pub const WAKE_AT: &str = "WakeAt";
     pub const BUSY_UNTIL: &str = "BusyUntil";
     /// A list of maps: `ClaimId`, `ClaimedAt`, `NotificationId` (once started),
-    /// `FolderList`, `Recursive`, `OldestEventAt`, `Returned`.
+    /// `FolderList`, `Recursive`, `OldestEventAt`, `Returned`, `ClaimExpiresAt`,
+    /// `LeaseEndsAt`.
     pub const SLOTS: &str = "Slots";
     /// A list of maps: `NotificationId`, `CompletedAt`.
     pub const EARLY_COMPLETIONS: &str = "EarlyCompletions";
     pub const LAST_COMPLETED_AT: &str = "LastCompletedAt";
     pub const LAST_STALENESS: &str = "LastStalenessMs";
+    /// Failed or refused calls in a row (the back-off's exponent).
+    pub const FAILURES: &str = "Failures";
+    /// How long the share's refreshes took lately (sets the lease).
+    pub const REFRESH_MS: &str = "RefreshMs";
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -64,6 +71,8 @@ fn encode_slot(slot: &Slot) -> AttributeValue {
     m.insert("Recursive".into(), AttributeValue::Bool(slot.recursive()));
     m.insert("OldestEventAt".into(), n(slot.oldest_event_ms));
     m.insert("Returned".into(), AttributeValue::Bool(slot.returned));
+    m.insert("ClaimExpiresAt".into(), n(slot.claim_expires_at_ms));
+    m.insert("LeaseEndsAt".into(), n(slot.lease_ends_at_ms));
     AttributeValue::M(m)
 }
 
@@ -73,9 +82,15 @@ fn decode_slot(m: &Item) -> Option<Slot> {
         .and_then(|v| v.as_bool().ok())
         .copied()
         .unwrap_or(false);
+    let claimed_at_ms = get_n(m, "ClaimedAt")?;
     Some(Slot {
         claim_id: get_s(m, "ClaimId")?.to_string(),
-        claimed_at_ms: get_n(m, "ClaimedAt")?,
+        claimed_at_ms,
+        // Items written before these were stored: the defaults of that time's rules.
+        claim_expires_at_ms: get_n(m, "ClaimExpiresAt")
+            .unwrap_or(claimed_at_ms.saturating_add(CLAIM_TIMEOUT_MS)),
+        lease_ends_at_ms: get_n(m, "LeaseEndsAt")
+            .unwrap_or(claimed_at_ms.saturating_add(slot_lease_ms(None))),
         notification_id: get_s(m, "NotificationId").map(str::to_string),
         listings: m
             .get("FolderList")
@@ -131,6 +146,12 @@ pub fn encode_share(state: &ShareState) -> Item {
     if let Some(t) = state.last_staleness_ms {
         item.insert(attr::LAST_STALENESS.into(), n(t));
     }
+    if state.failures > 0 {
+        item.insert(attr::FAILURES.into(), n(i64::from(state.failures)));
+    }
+    if let Some(t) = state.refresh_ms {
+        item.insert(attr::REFRESH_MS.into(), n(t));
+    }
     item.insert(
         attr::SLOTS.into(),
         AttributeValue::L(state.slots.iter().map(encode_slot).collect()),
@@ -176,6 +197,10 @@ pub fn decode_share(share_arn: &str, item: &Item) -> ShareState {
     state.busy_until_ms = get_n(item, attr::BUSY_UNTIL);
     state.last_completed_at_ms = get_n(item, attr::LAST_COMPLETED_AT);
     state.last_staleness_ms = get_n(item, attr::LAST_STALENESS);
+    state.failures = get_n(item, attr::FAILURES)
+        .and_then(|f| u32::try_from(f).ok())
+        .unwrap_or(0);
+    state.refresh_ms = get_n(item, attr::REFRESH_MS);
     let maps = |name: &str| -> Vec<Item> {
         item.get(name)
             .and_then(|v| v.as_l().ok())
@@ -255,7 +280,11 @@ mod tests {
             listings: vec![Listing::subtree("/x"), Listing::subtree("/y")],
             oldest_event_ms: 2,
             returned: false,
+            claim_expires_at_ms: 8,
+            lease_ends_at_ms: 10,
         });
+        state.failures = 3;
+        state.refresh_ms = Some(15);
         state.early_completions.push(EarlyCompletion {
             notification_id: "e".into(),
             completed_at_ms: 4,
