@@ -291,7 +291,9 @@ where
                     if state.needs_wake(at, now, consumed_wake) {
                         self.send_wake(&state, at, now, source_arn, metrics).await?;
                     }
-                    metrics.count(Some(&state.bucket), name::REFRESHES_DEFERRED, 1);
+                    if !state.pending.is_empty() {
+                        metrics.count(Some(&state.bucket), name::REFRESHES_DEFERRED, 1);
+                    }
                     return Ok(driven);
                 }
                 Dispatch::Call(slot) => {
@@ -490,7 +492,9 @@ where
 #[cfg(test)]
 mod tests {
     use crate::adapters::memory::{MemoryGateway, MemoryQueue, MemoryWindowStore};
+    use crate::clock::Clock;
     use crate::clock::ManualClock;
+    use crate::error::{GatewayError, Retry};
     use crate::refresh_message::REFRESH_COMPLETE_DETAIL_TYPE;
     use crate::refresher::Refresher;
     use crate::scheduler::{Listing, MIN_SLOT_LEASE_MS};
@@ -555,8 +559,12 @@ mod tests {
         r.handle(&whole_bucket("m3")).await.unwrap();
         assert_eq!(r.gateway().refreshes().len(), 1);
         let wakes = r.requeue().wakes();
-        assert_eq!(wakes.len(), 1, "{wakes:?}");
-        let (wake, delay) = &wakes[0];
+        // One for the first call's lease (in case its completion event never comes,
+        // chained 900 s at a time), and one for the interval.
+        assert_eq!(wakes.len(), 2, "{wakes:?}");
+        let lease_ends = clock.now_ms() - 20_000 + MIN_SLOT_LEASE_MS;
+        assert_eq!((wakes[0].0.due_at_ms, wakes[0].1), (lease_ends, 900));
+        let (wake, delay) = &wakes[1];
         assert_eq!(*delay, 50, "the rest of the 60 s after the first call");
         assert_eq!(wake.share_arn, SHARE);
         let state = r.store().share(SHARE).unwrap();
@@ -570,10 +578,16 @@ mod tests {
         assert_eq!(refreshes[1].folders, ["/"]);
         assert!(refreshes[1].recursive);
         assert!(r.store().share(SHARE).unwrap().pending.is_empty());
-        // Nothing left: the same wake-up delivered again does nothing.
+        // Nothing pending: the wake-up now waits for the first lease. The item keeps
+        // only its earliest wake-up, so the first one's chain is not known any more and
+        // a second chain is sent (harmless; the completion normally comes first).
+        let wakes = r.requeue().wakes();
+        assert_eq!(wakes.len(), 3);
+        assert_eq!(wakes[2].0.due_at_ms, lease_ends);
+        // The same wake-up delivered again does nothing.
         r.handle(&record("w1", wake.body())).await.unwrap();
         assert_eq!(r.gateway().refreshes().len(), 2);
-        assert_eq!(r.requeue().wakes().len(), 1);
+        assert_eq!(r.requeue().wakes().len(), 3);
     }
 
     #[tokio::test]
@@ -639,6 +653,147 @@ mod tests {
         clock.advance(1_000);
         r.handle(&record("w", wake.body())).await.unwrap();
         assert_eq!(r.gateway().refreshes().len(), 2);
+    }
+
+    const SIBLING: &str = "arn:aws:storagegateway:us-east-1:123456789012:share/share-9";
+
+    fn failure() -> GatewayError {
+        GatewayError::Other {
+            retry: Retry::Later,
+            message: "InternalServerError".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_share_backs_off_alone_and_the_message_succeeds() {
+        let (r, clock) = refresher(0);
+        r.gateway()
+            .add_share(SIBLING, ShareKind::Nfs, "arn:aws:s3:::b1");
+        r.gateway().fail_share(SHARE, failure());
+        let out = r.handle(&whole_bucket("m1")).await.unwrap();
+        assert!(
+            out.batch_item_failures.is_empty(),
+            "the work is in the share's item"
+        );
+        assert_eq!(r.gateway().refreshes().len(), 1);
+        assert_eq!(r.gateway().refreshes()[0].share_arn, SIBLING);
+        assert_eq!(r.gateway().failed_calls().len(), 1);
+        let state = r.store().share(SHARE).unwrap();
+        assert!(state.pending.contains(&Listing::subtree("/")));
+        assert_eq!(state.failures, 1);
+        let wake_of = |share: &str| {
+            r.requeue()
+                .wakes()
+                .into_iter()
+                .rev()
+                .find(|(w, _)| w.share_arn == share)
+                .unwrap_or_else(|| panic!("no wake-up for {share}"))
+        };
+        let (wake, delay) = wake_of(SHARE);
+        assert_eq!(delay, 10);
+        // More windows within the back-off: the sibling is called (until both its slots
+        // are in flight), the failing share not.
+        for (m, sibling_calls) in [("m2", 2), ("m3", 2)] {
+            clock.advance(3_000);
+            assert!(r
+                .handle(&whole_bucket(m))
+                .await
+                .unwrap()
+                .batch_item_failures
+                .is_empty());
+            assert_eq!(r.gateway().refreshes().len(), sibling_calls);
+        }
+        assert_eq!(
+            r.gateway().failed_calls().len(),
+            1,
+            "once per back-off step"
+        );
+        // Its wake-up: one call, which fails again and doubles the step.
+        clock.advance(4_000);
+        r.handle(&record("w1", wake.body())).await.unwrap();
+        assert_eq!(r.gateway().failed_calls().len(), 2);
+        let state = r.store().share(SHARE).unwrap();
+        assert_eq!(state.failures, 2);
+        assert_eq!(state.busy_until_ms, Some(clock.now_ms() + 20_000));
+        // The gateway recovers: the next step's wake-up refreshes it, and resets the count.
+        r.gateway().heal(SHARE);
+        let (wake, delay) = wake_of(SHARE);
+        assert_eq!(delay, 20);
+        clock.advance(20_000);
+        r.handle(&record("w2", wake.body())).await.unwrap();
+        let last = r.gateway().refreshes().pop().unwrap();
+        assert_eq!(
+            (last.share_arn.as_str(), last.folders),
+            (SHARE, vec!["/".to_string()])
+        );
+        let state = r.store().share(SHARE).unwrap();
+        assert_eq!(state.failures, 0);
+        assert!(state.pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn not_found_for_a_share_that_the_map_still_lists_is_a_failed_call() {
+        let (r, _clock) = refresher(0);
+        r.gateway()
+            .add_share(SIBLING, ShareKind::Nfs, "arn:aws:s3:::b1");
+        r.gateway().fail_share(
+            SHARE,
+            GatewayError::ShareNotFound {
+                share_arn: SHARE.into(),
+                message: "The specified folder was not found".into(),
+            },
+        );
+        let out = r.handle(&whole_bucket("m1")).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        // Not forgotten: its changes wait in its item, and none went to the sibling twice.
+        let state = r.store().share(SHARE).unwrap();
+        assert!(state.pending.contains(&Listing::subtree("/")));
+        assert_eq!(state.failures, 1);
+        assert_eq!(r.gateway().refreshes().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_call_is_started_too_near_the_deadline() {
+        let (r, clock) = refresher(0);
+        let out = r
+            .handle_until(&whole_bucket("m1"), clock.now_ms() + 5_000)
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        assert!(r.gateway().refreshes().is_empty());
+        let (wake, delay) = r.requeue().wakes().pop().unwrap();
+        assert_eq!(delay, 1, "back at once, in an invocation with time");
+        clock.advance(1_000);
+        r.handle_until(&record("w", wake.body()), clock.now_ms() + 60_000)
+            .await
+            .unwrap();
+        assert_eq!(r.gateway().refreshes().len(), 1);
+        let state = r.store().share(SHARE).unwrap();
+        assert_eq!(state.slots[0].claim_expires_at_ms, clock.now_ms() + 60_000);
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_ends_lists_its_folders_again() {
+        let (r, clock) = refresher(0);
+        r.handle(&whole_bucket("m1")).await.unwrap();
+        let state = r.store().share(SHARE).unwrap();
+        let lease_ends = state.slots[0].lease_ends_at_ms;
+        assert_eq!(lease_ends, clock.now_ms() + MIN_SLOT_LEASE_MS);
+        // No completion event ever comes; at the lease's end the folders are listed again.
+        clock.advance(MIN_SLOT_LEASE_MS);
+        r.handle(&record("w", {
+            let (wake, _) = r
+                .requeue()
+                .wakes()
+                .pop()
+                .unwrap_or_else(|| panic!("a wake-up for the claim or the lease"));
+            wake.body()
+        }))
+        .await
+        .unwrap();
+        let refreshes = r.gateway().refreshes();
+        assert_eq!(refreshes.len(), 2);
+        assert_eq!(refreshes[1].folders, refreshes[0].folders);
     }
 
     #[tokio::test]

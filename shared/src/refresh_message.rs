@@ -366,4 +366,33 @@ mod tests {
             Err(BadMessage::NotAMessage(_))
         ));
     }
+
+    #[test]
+    fn the_share_of_a_completion_event_is_found_by_its_form_in_any_order() {
+        let share = "arn:aws:storagegateway:eu-west-1:123456789012:share/share-ABC12345";
+        let gateway = "arn:aws:storagegateway:eu-west-1:123456789012:gateway/sgw-12A3456B";
+        for resources in [json!([share, gateway]), json!([gateway, share])] {
+            let event = json!({"source": STORAGE_GATEWAY_SOURCE, "detail-type": REFRESH_COMPLETE_DETAIL_TYPE,
+                "region": "eu-west-1", "resources": resources,
+                "detail": {"event-type": "refresh-complete", "notification-id": "n-1",
+                           "started": "2026-12-02T06:00:00.000Z", "completed": "2026-12-02T06:00:05.000Z",
+                           "folderList": ["/a", "/"]}});
+            let record = json!({"messageId": "m", "body": event.to_string()});
+            let Ok(ActionMessage::Completion(c)) = decode_action_record(&record) else {
+                panic!("not a completion: {record}");
+            };
+            assert_eq!(c.share_arn.as_deref(), Some(share));
+            assert_eq!(c.resources.len(), 2);
+            assert_eq!(c.folders, ["/a", "/"]);
+            assert!(c.started_at_ms.is_some());
+        }
+        assert!(!is_file_share_arn(gateway));
+        assert!(!is_file_share_arn(
+            "arn:aws:storagegateway:eu-west-1:1:share/"
+        ));
+        assert!(!is_file_share_arn("arn:aws:s3:::share/x"));
+        assert!(is_file_share_arn(
+            "arn:aws-cn:storagegateway:cn-north-1:1:share/share-1"
+        ));
+    }
 }

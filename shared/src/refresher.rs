@@ -1404,7 +1404,11 @@ mod access_point_tests {
         assert_eq!((aps.get_calls(), aps.list_calls()), (1, 1));
         // Their changes wait for the interval since each share's first call.
         assert_eq!(r.gateway().refreshes().len(), 6);
-        assert_eq!(r.requeue().wakes().len(), 6, "one wake-up per share");
+        assert_eq!(
+            r.requeue().wakes().len(),
+            12,
+            "per share, one for the interval and one for the first call's lease"
+        );
         // Once the map is stale, the next resolve asks again, once.
         clock.advance(SHARE_CACHE_TTL_MS);
         r.handle(&whole_bucket("m4", "b1")).await.unwrap();

@@ -429,8 +429,17 @@ impl ShareState {
     pub fn next_call_at(&self, now_ms: i64, pace: Pace) -> Option<i64> {
         if self.pending.is_empty() {
             // A claim whose call is not known to have started gives its listings back
-            // at its timeout: a wake-up must come then, or they would wait forever.
-            return self.slots.iter().filter_map(Slot::claim_times_out_at).min();
+            // at its timeout, and a slot whose lease ends puts its listings back: a
+            // wake-up must come then, or they would wait forever. (The completion event
+            // normally frees the slot first; the wake-up then finds nothing to do.)
+            return self
+                .slots
+                .iter()
+                .filter_map(|s| {
+                    s.claim_times_out_at()
+                        .or((!s.returned).then_some(s.lease_ends_at()))
+                })
+                .min();
         }
         let after_interval = self
             .last_call_at_ms

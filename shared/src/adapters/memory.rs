@@ -192,6 +192,10 @@ pub struct MemoryGateway {
     refreshes: Mutex<Vec<RefreshPlan>>,
     list_calls: AtomicU64,
     describe_calls: AtomicU64,
+    /// Shares whose every `RefreshCache` fails with this error (until cleared).
+    failing: Mutex<Vec<(String, GatewayError)>>,
+    /// `RefreshCache` calls that failed that way.
+    failed_calls: Mutex<Vec<RefreshPlan>>,
 }
 
 impl MemoryGateway {
@@ -202,7 +206,23 @@ impl MemoryGateway {
             refreshes: Mutex::default(),
             list_calls: AtomicU64::new(0),
             describe_calls: AtomicU64::new(0),
+            failing: Mutex::default(),
+            failed_calls: Mutex::default(),
         }
+    }
+
+    /// Every `RefreshCache` on `share_arn` answers `error` until [`Self::heal`].
+    pub fn fail_share(&self, share_arn: &str, error: GatewayError) {
+        lock(&self.failing).push((share_arn.to_string(), error));
+    }
+
+    pub fn heal(&self, share_arn: &str) {
+        lock(&self.failing).retain(|(arn, _)| arn != share_arn);
+    }
+
+    /// The calls that [`Self::fail_share`] failed.
+    pub fn failed_calls(&self) -> Vec<RefreshPlan> {
+        lock(&self.failed_calls).clone()
     }
 
     pub fn add_share(&self, arn: &str, kind: ShareKind, location_arn: &str) {
@@ -295,6 +315,14 @@ impl FileGateway for MemoryGateway {
     }
 
     async fn refresh_cache(&self, plan: &RefreshPlan) -> Result<String, GatewayError> {
+        let injected = lock(&self.failing)
+            .iter()
+            .find(|(arn, _)| *arn == plan.share_arn)
+            .map(|(_, e)| copy_error(e));
+        if let Some(error) = injected {
+            lock(&self.failed_calls).push(plan.clone());
+            return Err(error);
+        }
         if !lock(&self.shares).iter().any(|s| s.arn == plan.share_arn) {
             return Err(GatewayError::ShareNotFound {
                 share_arn: plan.share_arn.clone(),
@@ -304,6 +332,22 @@ impl FileGateway for MemoryGateway {
         let mut refreshes = lock(&self.refreshes);
         refreshes.push(plan.clone());
         Ok(format!("notification-{}", refreshes.len()))
+    }
+}
+
+fn copy_error(e: &GatewayError) -> GatewayError {
+    match e {
+        GatewayError::ShareNotFound { share_arn, message } => GatewayError::ShareNotFound {
+            share_arn: share_arn.clone(),
+            message: message.clone(),
+        },
+        GatewayError::Busy { message } => GatewayError::Busy {
+            message: message.clone(),
+        },
+        GatewayError::Other { retry, message } => GatewayError::Other {
+            retry: *retry,
+            message: message.clone(),
+        },
     }
 }
 
