@@ -284,6 +284,68 @@ impl Clients {
         ))
     }
 
+    /// What is left to do on a stack whose table is `table` and action queue
+    /// `queue_url`: visible messages, windows not refreshed yet, and share items with
+    /// pending listings or taken slots. Delayed messages are counted apart: every
+    /// `RefreshCache` call leaves its share a wake-up for the call's lease end
+    /// (docs/protocol.md, "Per-share scheduling"), up to 900 s ahead, which finds
+    /// nothing to do once the completion event came.
+    pub async fn work_left(&self, table: &str, queue_url: &str) -> Result<WorkLeft, BoxError> {
+        let (visible, delayed) = self.queue_depth(queue_url).await?;
+        let mut left = WorkLeft {
+            visible,
+            delayed,
+            ..WorkLeft::default()
+        };
+        let mut start: Option<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> = None;
+        loop {
+            let out = self
+                .dynamodb
+                .scan()
+                .table_name(table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await?;
+            for item in out.items() {
+                let key = item
+                    .get("BucketName")
+                    .and_then(|v| v.as_s().ok())
+                    .cloned()
+                    .unwrap_or_default();
+                let number = |name: &str| {
+                    item.get(name)
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                if let Some(share) = key.strip_prefix("share#") {
+                    let pending = item
+                        .get("Pending")
+                        .and_then(|v| v.as_ss().ok())
+                        .map_or(0, Vec::len);
+                    let slots = item
+                        .get("Slots")
+                        .and_then(|v| v.as_l().ok())
+                        .map_or(0, Vec::len);
+                    if pending > 0 {
+                        left.shares_pending.push(share.to_string());
+                    }
+                    if slots > 0 {
+                        left.shares_in_flight.push(share.to_string());
+                    }
+                } else if number("Generation") > number("RefreshedGeneration") {
+                    left.windows_open.push(key);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        Ok(left)
+    }
+
     pub async fn bucket_item(
         &self,
         table: &str,
@@ -301,6 +363,27 @@ impl Clients {
             .send()
             .await?;
         Ok(out.item().cloned())
+    }
+}
+
+/// What [`Clients::work_left`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorkLeft {
+    pub visible: u64,
+    pub delayed: u64,
+    /// Buckets whose latest window is not refreshed yet.
+    pub windows_open: Vec<String>,
+    /// Shares with pending listings, and shares with a slot taken.
+    pub shares_pending: Vec<String>,
+    pub shares_in_flight: Vec<String>,
+}
+
+impl WorkLeft {
+    /// Nothing visible on the queue, every window refreshed, nothing pending on any
+    /// share. Delayed messages and slots in flight may remain: a slot's wake-up, and
+    /// refreshes whose completion event is not routed (or not here yet).
+    pub fn is_done(&self) -> bool {
+        self.visible == 0 && self.windows_open.is_empty() && self.shares_pending.is_empty()
     }
 }
 

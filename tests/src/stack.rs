@@ -384,6 +384,13 @@ impl Stack {
         Ok(run)
     }
 
+    /// What is left to do ([`crate::aws::Clients::work_left`]).
+    pub async fn work_left(&self) -> Result<crate::aws::WorkLeft, BoxError> {
+        self.clients
+            .work_left(&self.table, &self.action_queue_url)
+            .await
+    }
+
     /// Lets every refresh that the gateway accepted complete, and hands their
     /// completion events (and any wake-ups that are due) to the refresher, until the
     /// action queue is empty or `timeout` passed. After this, no slot is taken.
@@ -394,10 +401,13 @@ impl Stack {
             let accepted = self.gateway.refreshes().len();
             let events = self.gateway.completion_events();
             let all_completed = events.len() >= accepted && events.iter().all(|e| e.is_settled());
-            let depth = self.clients.queue_depth(&self.action_queue_url).await?;
-            if all_completed && depth == (0, 0) {
+            let left = self.work_left().await?;
+            // Delayed messages may remain: each call's lease wake-up, which finds
+            // nothing to do once its completion event freed the slot.
+            if all_completed && left.is_done() && left.shares_in_flight.is_empty() {
                 return Ok(total);
             }
+            let depth = (left.visible, left.delayed);
             if Instant::now() >= deadline {
                 return Err(format!(
                     "not settled after {timeout:?}: {accepted} refreshes accepted, {} completed, action queue {depth:?}",

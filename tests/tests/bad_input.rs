@@ -66,6 +66,12 @@ async fn stack() -> Result<Stack, BoxError> {
     // Refreshes finish at once: the cases refresh the same shares in quick succession,
     // and the two-in-flight limit is not what these tests are about.
     stack.gateway.set_refresh_duration(Duration::ZERO);
+    // The queue that the hand-made records name as their source (`sqs_record`): the
+    // refresher sends wake-ups back to it, as to any record's queue.
+    stack
+        .clients
+        .create_queue("S3EventAggregatorActionQueue")
+        .await?;
     Ok(stack)
 }
 

@@ -18,6 +18,20 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The window messages sent through `sqs` (by the aggregator, or sent back by the
+/// refresher): not the wake-ups that every `RefreshCache` call leaves its share for
+/// the call's lease end.
+fn window_sends(sqs: &CountingProxy) -> Vec<Exchange> {
+    sqs.exchanges("SendMessage")
+        .into_iter()
+        .filter(|e| {
+            let body = e.request["MessageBody"].as_str().unwrap_or_default();
+            integration_tests::stack::action_message_kind(body)
+                != integration_tests::stack::ActionMessageKind::WakeUp
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------
@@ -212,7 +226,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
         (1, 1),
         "{opened}"
     );
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(sends.len(), 1, "{:?}", sqs.all_exchanges());
     let first = &sends[0];
     assert_eq!(first.request["QueueUrl"], stack.action_queue_url.as_str());
@@ -259,7 +273,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
         lookups[0].response["QueueUrl"],
         stack.action_queue_url.as_str()
     );
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(sends.len(), 2, "{:?}", sqs.all_exchanges());
     let requeued = &sends[1];
     assert_eq!(
@@ -301,7 +315,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
     )
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(sends.len(), 3, "{:?}", sqs.all_exchanges());
     let delay = sends[2].request["DelaySeconds"]
         .as_i64()
@@ -333,7 +347,7 @@ async fn a_window_longer_than_900_seconds_is_sent_back_until_it_ends() -> Result
     assert!(!refreshes[0].recursive);
     assert!(refreshes[0].started_at > before_refresh);
     assert_eq!(stack.gateway.calls_to("RefreshCache"), 1);
-    assert_eq!(sqs.exchanges("SendMessage").len(), 3, "not sent back again");
+    assert_eq!(window_sends(&sqs).len(), 3, "not sent back again");
     let done = item(&stack, &bucket).await?;
     assert_eq!(num(&done, "ClosedGeneration"), Some(1));
     assert_eq!(num(&done, "RefreshedGeneration"), Some(1));
@@ -362,7 +376,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     let now = now_ms();
     let early = json!({"version": 1, "bucket": bucket, "generation": 2, "windowOpenedAtMs": now,
         "windowEndsAtMs": now + 2_000, "timestampMs": now});
-    let sends_before = sqs.exchanges("SendMessage").len();
+    let sends_before = window_sends(&sqs).len();
     let failed = invoke_refresher(
         &stack,
         vec![record_of_body("early-2", &early, &stack.action_queue_arn)],
@@ -370,7 +384,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(stack.gateway.refreshes().len(), 1, "nothing to refresh yet");
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(
         sends.len(),
         sends_before + 1,
@@ -407,7 +421,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     let window = item(&stack, &bucket).await?;
     assert_eq!(num(&window, "RefreshedGeneration"), Some(2));
     assert_eq!(
-        sqs.exchanges("SendMessage").len(),
+        window_sends(&sqs).len(),
         sends_before + 2,
         "the requeue and window 2's own message, nothing more"
     );
@@ -419,18 +433,14 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     let orphan = json!({"version": 1, "bucket": bucket, "generation": 3,
         "windowOpenedAtMs": now - 16 * 60 * 1000, "windowEndsAtMs": now - 16 * 60 * 1000 + 2_000,
         "timestampMs": now - 16 * 60 * 1000});
-    let sends_before = sqs.exchanges("SendMessage").len();
+    let sends_before = window_sends(&sqs).len();
     let failed = invoke_refresher(
         &stack,
         vec![record_of_body("orphan-3", &orphan, &stack.action_queue_arn)],
     )
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(
-        sqs.exchanges("SendMessage").len(),
-        sends_before,
-        "not sent back"
-    );
+    assert_eq!(window_sends(&sqs).len(), sends_before, "not sent back");
     assert_eq!(stack.gateway.refreshes().len(), 2, "not refreshed");
     let line = stack
         .refresher
@@ -452,7 +462,7 @@ async fn a_message_that_overtakes_its_window_is_sent_back_and_an_orphan_is_dropp
     )
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(sends.len(), sends_before + 1, "{:?}", sqs.all_exchanges());
     assert_eq!(sends[sends_before].request["DelaySeconds"], 60);
     assert_eq!(body_of(&sends[sends_before])?, late);
@@ -484,7 +494,7 @@ async fn a_first_window_message_that_overtakes_its_open_waits_and_a_lost_item_re
         "no refresh before the window exists: {:?}",
         stack.gateway.calls()
     );
-    let sends = sqs.exchanges("SendMessage");
+    let sends = window_sends(&sqs);
     assert_eq!(sends.len(), 1, "{:?}", sqs.all_exchanges());
     assert_eq!(
         sends[0].request["QueueUrl"],
@@ -528,18 +538,14 @@ async fn a_first_window_message_that_overtakes_its_open_waits_and_a_lost_item_re
     let long_ago = now_ms() - 16 * 60 * 1000;
     let old = json!({"version": 1, "bucket": lost, "generation": 4, "windowOpenedAtMs": long_ago,
         "windowEndsAtMs": long_ago + 2_000, "timestampMs": long_ago});
-    let sends_before = sqs.exchanges("SendMessage").len();
+    let sends_before = window_sends(&sqs).len();
     let failed = invoke_refresher(
         &stack,
         vec![record_of_body("lost-4", &old, &stack.action_queue_arn)],
     )
     .await?;
     assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(
-        sqs.exchanges("SendMessage").len(),
-        sends_before,
-        "not sent back"
-    );
+    assert_eq!(window_sends(&sqs).len(), sends_before, "not sent back");
     let whole: Vec<_> = stack
         .gateway
         .refreshes()

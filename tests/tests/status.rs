@@ -93,6 +93,8 @@ async fn status_shows_windows_refreshes_and_queues() -> Result<(), BoxError> {
         .refresher
         .invoke(serde_json::json!({"Records": [{
             "messageId": "status-test",
+            // As SQS names it: the refresher sends the share's wake-up back there.
+            "eventSourceARN": stack.action_queue_arn,
             "body": body.to_string(),
             "messageAttributes": {"bucket-name": {"stringValue": refreshed_bucket, "dataType": "String"}}
         }]}))
@@ -125,7 +127,9 @@ async fn status_shows_windows_refreshes_and_queues() -> Result<(), BoxError> {
         .lines()
         .find(|l| l.contains(&format!("{prefix}ActionQueue")))
         .ok_or("no action queue line")?;
-    assert!(action_line.contains("2 delayed"), "{action_line}");
+    // The open window's message and the refreshed share's wake-up for its call's
+    // lease end.
+    assert!(action_line.contains("3 delayed"), "{action_line}");
     assert!(out.contains(&format!("{prefix}ActionDLQ")), "{out}");
     assert!(out.contains("start-message-move-task"), "{out}");
 

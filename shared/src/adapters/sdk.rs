@@ -108,6 +108,8 @@ const CLOSE_ROUNDS: usize = 3;
 /// [`window::MAX_WINDOW_FOLDERS`] folders) under DynamoDB's 400 KB item limit.
 const LOGGED_SHARES: usize = 100;
 const LOGGED_FOLDERS: usize = 64;
+/// And at most this many bytes of folder names (S3 keys reach 1,024 bytes).
+const LOGGED_FOLDER_BYTES: usize = 8 * 1024;
 
 /// Folders are stored with a leading '/', so the bucket root is "/" rather than an
 /// empty string (which a string set cannot hold). A gateway's changes share the set,
@@ -186,12 +188,22 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
 
 fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
     let mut folder_budget = LOGGED_FOLDERS;
+    let mut byte_budget = LOGGED_FOLDER_BYTES;
+    let mut cut = false;
     let refreshes = log
         .refreshes
         .iter()
         .take(LOGGED_SHARES)
         .map(|r| {
-            let logged = r.folders.len().min(folder_budget);
+            let mut logged = 0;
+            for folder in r.folders.iter().take(folder_budget) {
+                if folder.len() > byte_budget {
+                    break;
+                }
+                byte_budget -= folder.len();
+                logged += 1;
+            }
+            cut |= logged < r.folders.len();
             folder_budget -= logged;
             AttributeValue::M(HashMap::from([
                 (
@@ -223,8 +235,7 @@ fn encode_refresh_log(log: &RefreshLog) -> AttributeValue {
     if let Some(g) = log.generation {
         map.insert("Generation".to_string(), n(g));
     }
-    let truncated = log.refreshes.len() > LOGGED_SHARES
-        || log.refreshes.iter().map(|r| r.folders.len()).sum::<usize>() > LOGGED_FOLDERS;
+    let truncated = log.refreshes.len() > LOGGED_SHARES || cut;
     if truncated {
         map.insert("Truncated".to_string(), AttributeValue::Bool(true));
     }
