@@ -98,6 +98,10 @@ pub const MAX_CALL_BYTES: usize = 16 * 1024;
 /// this many at a time: an event can overtake the write that records the id.
 pub const MAX_EARLY_COMPLETIONS: usize = 16;
 
+/// A wake-up's delay is whole seconds, rounded up: one that becomes visible this much
+/// after the time it was sent for still serves that time.
+pub const WAKE_ROUNDING_MS: i64 = 1_000;
+
 /// The key of a share's item in the table: bucket names hold no `#`, so share items
 /// never collide with bucket items.
 pub const SHARE_KEY_PREFIX: &str = "share#";
@@ -637,10 +641,12 @@ impl ShareState {
     }
 
     /// Whether a wake-up must be sent for `at`: no wake-up sent earlier becomes
-    /// visible after now and no later than `at`. `consumed`: the wake-up message being
-    /// processed, which no longer counts.
+    /// visible after now and no later than `at` (within the second that SQS's whole
+    /// `DelaySeconds` round it up by). `consumed`: the wake-up message being processed,
+    /// which no longer counts.
     pub fn needs_wake(&self, at_ms: i64, now_ms: i64, consumed: Option<i64>) -> bool {
-        !matches!(self.wake_at_ms, Some(w) if Some(w) != consumed && w > now_ms && w <= at_ms)
+        !matches!(self.wake_at_ms, Some(w)
+            if Some(w) != consumed && w > now_ms && w <= at_ms.saturating_add(WAKE_ROUNDING_MS))
     }
 
     /// A wake-up message that becomes visible at `visible_at_ms` was sent.
@@ -999,16 +1005,18 @@ mod tests {
     #[test]
     fn wake_ups_are_not_repeated() {
         let mut s = state();
-        assert!(s.needs_wake(100, 0, None));
-        s.woke_at(100, 0);
-        assert!(!s.needs_wake(100, 10, None));
-        assert!(!s.needs_wake(500, 10, None));
+        assert!(s.needs_wake(10_000, 0, None));
+        s.woke_at(10_000, 0);
+        assert!(!s.needs_wake(10_000, 10, None));
+        assert!(!s.needs_wake(50_000, 10, None));
+        // One sent for a time that its whole-second delay rounded up still serves it.
+        assert!(!s.needs_wake(9_500, 10, None));
         // An earlier time needs its own wake-up.
-        assert!(s.needs_wake(50, 10, None));
+        assert!(s.needs_wake(5_000, 10, None));
         // The wake-up being processed does not count, even if this clock runs behind.
-        assert!(s.needs_wake(200, 99, Some(100)));
+        assert!(s.needs_wake(20_000, 9_900, Some(10_000)));
         // Past its time it no longer counts.
-        assert!(s.needs_wake(200, 100, None));
+        assert!(s.needs_wake(20_000, 10_000, None));
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! upstream and its response returned as it is. [`CountingProxy::start_recording`] also
 //! keeps each request and answer, so a test can read what a function sent (for example
 //! a message delayed by 900 s, which it cannot receive in time).
+//!
+//! [`CountingProxy::fail_next_matching`] makes it answer some requests itself, with an
+//! error, instead of forwarding them: a write that is lost (for example the refresher's
+//! `PutItem` that records a call's `NotificationId`). Such requests are counted too.
 
 use crate::runtime_api::http_request;
 use bytes::Bytes;
@@ -42,10 +46,61 @@ pub struct Exchange {
 /// `None` for a proxy that only counts.
 type Log = Option<Arc<Mutex<Vec<Exchange>>>>;
 
+/// The error answer that [`CountingProxy::fail_next_matching`] gives, in the AWS JSON
+/// protocols' shape (`{"__type": ..., "message": ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectedError {
+    pub status: u16,
+    /// `__type`, e.g. `com.amazon.coral.validate#ValidationException`.
+    pub error_type: String,
+    pub message: String,
+}
+
+impl InjectedError {
+    /// HTTP 400 `ValidationException`: the SDKs do not retry it, so one injected
+    /// answer fails one call.
+    pub fn validation(message: &str) -> InjectedError {
+        InjectedError {
+            status: 400,
+            error_type: "com.amazon.coral.validate#ValidationException".to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// HTTP 500 `InternalServerError`: the SDKs retry it (up to 3 attempts by default),
+    /// so failing one call takes as many injected answers as attempts.
+    pub fn internal_server_error(message: &str) -> InjectedError {
+        InjectedError {
+            status: 500,
+            error_type: "com.amazonaws.dynamodb.v20120810#InternalServerError".to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A rule of [`CountingProxy::fail_next_matching`].
+#[derive(Debug, Clone)]
+struct FailureRule {
+    operation: String,
+    body_contains: String,
+    remaining: u32,
+    error: InjectedError,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    rules: Vec<FailureRule>,
+    /// The requests answered by a rule, in order.
+    injected: Vec<Exchange>,
+}
+
+type SharedFaults = Arc<Mutex<Faults>>;
+
 pub struct CountingProxy {
     addr: SocketAddr,
     counts: Counts,
     log: Log,
+    faults: SharedFaults,
     task: JoinHandle<()>,
 }
 
@@ -78,16 +133,25 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let counts: Counts = Arc::default();
+        let faults: SharedFaults = Arc::default();
         let task_counts = counts.clone();
         let task_log = log.clone();
+        let task_faults = faults.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let counts = task_counts.clone();
                 let log = task_log.clone();
+                let faults = task_faults.clone();
                 let authority = authority.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
-                        forward(req, authority.clone(), counts.clone(), log.clone())
+                        forward(
+                            req,
+                            authority.clone(),
+                            counts.clone(),
+                            log.clone(),
+                            faults.clone(),
+                        )
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -99,8 +163,35 @@ impl CountingProxy {
             addr,
             counts,
             log,
+            faults,
             task,
         })
+    }
+
+    /// The next `count` requests of `operation` (`X-Amz-Target` ending in
+    /// `.{operation}`, e.g. "PutItem") whose body contains `body_contains` (e.g.
+    /// `"NotificationId"`, with its quotes, for an attribute of that name) are answered
+    /// with `error` and not forwarded: the upstream never sees them. Rules apply in
+    /// the order they were added; repeated calls add rules.
+    pub fn fail_next_matching(
+        &self,
+        operation: &str,
+        body_contains: &str,
+        count: u32,
+        error: InjectedError,
+    ) {
+        lock(&self.faults).rules.push(FailureRule {
+            operation: operation.to_string(),
+            body_contains: body_contains.to_string(),
+            remaining: count,
+            error,
+        });
+    }
+
+    /// The requests answered by [`CountingProxy::fail_next_matching`], in order, with
+    /// the error they got (`response` is its JSON body).
+    pub fn injected_failures(&self) -> Vec<Exchange> {
+        lock(&self.faults).injected.clone()
     }
 
     pub fn endpoint(&self) -> String {
@@ -145,11 +236,40 @@ impl CountingProxy {
     }
 }
 
+/// The error of the first rule that `target` and `body` match, if any (and uses it up).
+fn injected_answer(faults: &SharedFaults, target: &str, body: &[u8]) -> Option<InjectedError> {
+    let mut faults = lock(faults);
+    let rule = faults.rules.iter_mut().find(|rule| {
+        rule.remaining > 0
+            && target.ends_with(&format!(".{}", rule.operation))
+            && contains(body, rule.body_contains.as_bytes())
+    })?;
+    rule.remaining -= 1;
+    let error = rule.error.clone();
+    faults.rules.retain(|rule| rule.remaining > 0);
+    faults.injected.push(Exchange {
+        target: target.to_string(),
+        request: serde_json::from_slice(body).unwrap_or(Value::Null),
+        status: error.status,
+        response: error_body(&error),
+    });
+    Some(error)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn error_body(error: &InjectedError) -> Value {
+    serde_json::json!({"__type": error.error_type, "message": error.message})
+}
+
 async fn forward(
     req: Request<Incoming>,
     authority: String,
     counts: Counts,
     log: Log,
+    faults: SharedFaults,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = req
         .headers()
@@ -181,6 +301,16 @@ async fn forward(
         Ok(collected) => collected.to_bytes(),
         Err(e) => return Ok(error(StatusCode::BAD_REQUEST, &e.to_string())),
     };
+    if let Some(injected) = injected_answer(&faults, &target, &body) {
+        let status = StatusCode::from_u16(injected.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let payload = error_body(&injected).to_string();
+        return Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/x-amz-json-1.0")
+            .header("x-amzn-requestid", "injected-by-counting-proxy")
+            .body(Full::new(Bytes::from(payload)))
+            .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, &e.to_string())));
+    }
     let header_refs: Vec<(&str, &str)> = headers
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -231,4 +361,40 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(message.to_string())));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_fail_only_matching_requests_and_run_out() {
+        let faults: SharedFaults = Arc::default();
+        lock(&faults).rules.push(FailureRule {
+            operation: "PutItem".into(),
+            body_contains: "\"NotificationId\"".into(),
+            remaining: 2,
+            error: InjectedError::validation("lost"),
+        });
+        let with_id = br#"{"Item": {"Slots": {"L": [{"M": {"NotificationId": {"S": "n"}}}]}}}"#;
+        let without = br#"{"Item": {"Slots": {"L": []}}}"#;
+        let put = "DynamoDB_20120810.PutItem";
+        assert_eq!(injected_answer(&faults, put, without), None);
+        assert_eq!(
+            injected_answer(&faults, "DynamoDB_20120810.UpdateItem", with_id),
+            None
+        );
+        assert_eq!(
+            injected_answer(&faults, put, with_id).map(|e| e.status),
+            Some(400)
+        );
+        assert!(injected_answer(&faults, put, with_id).is_some());
+        assert_eq!(injected_answer(&faults, put, with_id), None, "used up");
+        let injected = lock(&faults).injected.clone();
+        assert_eq!(injected.len(), 2);
+        assert_eq!(
+            injected[0].response["__type"],
+            "com.amazon.coral.validate#ValidationException"
+        );
+    }
 }

@@ -117,9 +117,16 @@
 //! `id`, `time`, `region` (and, on AWS, `account`: moto 5.2.1's SQS targets leave it
 //! out). The event goes to the gateway's own region unless [`CompletionEvents::region`]
 //! says otherwise, on the default bus unless [`CompletionEvents::event_bus`] names
-//! another. Delivery faults for tests: [`SgwStandIn::drop_next_completion_events`]
-//! and [`SgwStandIn::duplicate_next_completion_events`]. [`SgwStandIn::completion_events`]
-//! records every completion and what became of its event.
+//! another. Delivery faults for tests: [`SgwStandIn::drop_next_completion_events`],
+//! [`SgwStandIn::duplicate_next_completion_events`] and
+//! [`SgwStandIn::set_gateway_first_in_events`] (`resources` in the other order), and
+//! [`SgwStandIn::hold_refreshes_of`] (a share's refreshes never complete, so no event
+//! comes). [`SgwStandIn::completion_events`] records every completion and what became
+//! of its event.
+//!
+//! Besides the one-shot failures of [`SgwStandIn::fail_next`],
+//! [`SgwStandIn::fail_refreshes_of`] makes every `RefreshCache` on one share fail
+//! until it is cleared: a gateway that keeps failing while the others answer.
 //!
 //! # Strict limits
 //!
@@ -528,6 +535,13 @@ struct State {
     wake: Arc<Notify>,
     calls: Vec<RecordedCall>,
     failures: VecDeque<(String, InjectedFailure)>,
+    /// `fail_refreshes_of`: every `RefreshCache` on these shares gets the failure.
+    failing_shares: HashMap<String, InjectedFailure>,
+    /// `hold_refreshes_of`: refreshes accepted on these shares never complete on
+    /// their own.
+    held_shares: BTreeSet<String>,
+    /// `set_gateway_first_in_events`: `resources` lists the gateway, then the share.
+    gateway_first_in_events: bool,
     /// Object sources by bucket name.
     sources: HashMap<String, BucketSource>,
     /// The bucket of each registered access point, by ARN and by alias.
@@ -561,6 +575,9 @@ impl State {
             wake: Arc::new(Notify::new()),
             calls: Vec::new(),
             failures: VecDeque::new(),
+            failing_shares: HashMap::new(),
+            held_shares: BTreeSet::new(),
+            gateway_first_in_events: false,
             sources: HashMap::new(),
             access_points: HashMap::new(),
             work_by_share: HashMap::new(),
@@ -652,7 +669,11 @@ impl State {
             "completed": rfc3339_millis(completed),
             "folderList": refresh.folder_list,
         });
-        let resources = vec![refresh.share_arn.clone(), refresh.gateway_arn.clone()];
+        let resources = if self.gateway_first_in_events {
+            vec![refresh.gateway_arn.clone(), refresh.share_arn.clone()]
+        } else {
+            vec![refresh.share_arn.clone(), refresh.gateway_arn.clone()]
+        };
         let mut record = CompletionEvent {
             share_arn: refresh.share_arn,
             gateway_arn: refresh.gateway_arn,
@@ -1130,6 +1151,42 @@ impl SgwStandIn {
         for _ in 0..count {
             st.failures.push_back((operation.to_string(), failure));
         }
+    }
+
+    /// Every `RefreshCache` on `share_arn` gets `failure` instead of running (recorded
+    /// with `injected`, no refresh starts), until [`SgwStandIn::clear_refresh_failures_of`]:
+    /// a gateway that keeps failing one share's calls while its other shares, and other
+    /// gateways, answer normally. Failures queued with [`SgwStandIn::fail_next`] come
+    /// first.
+    pub fn fail_refreshes_of(&self, share_arn: &str, failure: InjectedFailure) {
+        self.state()
+            .failing_shares
+            .insert(share_arn.to_string(), failure);
+    }
+
+    /// Ends [`SgwStandIn::fail_refreshes_of`] for `share_arn`.
+    pub fn clear_refresh_failures_of(&self, share_arn: &str) {
+        self.state().failing_shares.remove(share_arn);
+    }
+
+    /// With `true`, refreshes accepted on `share_arn` from now on stay in flight until
+    /// [`SgwStandIn::complete_refreshes`] (the gateway restarted mid-refresh: the call
+    /// was accepted, and no completion event ever comes); they count towards the
+    /// share's two in flight. `false` applies to refreshes accepted afterwards.
+    pub fn hold_refreshes_of(&self, share_arn: &str, hold: bool) {
+        let mut st = self.state();
+        if hold {
+            st.held_shares.insert(share_arn.to_string());
+        } else {
+            st.held_shares.remove(share_arn);
+        }
+    }
+
+    /// With `true`, the `resources` of the refresh-complete events of refreshes that
+    /// complete from now on list the gateway's ARN before the share's (the documented
+    /// example lists the share first; nothing promises that order).
+    pub fn set_gateway_first_in_events(&self, gateway_first: bool) {
+        self.state().gateway_first_in_events = gateway_first;
     }
 
     /// Every request so far, in arrival order.
@@ -1610,7 +1667,9 @@ fn answer<E>(
             let body = parsed.as_ref().cloned().unwrap_or(Value::Null);
             if !method_ok || !target.starts_with(TARGET_PREFIX) {
                 (Err(ApiError::unknown_operation()), body, false)
-            } else if let Some(failure) = take_failure(&mut st, &operation) {
+            } else if let Some(failure) =
+                take_failure(&mut st, &operation).or_else(|| share_failure(&st, &operation, &body))
+            {
                 if failure == InjectedFailure::Throttle && operation == "RefreshCache" {
                     st.rejected_refreshes += 1;
                 }
@@ -1747,6 +1806,16 @@ async fn list_s3(
 fn take_failure(st: &mut State, operation: &str) -> Option<InjectedFailure> {
     let index = st.failures.iter().position(|(op, _)| op == operation)?;
     st.failures.remove(index).map(|(_, failure)| failure)
+}
+
+/// The failure that [`SgwStandIn::fail_refreshes_of`] set for the share that a
+/// `RefreshCache` request names, if any.
+fn share_failure(st: &State, operation: &str, body: &Value) -> Option<InjectedFailure> {
+    if operation != "RefreshCache" {
+        return None;
+    }
+    let share = body.get("FileShareARN").and_then(Value::as_str)?;
+    st.failing_shares.get(share).copied()
 }
 
 fn dispatch(
@@ -2096,7 +2165,12 @@ fn refresh_cache(
         folder_list: folder_list.clone(),
         started_at,
         accepted: now,
-        base: st.refresh_duration,
+        // A held share's refreshes complete only through `complete_refreshes()`.
+        base: if st.held_shares.contains(&share_arn) {
+            Duration::MAX
+        } else {
+            st.refresh_duration
+        },
         per_object: st.refresh_time_per_object,
         listing: source.is_some(),
         done_at: None,
@@ -2513,6 +2587,64 @@ mod tests {
         assert_eq!(bucket_of("arn:aws:s3:::b"), Some("b"));
         assert_eq!(bucket_of("arn:aws:s3:::b/p/"), Some("b"));
         assert_eq!(bucket_of("nope"), None);
+    }
+
+    #[test]
+    fn share_faults_fail_hold_and_reorder() {
+        let gateway = "arn:aws:storagegateway:us-east-1:123456789012:gateway/sgw-1";
+        let share = "arn:aws:storagegateway:us-east-1:123456789012:share/share-1";
+        let state = Mutex::new(State::new());
+        {
+            let mut st = lock(&state);
+            let seq = st.next();
+            st.shares.push(Share {
+                seq,
+                arn: share.into(),
+                id: "share-1".into(),
+                gateway_arn: gateway.into(),
+                kind: ShareKind::Nfs,
+                location_arn: "arn:aws:s3:::b".into(),
+                cache: ShareCache::new(),
+            });
+        }
+        let refresh = || {
+            let body = json!({"FileShareARN": share, "FolderList": ["/"]}).to_string();
+            let target = format!("{TARGET_PREFIX}RefreshCache");
+            answer::<Infallible>(&state, &target, REGION, true, Ok(Bytes::from(body))).0
+        };
+
+        lock(&state)
+            .failing_shares
+            .insert(share.into(), InjectedFailure::InternalError);
+        for _ in 0..3 {
+            assert_eq!(refresh(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        {
+            let st = lock(&state);
+            assert!(st.in_flight.is_empty() && st.refreshes.is_empty());
+            assert!(st.calls.iter().all(|c| c.injected && c.status == 500));
+        }
+        lock(&state).failing_shares.remove(share);
+        assert_eq!(refresh(), StatusCode::OK);
+
+        // Held: never completes on its own, only when forced; events list the gateway
+        // first when asked to.
+        {
+            let mut st = lock(&state);
+            st.complete_due(Instant::now(), true);
+            st.held_shares.insert(share.into());
+            st.gateway_first_in_events = true;
+        }
+        assert_eq!(refresh(), StatusCode::OK);
+        let mut st = lock(&state);
+        st.complete_due(Instant::now() + Duration::from_secs(86_400), false);
+        assert_eq!(st.in_flight.len(), 1, "a held refresh stays in flight");
+        st.complete_due(Instant::now(), true);
+        let last = st.completions.last().cloned();
+        assert_eq!(
+            last.map(|c| c.resources),
+            Some(vec![gateway.to_string(), share.to_string()])
+        );
     }
 
     #[test]
