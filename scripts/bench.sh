@@ -2,8 +2,8 @@
 # Measures the product on this machine and writes BENCHMARKS.md: bursts of S3 events
 # through the release binaries on moto and the Storage Gateway stand-in (compared with
 # the 2018 protocol and the physical limit), cold start, warm handler time, peak RSS,
-# sizes, log bytes, and minutes of sustained load (compared with modelled replays of the
-# 2018 design and of the previous per-window refresher).
+# sizes, log bytes, minutes of sustained load (compared with modelled replays of the
+# 2018 design and of the previous per-window refresher), and a soak with kills and faults.
 #
 # usage: scripts/bench.sh [--with-lambda-build] [--no-build] [--out FILE] [--only SECTIONS]
 #                         [-- DRIVER-ARGS...]
@@ -14,20 +14,23 @@
 #   --no-build           use target/release/{aggregator,refresher} and target/debug/bench as they
 #                        are (for iterating; a measured run should build)
 #   --out FILE           where the report goes (default: BENCHMARKS.md)
-#   --only SECTIONS      bursts, startup, sizes, logs, sustained (comma-separated; default: all)
+#   --only SECTIONS      bursts, startup, sizes, logs, sustained, soak (comma-separated; default:
+#                        all); `--only soak` into an existing report (e.g. the default
+#                        BENCHMARKS.md) replaces only the soak section and its targets
 #   DRIVER-ARGS          passed to the driver, e.g. `-- --scenario direct-10000x1x1`
 #                        (`target/debug/bench --help` lists them)
 #
 # Uses the moto server at MOTO_ENDPOINT when it answers, and starts one otherwise.
 # Safe to run again: every run rebuilds what changed, makes fresh tables, queues and
-# buckets, and overwrites the report. The harness's output goes to target/bench/driver.log.
+# buckets, and overwrites the report (but see --only soak). The harness's output goes to
+# target/bench/driver.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 started_ms=$(date +%s%3N)
 command_line="bash scripts/bench.sh${*:+ $*}"
 
-usage() { sed -n '8,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '8,23p' "$0" | sed 's/^# \{0,1\}//'; }
 with_lambda_build=false
 build=true
 out=BENCHMARKS.md
@@ -43,7 +46,7 @@ while [ $# -gt 0 ]; do
       shift
       ;;
     --only)
-      [ $# -ge 2 ] || { echo "error: --only needs sections, e.g. --only sustained" >&2; exit 2; }
+      [ $# -ge 2 ] || { echo "error: --only needs sections, e.g. --only sustained or --only soak" >&2; exit 2; }
       only=(--only "$2")
       shift
       ;;

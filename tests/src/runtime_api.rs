@@ -313,6 +313,8 @@ struct Shared {
     init_error: watch::Sender<Option<InitError>>,
     output: Mutex<Vec<String>>,
     echo: ChildOutput,
+    /// [`LambdaProcess::kill`]: the monitor task SIGKILLs the child.
+    kill_now: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -400,6 +402,7 @@ impl LambdaProcess {
             init_error,
             output: Mutex::new(Vec::new()),
             echo: spec.output.clone(),
+            kill_now: tokio::sync::Notify::new(),
         });
 
         let server_task = tokio::spawn(serve(listener, shared.clone()));
@@ -476,11 +479,17 @@ impl LambdaProcess {
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let killer = shared.clone();
         let monitor_task = tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
                 // Either an explicit kill or the handle was dropped.
                 _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+                // `kill()`: SIGKILL while the handle lives on.
+                _ = killer.kill_now.notified() => {
                     let _ = child.start_kill();
                     child.wait().await
                 }
@@ -765,6 +774,213 @@ impl Drop for RemovePending<'_> {
         let mut state = lock(&self.shared.state);
         state.pending.remove(self.request_id);
         state.handed_out.remove(self.request_id);
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Killing a function process, and starting it again
+// ------------------------------------------------------------------------------------
+
+impl LambdaProcess {
+    /// Sends SIGKILL to the child now, as when Lambda's execution environment dies
+    /// (an out-of-memory kill, a crashed host), without waiting for it. An invocation
+    /// in flight ends in [`HarnessError::ProcessExited`], as Lambda ends it: no
+    /// response. See [`LambdaProcess::wait_for_exit`] and [`RespawningLambda`].
+    pub fn kill(&self) {
+        self.shared.kill_now.notify_one();
+    }
+
+    /// Waits up to `within` for the child to exit; its exit status (a signal after
+    /// [`LambdaProcess::kill`]), `None` when it could not be read.
+    pub async fn wait_for_exit(
+        &self,
+        within: Duration,
+    ) -> Result<Option<ExitStatus>, HarnessError> {
+        let mut exit_rx = self.exit_rx.clone();
+        if tokio::time::timeout(within, exit_rx.wait_for(|s| s.is_some()))
+            .await
+            .is_err()
+        {
+            return Err(HarnessError::Timeout {
+                waiting_for: format!("`{}` to exit", self.shared.function_name),
+                after: within,
+                last_lines: self.shared.tail(),
+            });
+        }
+        self.settle_output().await;
+        Ok(self.exit_status())
+    }
+
+    /// Invocations handed out on `/next` whose result has not been posted yet.
+    pub fn invocations_in_flight(&self) -> usize {
+        lock(&self.shared.state).handed_out.len()
+    }
+}
+
+/// A [`LambdaSpawn`] that owns its parts, to start the same function again.
+#[derive(Debug, Clone)]
+pub struct OwnedLambdaSpawn {
+    pub binary: std::path::PathBuf,
+    pub env: Vec<(String, String)>,
+    pub function_name: String,
+    pub timeout: Duration,
+    pub output: ChildOutput,
+}
+
+impl LambdaSpawn<'_> {
+    /// The same spec, owning its binary path.
+    pub fn to_owned_spawn(&self) -> OwnedLambdaSpawn {
+        OwnedLambdaSpawn {
+            binary: self.binary.to_path_buf(),
+            env: self.env.clone(),
+            function_name: self.function_name.clone(),
+            timeout: self.timeout,
+            output: self.output.clone(),
+        }
+    }
+}
+
+impl OwnedLambdaSpawn {
+    /// A [`LambdaSpawn`] borrowing this spec.
+    pub fn as_spawn(&self) -> LambdaSpawn<'_> {
+        LambdaSpawn {
+            binary: &self.binary,
+            env: self.env.clone(),
+            function_name: self.function_name.clone(),
+            timeout: self.timeout,
+            output: self.output.clone(),
+        }
+    }
+}
+
+/// How long [`RespawningLambda`] waits for a killed process to exit.
+const KILL_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// What [`RespawningLambda::invoke_and_kill`] saw.
+#[derive(Debug)]
+pub struct KilledInvocation {
+    /// What the invocation returned: a [`HarnessError::ProcessExited`] when the kill
+    /// came before the runtime posted the result (Lambda then retries an asynchronous
+    /// event, and an SQS batch comes back after its visibility timeout), or the result
+    /// itself when the runtime posted it first (the kill then hit an idle process).
+    pub result: Result<Invocation, HarnessError>,
+    /// The kill came while the invocation was in flight: it has no result.
+    pub mid_invocation: bool,
+    /// From queueing the event to the kill.
+    pub killed_after: Duration,
+    /// The killed process's exit status (SIGKILL).
+    pub exit_status: Option<ExitStatus>,
+}
+
+/// A function whose process can be killed with SIGKILL at any point and replaced by a
+/// fresh one started from the same spec (a cold start), as Lambda replaces an
+/// execution environment that died. One process at a time; [`RespawningLambda::invoke`]
+/// goes to the current one.
+pub struct RespawningLambda {
+    spec: OwnedLambdaSpawn,
+    current: Mutex<Arc<LambdaProcess>>,
+    spawns: AtomicU64,
+}
+
+impl std::fmt::Debug for RespawningLambda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RespawningLambda")
+            .field("function_name", &self.spec.function_name)
+            .field("spawns", &self.spawns())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RespawningLambda {
+    /// Starts the first process.
+    pub async fn spawn(spec: LambdaSpawn<'_>) -> Result<RespawningLambda, HarnessError> {
+        let spec = spec.to_owned_spawn();
+        let process = LambdaProcess::spawn(spec.as_spawn()).await?;
+        Ok(RespawningLambda {
+            spec,
+            current: Mutex::new(Arc::new(process)),
+            spawns: AtomicU64::new(1),
+        })
+    }
+
+    /// The process that takes invocations now.
+    pub fn current(&self) -> Arc<LambdaProcess> {
+        lock(&self.current).clone()
+    }
+
+    /// Processes started so far, the first included.
+    pub fn spawns(&self) -> u64 {
+        self.spawns.load(Ordering::Relaxed)
+    }
+
+    /// [`LambdaProcess::invoke`] on the current process.
+    pub async fn invoke(&self, event: serde_json::Value) -> Result<Invocation, HarnessError> {
+        self.current().invoke(event).await
+    }
+
+    /// Invokes the current process and SIGKILLs it `after` the event was queued (an
+    /// idle runtime is polling `/next` and takes the event at once, so this is a point
+    /// in the handler's run when `after` is shorter than the handler), then starts a
+    /// fresh process for the next invocation. The kill lands between invocations when
+    /// the runtime posted its result first.
+    pub async fn invoke_and_kill(
+        &self,
+        event: serde_json::Value,
+        after: Duration,
+    ) -> Result<KilledInvocation, HarnessError> {
+        let process = self.current();
+        let started = Instant::now();
+        let invocation = process.invoke(event);
+        tokio::pin!(invocation);
+        let (result, killed_after, mid_invocation) = tokio::select! {
+            biased;
+            r = &mut invocation => {
+                let killed_after = started.elapsed();
+                process.kill();
+                (r, killed_after, false)
+            }
+            _ = tokio::time::sleep(after) => {
+                let killed_after = started.elapsed();
+                process.kill();
+                let r = invocation.await;
+                let mid = matches!(r, Err(HarnessError::ProcessExited { .. }));
+                (r, killed_after, mid)
+            }
+        };
+        let exit_status = process.wait_for_exit(KILL_EXIT_WAIT).await?;
+        self.replace().await?;
+        Ok(KilledInvocation {
+            result,
+            mid_invocation,
+            killed_after,
+            exit_status,
+        })
+    }
+
+    /// SIGKILLs the current process (between invocations, when none is in flight),
+    /// waits for its exit and starts a fresh one. Returns the killed one's exit status.
+    pub async fn kill_and_respawn(&self) -> Result<Option<ExitStatus>, HarnessError> {
+        let process = self.current();
+        process.kill();
+        let status = process.wait_for_exit(KILL_EXIT_WAIT).await?;
+        self.replace().await?;
+        Ok(status)
+    }
+
+    /// Starts a fresh process from the spec in place of the current one (which must
+    /// have exited, or is killed when its last handle goes).
+    async fn replace(&self) -> Result<(), HarnessError> {
+        let fresh = LambdaProcess::spawn(self.spec.as_spawn()).await?;
+        self.spawns.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.current) = Arc::new(fresh);
+        Ok(())
+    }
+
+    /// Kills the current process and stops its server. Returns its exit status.
+    pub async fn shutdown(self) -> Result<Option<ExitStatus>, HarnessError> {
+        let process = self.current();
+        process.kill();
+        process.wait_for_exit(KILL_EXIT_WAIT).await
     }
 }
 

@@ -20,6 +20,9 @@
 //! 5. [`sustained`]: steady writes for minutes; calls per share, throttles, staleness and
 //!    listing work, against modelled replays of the 2018 design and of the previous
 //!    per-window refresher.
+//! 6. [`soak`]: minutes of writes while the function processes are killed, a gateway
+//!    fails and completion events are lost or late; coverage and staleness against the
+//!    bound of docs/protocol.md.
 //!
 //! `bench --help` lists the options.
 
@@ -78,19 +81,22 @@ written";
 const USAGE: &str = "\
 usage: bench [--out FILE] [--window SECONDS] [--min-interval SECONDS] [--runs N]
              [--only SECTION[,SECTION]] [--scenario ID[,ID]] [--execute-2018 N]
-             [--sustained-seconds N] [--sustained-rate N]
+             [--sustained-seconds N] [--sustained-rate N] [--soak-seconds N] [--soak-rate N]
 
   --out FILE              write the report here (default: BENCHMARKS.md in the workspace)
   --window SECONDS        REFRESH_DELAY_SECONDS of the bursts (default 5)
   --min-interval SECONDS  the refresher's MIN_REFRESH_INTERVAL_SECONDS in the bursts, and the
                           stand-in's strict interval there (default 2)
   --runs N                runs per figure of the startup section (default 30, at least 20)
-  --only SECTIONS         bursts, startup, sizes, logs, sustained (default: all five)
+  --only SECTIONS         bursts, startup, sizes, logs, sustained, soak (default: all six); a
+                          run of only soak into an existing report replaces just its section
   --scenario IDS          only these burst scenarios (ids as in the report, e.g. direct-10000x1x1)
   --execute-2018 N        execute the 2018 protocol's writes on moto for bursts of up to N events
                           (default 1000); larger bursts are counted only
   --sustained-seconds N   how long the sustained section writes (default 180)
   --sustained-rate N      objects written per second in the sustained section (default 20)
+  --soak-seconds N        how long the soak section writes (default 300)
+  --soak-rate N           objects written per second in the soak section (default 10)
 
 Environment: S3EA_BIN_DIR (the Lambda binaries, e.g. target/release), MOTO_ENDPOINT
 (a running moto server; one is spawned otherwise), BENCH_COMMAND (the command line to
@@ -98,6 +104,8 @@ quote in the report), BENCH_STARTED_MS (epoch ms when scripts/bench.sh started).
 
 #[path = "bench_logs/logs.rs"]
 mod logs;
+#[path = "bench_soak/soak.rs"]
+mod soak;
 #[path = "bench_sustained/sustained.rs"]
 mod sustained;
 
@@ -129,6 +137,7 @@ enum Section {
     Sizes,
     Logs,
     Sustained,
+    Soak,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +154,9 @@ struct Options {
     /// The sustained section: how long it writes, and how many objects per second.
     sustained_seconds: u32,
     sustained_rate: u32,
+    /// The soak section: how long it writes, and how many objects per second.
+    soak_seconds: u32,
+    soak_rate: u32,
     /// The driver's own arguments, for the report's commands.
     args: Vec<String>,
 }
@@ -164,12 +176,15 @@ impl Options {
                 Section::Sizes,
                 Section::Logs,
                 Section::Sustained,
+                Section::Soak,
             ]
             .into(),
             scenarios: Vec::new(),
             execute_2018: 1_000,
             sustained_seconds: sustained::DEFAULT_SECONDS,
             sustained_rate: sustained::DEFAULT_RATE,
+            soak_seconds: soak::DEFAULT_SECONDS,
+            soak_rate: soak::DEFAULT_RATE,
             args: args.clone(),
         };
         let mut it = args.into_iter();
@@ -216,6 +231,26 @@ impl Options {
                             format!("--sustained-rate takes 1 to 200 objects per second, not {v:?}")
                         })?;
                 }
+                "--soak-seconds" => {
+                    let v = value("--soak-seconds")?;
+                    options.soak_seconds = v
+                        .parse()
+                        .ok()
+                        .filter(|s| (30..=3600).contains(s))
+                        .ok_or_else(|| {
+                            format!("--soak-seconds takes 30 to 3600 seconds, not {v:?}")
+                        })?;
+                }
+                "--soak-rate" => {
+                    let v = value("--soak-rate")?;
+                    options.soak_rate = v
+                        .parse()
+                        .ok()
+                        .filter(|r| (1..=100).contains(r))
+                        .ok_or_else(|| {
+                            format!("--soak-rate takes 1 to 100 objects per second, not {v:?}")
+                        })?;
+                }
                 "--runs" => {
                     let v = value("--runs")?;
                     options.runs = v.parse().ok().filter(|n| *n >= 20).ok_or_else(|| {
@@ -231,8 +266,9 @@ impl Options {
                             "sizes" => Ok(Section::Sizes),
                             "logs" => Ok(Section::Logs),
                             "sustained" => Ok(Section::Sustained),
+                            "soak" => Ok(Section::Soak),
                             other => Err(format!(
-                                "unknown section {other:?} (bursts, startup, sizes, logs, sustained)"
+                                "unknown section {other:?} (bursts, startup, sizes, logs, sustained, soak)"
                             )),
                         })
                         .collect::<Result<_, _>>()?;
@@ -289,6 +325,14 @@ impl Options {
             }
             if self.sustained_rate != sustained::DEFAULT_RATE {
                 let _ = write!(driver, " --sustained-rate {}", self.sustained_rate);
+            }
+        }
+        if only == "soak" {
+            if self.soak_seconds != soak::DEFAULT_SECONDS {
+                let _ = write!(driver, " --soak-seconds {}", self.soak_seconds);
+            }
+            if self.soak_rate != soak::DEFAULT_RATE {
+                let _ = write!(driver, " --soak-rate {}", self.soak_rate);
             }
         }
         if let Some(id) = scenario {
@@ -374,14 +418,38 @@ async fn run(options: Options) -> Result<(), BoxError> {
     if bench.options.sections.contains(&Section::Sustained) {
         report.sustained = Some(sustained::measure(&bench).await?);
     }
+    if bench.options.sections.contains(&Section::Soak) {
+        report.soak = Some(soak::measure(&bench).await?);
+    }
     let load_after = read_trimmed("/proc/loadavg");
-    let markdown = report.render(
+    let mut markdown = report.render(
         &bench.options,
         &machine,
         &load_before,
         &load_after,
         started.elapsed(),
     );
+    // Only the soak, into an existing report: replace its section and keep the rest.
+    if let (Some(result), true) = (
+        &report.soak,
+        bench.options.sections == BTreeSet::from([Section::Soak]),
+    ) {
+        let existing = std::fs::read_to_string(&bench.options.out).unwrap_or_default();
+        let mut section = String::new();
+        soak::render(
+            &mut section,
+            &bench.options.command_for("soak", None),
+            &machine,
+            result,
+        );
+        if let Some(spliced) = soak::splice(&existing, &section, &soak::targets(result)) {
+            println!(
+                "==> replacing only the soak section (and its targets) of {}",
+                bench.options.out.display()
+            );
+            markdown = spliced;
+        }
+    }
     std::fs::write(&bench.options.out, &markdown)
         .map_err(|e| format!("writing {}: {e}", bench.options.out.display()))?;
     println!("\n==> Targets");
@@ -2045,6 +2113,7 @@ struct Report {
     sizes: Option<Vec<SizeRow>>,
     logs: Option<Vec<logs::LogRow>>,
     sustained: Option<sustained::SustainedResult>,
+    soak: Option<soak::SoakResult>,
 }
 
 struct Target {
@@ -2213,6 +2282,9 @@ impl Report {
         if let Some(result) = &self.sustained {
             targets.extend(sustained::targets(result));
         }
+        if let Some(result) = &self.soak {
+            targets.extend(soak::targets(result));
+        }
         targets
     }
 
@@ -2311,6 +2383,9 @@ impl Report {
         }
         if let Some(result) = &self.sustained {
             sustained::render(&mut md, &options.command_for("sustained", None), result);
+        }
+        if let Some(result) = &self.soak {
+            soak::render(&mut md, &options.command_for("soak", None), machine, result);
         }
         md
     }
