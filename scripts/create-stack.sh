@@ -12,7 +12,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib/takeover.sh disable=SC1091 # followed with shellcheck -x
 . "$(dirname "$0")/lib/takeover.sh"
 
-USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--log-format json|text] [--gateway-regions REGION,...] [--min-refresh-interval SECONDS] [--arch arm64|x86_64] [--alarm-topic ARN] [--migrate] [--region REGION] BUCKET..."
+USAGE="usage: scripts/create-stack.sh [--prefix NAME] [--ingest direct|sqs|eventbridge] [--delay SECONDS] [--log-level LEVEL] [--log-format json|text] [--gateway-regions REGION,...] [--min-refresh-interval SECONDS] [--allow-short-refresh-interval] [--arch arm64|x86_64] [--alarm-topic ARN] [--migrate] [--region REGION] BUCKET..."
 
 # Function settings (the same as [package.metadata.lambda.deploy] in the crates).
 AGGREGATOR_TIMEOUT=30
@@ -90,14 +90,25 @@ Options (each overrides the environment variable in brackets):
                        (default: the function's current value, else not set, which
                        means the function's own region). A re-run without it leaves
                        the current value as it is; to go back to the own region only,
-                       pass that region. The refresh-complete events of gateways in the
-                       other regions do not reach the rule <prefix>RefreshCompleted,
-                       which is in this region (README.md, Deploy to AWS).
+                       pass that region. Each region other than this one gets the rule
+                       <prefix>RefreshCompleted too, which forwards its gateways'
+                       refresh-complete events to this region's default event bus, with
+                       the role <prefix>EventsForwarder; a region that leaves the list
+                       loses its rule (README.md, Deploy to AWS).
   --min-refresh-interval SECONDS
                        refresher MIN_REFRESH_INTERVAL_SECONDS, 0 to 3600: the least time
                        between two RefreshCache calls on one share
                        [MIN_REFRESH_INTERVAL_SECONDS] (default: the function's current
                        value, else 60). A re-run without it keeps the current value.
+                       Below 60 it needs --allow-short-refresh-interval.
+  --allow-short-refresh-interval
+                       accept a --min-refresh-interval below 60 s [ALLOW_SHORT_REFRESH_INTERVAL=true]:
+                       a RefreshCache within 60 s of the previous one may not evict the
+                       share's cached entries, so deleted objects may stay visible. Sets
+                       ALLOW_SHORT_REFRESH_INTERVAL=true on the refresher, without which
+                       it refuses such an interval at start-up; an interval of 60 or
+                       more removes it. A re-run that keeps the current interval keeps
+                       the function's acknowledgement.
   --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
   --alarm-topic ARN    puts the CloudWatch alarms <prefix>-* (README.md, Operating it),
                        each notifying this SNS topic, arn:aws:sns:REGION:ACCOUNT:NAME,
@@ -137,7 +148,9 @@ IAM roles and policies S3EventAggregator{Aggregator,Refresher}{Role,Policy}; Lam
 functions S3EventAggregator and S3EventAggregatorRefresher with their log groups; the
 SQS event source mapping of the refresher; the EventBridge rule
 S3EventAggregatorRefreshCompleted (refresh-complete events to the action queue) and the
-action queue's policy statement for it. With --ingest sqs also the queues
+action queue's policy statement for it; with gateway regions besides this one, a rule
+S3EventAggregatorRefreshCompleted in each of them (forwarding to this region's default
+event bus) and the IAM role S3EventAggregatorEventsForwarder. With --ingest sqs also the queues
 S3EventAggregatorIngestQueue and S3EventAggregatorIngestDLQ, the policy
 S3EventAggregatorAggregatorIngestPolicy and the mapping of the ingest queue to the
 aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. The
@@ -159,6 +172,8 @@ GATEWAY_REGIONS_ARG=${GATEWAY_REGIONS:-}
 GATEWAY_REGIONS_GIVEN=${GATEWAY_REGIONS_ARG:+yes}
 MIN_INTERVAL_ARG=${MIN_REFRESH_INTERVAL_SECONDS:-}
 MIN_INTERVAL_GIVEN=${MIN_INTERVAL_ARG:+yes}
+ALLOW_SHORT_ARG=${ALLOW_SHORT_REFRESH_INTERVAL:-}
+ALLOW_SHORT_OPTION=false
 MIGRATE=false
 ARCH=${S3EA_ARCH:-arm64}
 ALARM_TOPIC_ARG=${S3EA_ALARM_TOPIC:-}
@@ -184,6 +199,7 @@ while [ $# -gt 0 ]; do
     --gateway-regions=*) GATEWAY_REGIONS_ARG=${1#*=} GATEWAY_REGIONS_GIVEN=yes; shift ;;
     --min-refresh-interval) need_value $# "$1"; MIN_INTERVAL_ARG=$2 MIN_INTERVAL_GIVEN=yes; shift 2 ;;
     --min-refresh-interval=*) MIN_INTERVAL_ARG=${1#*=} MIN_INTERVAL_GIVEN=yes; shift ;;
+    --allow-short-refresh-interval) ALLOW_SHORT_ARG=true ALLOW_SHORT_OPTION=true; shift ;;
     --migrate) MIGRATE=true; shift ;;
     --arch) need_value $# "$1"; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#*=}; shift ;;
@@ -255,6 +271,20 @@ if [ -n "$MIN_INTERVAL_GIVEN" ]; then
     usage_error "invalid --min-refresh-interval '$MIN_INTERVAL_ARG': a whole number of seconds from 0 to 3600"
   fi
   MIN_INTERVAL_ARG=$((10#${MIN_INTERVAL_VALUE:-0}))
+fi
+# The acknowledgement of an interval below 60 s (README.md, Deploy to AWS): the API
+# reference says that a RefreshCache within 60 s of the previous one may not evict the
+# cached entries, so deleted objects may stay visible on the share.
+SHORT_INTERVAL_ACK=false
+if [ -n "$ALLOW_SHORT_ARG" ]; then
+  case $(printf '%s' "$ALLOW_SHORT_ARG" | tr '[:upper:]' '[:lower:]') in
+    true) SHORT_INTERVAL_ACK=true ;;
+    false) ;;
+    *) usage_error "invalid ALLOW_SHORT_REFRESH_INTERVAL '$ALLOW_SHORT_ARG': true or false" ;;
+  esac
+fi
+if [ -n "$MIN_INTERVAL_GIVEN" ] && [ "$MIN_INTERVAL_ARG" -lt 60 ] && ! $SHORT_INTERVAL_ACK; then
+  usage_error "--min-refresh-interval $MIN_INTERVAL_ARG is below 60 s, where a RefreshCache may not evict cached entries (deletes may stay visible on the share): pass --allow-short-refresh-interval (or ALLOW_SHORT_REFRESH_INTERVAL=true) to accept that"
 fi
 if $MIGRATE && [ "$PREFIX_ARG" != "$DEFAULT_PREFIX" ]; then
   usage_error "--migrate takes a 2018 deployment over into the stack of the default prefix $DEFAULT_PREFIX, whose names it shares (its table, queue and function); --prefix $PREFIX_ARG cannot be used with it"
@@ -347,6 +377,54 @@ else
   # shellcheck disable=SC2034 # read by scripts/lib/stack.sh (ensure_notifications)
   TAKEOVER=true DROP_LEGACY_ENTRY=true
 fi
+
+# ---------------------------------------------------------------------------------
+# The refresher's settings, read before the build, so that a run that cannot go on
+# stops before it changes anything.
+#
+# MIN_INTERVAL: --min-refresh-interval, else the function's current value, else 60.
+# Below 60 it needs the acknowledgement: --allow-short-refresh-interval (or
+# ALLOW_SHORT_REFRESH_INTERVAL=true) with --min-refresh-interval (checked above); an
+# interval kept from the function is acknowledged by the function's own
+# ALLOW_SHORT_REFRESH_INTERVAL=true. GATEWAY_REGIONS_VALUE: --gateway-regions, else the
+# function's current value (PREVIOUS_GATEWAY_REGIONS), else none (its own region).
+
+CURRENT_INTERVAL='' CURRENT_ALLOW='' PREVIOUS_GATEWAY_REGIONS=''
+if aws_maybe 'ResourceNotFoundException' lambda get-function-configuration --function-name "$REFRESHER_FUNCTION" \
+  --query 'Environment.Variables.[MIN_REFRESH_INTERVAL_SECONDS, ALLOW_SHORT_REFRESH_INTERVAL, GATEWAY_REGIONS]' --output text; then
+  IFS=$'\t' read -r CURRENT_INTERVAL CURRENT_ALLOW PREVIOUS_GATEWAY_REGIONS <<<"$AWS_OUT"
+  [ "${CURRENT_INTERVAL:-None}" != None ] || CURRENT_INTERVAL=
+  [ "${CURRENT_ALLOW:-None}" != None ] || CURRENT_ALLOW=
+  [ "${PREVIOUS_GATEWAY_REGIONS:-None}" != None ] || PREVIOUS_GATEWAY_REGIONS=
+fi
+if [ -n "$MIN_INTERVAL_GIVEN" ]; then
+  MIN_INTERVAL=$MIN_INTERVAL_ARG MIN_INTERVAL_SOURCE="--min-refresh-interval"
+elif [ -n "$CURRENT_INTERVAL" ]; then
+  MIN_INTERVAL=$CURRENT_INTERVAL MIN_INTERVAL_SOURCE="the function's current MIN_REFRESH_INTERVAL_SECONDS, kept"
+else
+  MIN_INTERVAL=60 MIN_INTERVAL_SOURCE="the default"
+fi
+SHORT_INTERVAL=false SHORT_INTERVAL_SOURCE=
+if [[ $MIN_INTERVAL =~ ^[0-9]+$ ]] && [ "$((10#$MIN_INTERVAL))" -lt 60 ]; then
+  SHORT_INTERVAL=true
+  if $SHORT_INTERVAL_ACK; then
+    if $ALLOW_SHORT_OPTION; then
+      SHORT_INTERVAL_SOURCE="--allow-short-refresh-interval"
+    else
+      SHORT_INTERVAL_SOURCE="ALLOW_SHORT_REFRESH_INTERVAL=true"
+    fi
+  elif [ "$(printf '%s' "$CURRENT_ALLOW" | tr '[:upper:]' '[:lower:]')" = true ]; then
+    SHORT_INTERVAL_SOURCE="the function's current ALLOW_SHORT_REFRESH_INTERVAL, kept"
+  else
+    die "the refresher's current MIN_REFRESH_INTERVAL_SECONDS is $MIN_INTERVAL, below 60 s, and it has no ALLOW_SHORT_REFRESH_INTERVAL=true: pass --allow-short-refresh-interval to keep it, or --min-refresh-interval 60 or more. Nothing was changed"
+  fi
+fi
+GATEWAY_REGIONS_VALUE=${GATEWAY_REGIONS_ARG:-$PREVIOUS_GATEWAY_REGIONS}
+EXTRA_REGIONS=$(extra_gateway_regions "$GATEWAY_REGIONS_VALUE")
+step "Rule $COMPLETION_RULE: checking that the name is free for this stack in $REGION${EXTRA_REGIONS:+ and in $EXTRA_REGIONS}"
+# shellcheck disable=SC2086 # one argument per region
+check_completion_rules $EXTRA_REGIONS
+info "it is"
 
 # ---------------------------------------------------------------------------------
 # Build
@@ -594,7 +672,7 @@ environment_json() {
 }
 
 # Our variables; any other variable of a function is the operator's, and stays.
-OUR_VARIABLES=" QUEUE_URL REFRESH_DELAY_SECONDS LOG_LEVEL TABLE_NAME GATEWAY_REGIONS MIN_REFRESH_INTERVAL_SECONDS "
+OUR_VARIABLES=" QUEUE_URL REFRESH_DELAY_SECONDS LOG_LEVEL TABLE_NAME GATEWAY_REGIONS MIN_REFRESH_INTERVAL_SECONDS ALLOW_SHORT_REFRESH_INTERVAL "
 
 # merge_foreign_env FUNCTION KEY=VALUE...: MERGED_ENV, the given variables and the
 # existing function's variables that are not ours (each one said).
@@ -616,6 +694,36 @@ merge_foreign_env() {
         ;;
     esac
   done
+}
+
+# sync_our_variables FUNCTION KEY=VALUE...: makes the function's variables of ours
+# exactly KEY=VALUE... after a `cargo lambda deploy`, which may not: with the crates'
+# merge_env it keeps every variable that it is not given (so one of ours that this run
+# drops, such as ALLOW_SHORT_REFRESH_INTERVAL, stays), and the crates' own env
+# (TABLE_NAME = "S3EventAggregator") wins over an --env-file (deploy_function passes
+# such values with --env-var too). The variables that are not ours stay.
+sync_our_variables() {
+  local name=$1 keys key kv value wrong=()
+  shift
+  # shellcheck disable=SC2016 # JMESPath literal
+  keys=$(aws_cli lambda get-function-configuration --function-name "$name" \
+    --query 'keys(Environment.Variables || `{}`)' --output text)
+  for key in $keys; do
+    case $OUR_VARIABLES in
+      *" $key "*) if ! printf '%s\n' "$@" | grep -q "^$key="; then wrong+=("$key (not set by this run)"); fi ;;
+    esac
+  done
+  for kv in "$@"; do
+    value=$(aws_cli lambda get-function-configuration --function-name "$name" \
+      --query "Environment.Variables.\"${kv%%=*}\"" --output text)
+    [ "$value" = "${kv#*=}" ] || wrong+=("${kv%%=*} (was ${value/#None/not set})")
+  done
+  [ "${#wrong[@]}" -gt 0 ] || return 0
+  info "correcting what cargo lambda deploy left: ${wrong[*]}"
+  merge_foreign_env "$name" "$@"
+  aws_cli lambda update-function-configuration --function-name "$name" \
+    --environment "$(environment_json "${MERGED_ENV[@]}")" >/dev/null
+  wait_function_ready "$name"
 }
 
 # deploy_function NAME BINARY ROLE_ARN TIMEOUT MEMORY KEY=VALUE...
@@ -644,13 +752,22 @@ deploy_function() {
     local args=(lambda deploy --binary-name "$binary" --iam-role "$role" --timeout "$timeout"
       --memory "$memory" --region "$REGION" --output-format json)
     if [ -n "${AWS_ENDPOINT_URL:-}" ]; then args+=(--endpoint-url "$AWS_ENDPOINT_URL"); fi
-    # An env file, not --env-var: cargo lambda splits --env-var values at commas, and
-    # GATEWAY_REGIONS holds commas. One KEY=VALUE a line; no value of ours has a
-    # newline, quote, '#' or '$'.
-    local env_file="$S3EA_TMP/$binary.env"
+    # An env file: cargo lambda splits --env-var values at commas, and GATEWAY_REGIONS
+    # holds commas. One KEY=VALUE a line; no value of ours has a newline, quote, '#' or
+    # '$'. The crates' own env (TABLE_NAME = "S3EventAggregator") wins over the file,
+    # and --env-var wins over both, so every value without a comma goes there too.
+    local env_file="$S3EA_TMP/$binary.env" kv
     printf '%s\n' "${env_vars[@]}" >"$env_file"
     args+=(--env-file "$env_file")
+    for kv in "${env_vars[@]}"; do
+      case ${kv#*=} in
+        *,*) ;;
+        *) args+=(--env-var "$kv") ;;
+      esac
+    done
     (cd "$S3EA_ROOT" && retry_for_iam "cargo lambda deploy $name" cargo "${args[@]}" "$name") | sed 's/^/    /'
+    wait_function_ready "$name"
+    sync_our_variables "$name" "${env_vars[@]}"
   else
     local variables
     if $exists; then
@@ -711,27 +828,26 @@ convert_aggregator() {
 }
 
 deploy_refresher() {
-  local refresher_level gateway_regions min_interval refresher_env
+  local refresher_level refresher_env
   refresher_level=$(setting "$REFRESHER_FUNCTION" LOG_LEVEL "$LOG_LEVEL_ARG" INFO)
-  # GATEWAY_REGIONS: the option, else the function's current value (a re-run keeps
-  # it), else not set at all, so that the refresher uses its own region.
-  gateway_regions=$(setting "$REFRESHER_FUNCTION" GATEWAY_REGIONS "$GATEWAY_REGIONS_ARG" "")
-  # MIN_REFRESH_INTERVAL_SECONDS: the option, else the current value, else the
-  # function's own default, written out.
-  min_interval=$(setting "$REFRESHER_FUNCTION" MIN_REFRESH_INTERVAL_SECONDS "$MIN_INTERVAL_ARG" 60)
-  refresher_env=("LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME" "MIN_REFRESH_INTERVAL_SECONDS=$min_interval")
-  if [ -n "$gateway_regions" ]; then refresher_env+=("GATEWAY_REGIONS=$gateway_regions"); fi
-  if [ -n "$MIN_INTERVAL_GIVEN" ]; then
-    step "Refresher minimum refresh interval: ${min_interval}s (--min-refresh-interval)"
-  elif function_exists "$REFRESHER_FUNCTION" && [ -n "$(current_env "$REFRESHER_FUNCTION" MIN_REFRESH_INTERVAL_SECONDS)" ]; then
-    step "Refresher minimum refresh interval: ${min_interval}s (the function's current MIN_REFRESH_INTERVAL_SECONDS, kept)"
-  else
-    step "Refresher minimum refresh interval: ${min_interval}s (the default)"
+  # MIN_REFRESH_INTERVAL_SECONDS and GATEWAY_REGIONS: read before the build (above).
+  # MIN_INTERVAL is always written out; GATEWAY_REGIONS only once it has a value, so
+  # that the refresher uses its own region otherwise. ALLOW_SHORT_REFRESH_INTERVAL=true
+  # goes with an interval below 60 s only (it is one of our variables: an interval of
+  # 60 or more drops it).
+  refresher_env=("LOG_LEVEL=$refresher_level" "TABLE_NAME=$TABLE_NAME" "MIN_REFRESH_INTERVAL_SECONDS=$MIN_INTERVAL")
+  if [ -n "$GATEWAY_REGIONS_VALUE" ]; then refresher_env+=("GATEWAY_REGIONS=$GATEWAY_REGIONS_VALUE"); fi
+  if $SHORT_INTERVAL; then refresher_env+=("ALLOW_SHORT_REFRESH_INTERVAL=true"); fi
+  step "Refresher minimum refresh interval: ${MIN_INTERVAL}s ($MIN_INTERVAL_SOURCE)"
+  if $SHORT_INTERVAL; then
+    info "below 60 s: ALLOW_SHORT_REFRESH_INTERVAL=true ($SHORT_INTERVAL_SOURCE). A RefreshCache within 60 s of the previous one may not evict the share's cached entries: deleted objects may stay visible"
+  elif [ -n "$CURRENT_ALLOW" ]; then
+    info "60 s or more: the function's ALLOW_SHORT_REFRESH_INTERVAL goes"
   fi
   if [ -n "$GATEWAY_REGIONS_ARG" ]; then
-    step "Refresher gateway regions: $gateway_regions (--gateway-regions)"
-  elif [ -n "$gateway_regions" ]; then
-    step "Refresher gateway regions: $gateway_regions (the function's current GATEWAY_REGIONS, kept)"
+    step "Refresher gateway regions: $GATEWAY_REGIONS_VALUE (--gateway-regions)"
+  elif [ -n "$GATEWAY_REGIONS_VALUE" ]; then
+    step "Refresher gateway regions: $GATEWAY_REGIONS_VALUE (the function's current GATEWAY_REGIONS, kept)"
   else
     step "Refresher gateway regions: $REGION only (GATEWAY_REGIONS not set: the function's own region)"
   fi
@@ -939,6 +1055,7 @@ ensure_event_source_mapping
 if $TAKEOVER; then remove_legacy_mappings; fi
 # After the 2018 mapping: its function does not read refresh-complete events.
 ensure_completion_rule
+ensure_completion_forwarding "$GATEWAY_REGIONS_VALUE" "$PREVIOUS_GATEWAY_REGIONS"
 if $TAKEOVER; then convert_aggregator; fi
 deploy_aggregator
 ensure_logging_config "$AGGREGATOR_FUNCTION"
@@ -957,9 +1074,12 @@ if $TAKEOVER; then
   step "The 2018 deployment is taken over: its table $LEGACY_TABLE and queue $LEGACY_QUEUE are the stack's, and its other parts are converted or gone"
 fi
 # Alarms (with --alarm-topic) and the dashboard: scripts/lib/monitoring.sh.
-ensure_alarms "$ALARM_TOPIC_ARG" "$(current_env "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS)" "$WITH_SQS"
+# Their staleness thresholds come from the functions' REFRESH_DELAY_SECONDS and
+# MIN_REFRESH_INTERVAL_SECONDS as deployed.
+DEPLOYED_DELAY=$(current_env "$AGGREGATOR_FUNCTION" REFRESH_DELAY_SECONDS)
+ensure_alarms "$ALARM_TOPIC_ARG" "$DEPLOYED_DELAY" "$MIN_INTERVAL" "$WITH_SQS"
 load_all_attached_buckets
-ensure_dashboard "$WITH_SQS" ${ALL_BUCKETS[@]+"${ALL_BUCKETS[@]}"}
+ensure_dashboard "$WITH_SQS" "$DEPLOYED_DELAY" "$MIN_INTERVAL" ${ALL_BUCKETS[@]+"${ALL_BUCKETS[@]}"}
 
 step "Done. The stack (prefix $PREFIX, account $ACCOUNT_ID, region $REGION, ingest $INGEST):"
 cat <<EOF
@@ -998,6 +1118,10 @@ cat <<EOF
       event source   $MAPPING_UUID ($ACTION_QUEUE -> $REFRESHER_FUNCTION)
     completion rule  $COMPLETION_RULE_ARN (target $ACTION_QUEUE)
 EOF
+for region in $EXTRA_REGIONS; do
+  printf '    forwarding rule  arn:aws:events:%s:%s:rule/%s (target %s, role %s)\n' \
+    "$region" "$ACCOUNT_ID" "$COMPLETION_RULE" "$HOME_BUS_ARN" "$FORWARDER_ROLE"
+done
 load_function_policy
 attached_buckets | sed 's/^/    bucket           arn:aws:s3:::/; s/$/ (direct)/'
 others=()

@@ -22,7 +22,10 @@ Deletes the stack, whatever its ingest mode: first detaches every attached bucke
 (the buckets named in the aggregator's permissions, in the ingest queue's policy and
 in the EventBridge rule's pattern, plus any BUCKET given) as detach-bucket.sh does,
 then the event source mappings, the EventBridge rules <prefix>S3Events and
-<prefix>RefreshCompleted, both functions,
+<prefix>RefreshCompleted, the rules <prefix>RefreshCompleted that forward the
+refresh-complete events of the other gateway regions (in each region of the
+refresher's GATEWAY_REGIONS and of the tag s3ea:forwarding-regions of the role
+<prefix>EventsForwarder) and that role, both functions,
 their log groups, the IAM roles and policies, the SQS queues (action queue and DLQ,
 aggregator DLQ, ingest queue and DLQ), the DynamoDB table, the CloudWatch alarms
 <prefix>-<Name> and the CloudWatch dashboard <prefix>. Every other
@@ -114,6 +117,11 @@ done
 
 delete_rule "$EVENT_RULE"
 delete_rule "$COMPLETION_RULE"
+# The forwarding rules of the other gateway regions (scripts/lib/completion.sh), found
+# from the refresher's GATEWAY_REGIONS, so before the function goes, and from the
+# forwarder role's tag; then the role.
+load_function_gateway_regions
+delete_completion_forwarding "$FUNCTION_GATEWAY_REGIONS"
 
 functions=("$AGGREGATOR_FUNCTION" "$REFRESHER_FUNCTION")
 # With the default prefix, the 2018 refresh function and its log group too.

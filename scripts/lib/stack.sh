@@ -58,7 +58,7 @@ check_prefix() {
   case $1 in
     *[!A-Za-z0-9_-]* | "") usage_error "invalid prefix '$1': use letters, digits, '-' and '_'" ;;
   esac
-  # The longest derived name is the role "<prefix>AggregatorRole" (IAM: 64 characters).
+  # The longest derived name is the role "<prefix>EventsForwarder" (IAM: 64 characters).
   if [ "${#1}" -lt 3 ] || [ "${#1}" -gt 48 ]; then
     usage_error "invalid prefix '$1': 3 to 48 characters"
   fi
@@ -108,6 +108,11 @@ set_names() {
   # Every stack: the rule that sends the gateways' "Storage Gateway Refresh Cache
   # Event" to the action queue, for the refresher (scripts/lib/completion.sh).
   COMPLETION_RULE=${PREFIX}RefreshCompleted
+  # Gateways in the other regions of the refresher's GATEWAY_REGIONS: a rule of the
+  # same name in each of those regions forwards their events to this region's default
+  # event bus, with this role (scripts/lib/completion.sh).
+  FORWARDER_ROLE=${PREFIX}EventsForwarder
+  FORWARDER_POLICY=${PREFIX}EventsForwarderPolicy
   # Our entry's Id in each bucket's notification configuration (a Lambda entry with
   # --ingest direct, a queue entry with --ingest sqs).
   NOTIFICATION_ID=${PREFIX}ObjectEvents
@@ -134,6 +139,8 @@ set_arns() {
   INGEST_POLICY_ARN="arn:aws:iam::$ACCOUNT_ID:policy/$INGEST_POLICY"
   EVENT_RULE_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:rule/$EVENT_RULE"
   COMPLETION_RULE_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:rule/$COMPLETION_RULE"
+  FORWARDER_ROLE_ARN="arn:aws:iam::$ACCOUNT_ID:role/$FORWARDER_ROLE"
+  HOME_BUS_ARN="arn:aws:events:$REGION:$ACCOUNT_ID:event-bus/default"
 }
 
 # render_policy FILE FUNCTION_NAME [BUCKET...]: an iam/ document with its placeholders

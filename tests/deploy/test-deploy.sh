@@ -2,8 +2,10 @@
 # The deployment test: runs scripts/create-stack.sh, attach-bucket.sh, detach-bucket.sh
 # and delete-stack.sh with the real AWS CLI against a moto server, and checks every
 # resource they make, through the AWS APIs: first a stack with the default ingest mode
-# (direct), then one with --ingest sqs and one with --ingest eventbridge, then the
-# takeover of a deployment of the 2018 scripts (tests/deploy/fixture-2018.sh makes one).
+# (direct), with gateways in other regions (the forwarding rules there), short refresh
+# intervals and the CloudWatch alarms and dashboard, then one with --ingest sqs and one
+# with --ingest eventbridge, then the takeover of a deployment of the 2018 scripts
+# (tests/deploy/fixture-2018.sh makes one).
 #
 # It starts its own moto server on a free loopback port, or uses MOTO_ENDPOINT when it
 # is set (then the names get a unique prefix, so that other users of that server are
@@ -79,7 +81,7 @@ trap cleanup EXIT
 # configuration file, no real credentials.
 unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_SECURITY_TOKEN AWS_REGION \
   S3EA_PREFIX S3EA_ARCH S3EA_BUCKETS S3EA_BILLING_MODE S3EA_DEPLOY_TOOL S3EA_INGEST S3EA_ALARM_TOPIC AWS_ACCOUNT_ID \
-  REFRESH_DELAY_SECONDS LOG_LEVEL GATEWAY_REGIONS MIN_REFRESH_INTERVAL_SECONDS
+  REFRESH_DELAY_SECONDS LOG_LEVEL GATEWAY_REGIONS MIN_REFRESH_INTERVAL_SECONDS ALLOW_SHORT_REFRESH_INTERVAL
 export AWS_CONFIG_FILE="$WORK/aws-config" AWS_SHARED_CREDENTIALS_FILE="$WORK/aws-credentials"
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=eu-west-1
 REGION=$AWS_DEFAULT_REGION
@@ -122,6 +124,14 @@ DEFAULT_PREFIX_NAME=S3EventAggregator
 export AWS_ENDPOINT_URL=$MOTO_ENDPOINT
 
 awsm() { aws --endpoint-url "$AWS_ENDPOINT_URL" --region "$REGION" "$@"; }
+awsr() { # REGION ARGS...: in another region
+  local region=$1
+  shift
+  aws --endpoint-url "$AWS_ENDPOINT_URL" --region "$region" "$@"
+}
+# Gateway regions besides the stack's: moto keeps one EventBridge backend per region.
+OTHER_REGION=us-west-2
+THIRD_REGION=ap-south-1
 ACCOUNT=$(awsm sts get-caller-identity --query Account --output text)
 
 # The names that the scripts must use (README.md, Deploy to AWS), for one prefix.
@@ -149,6 +159,10 @@ use_prefix() { # PREFIX
   # Every stack: the refresh-complete events to the action queue.
   COMPLETION_RULE=${PREFIX}RefreshCompleted
   COMPLETION_RULE_ARN=arn:aws:events:$REGION:$ACCOUNT:rule/$COMPLETION_RULE
+  # Gateways in other regions: the forwarding rules' role and its inline policy.
+  FORWARDER_ROLE=${PREFIX}EventsForwarder
+  FORWARDER_POLICY=${PREFIX}EventsForwarderPolicy
+  HOME_BUS_ARN=arn:aws:events:$REGION:$ACCOUNT:event-bus/default
 }
 use_prefix "$PREFIX"
 ONE=s3ea-test-one$BUCKET_SUFFIX
@@ -300,6 +314,207 @@ count_prefixed() { # what: roles policies queues functions loggroups
   esac
 }
 
+# receive_bodies QUEUE_URL: the bodies of the messages waiting in the queue (one
+# receive of up to 10), one JSON document per line.
+receive_bodies() {
+  awsm sqs receive-message --queue-url "$1" --max-number-of-messages 10 --wait-time-seconds 1 \
+    --query 'Messages[].Body' --output json | python3 -c '
+import json, sys
+for body in json.load(sys.stdin) or []:
+    print(json.dumps(json.loads(body)))
+'
+}
+# account_state BUCKET...: every resource the stacks and the 2018 deployment touch,
+# as sorted JSON (no timestamps, revisions or message counts), for "nothing changed";
+# the EventBridge rules of OTHER_REGION and THIRD_REGION too (the forwarding rules).
+# Needs boto3 (moto's own dependency).
+account_state() {
+  python3 - "$AWS_ENDPOINT_URL" "$REGION" "$OTHER_REGION $THIRD_REGION" "$@" <<'PY2'
+import json, sys
+import boto3
+from botocore.exceptions import ClientError
+endpoint, region, other_regions, buckets = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4:]
+def client(name):
+    return boto3.client(name, endpoint_url=endpoint, region_name=region)
+lam, s3, iam, sqs, ddb, ev, logs = (client(n) for n in ("lambda", "s3", "iam", "sqs", "dynamodb", "events", "logs"))
+def get(f, *keys, **kw):
+    try:
+        r = f(**kw)
+    except ClientError as e:
+        return "absent: " + e.response["Error"]["Code"]
+    r.pop("ResponseMetadata", None)
+    for k in keys:
+        r = r.get(k) if isinstance(r, dict) else None
+    return r
+out = {"functions": {}, "buckets": {}, "roles": {}, "policies": {}, "queues": {}, "tables": {}, "rules": {}}
+for f in lam.list_functions()["Functions"]:
+    name = f["FunctionName"]
+    c = get(lam.get_function_configuration, FunctionName=name)
+    policy = get(lam.get_policy, "Policy", FunctionName=name)
+    invoke = get(lam.get_function_event_invoke_config, FunctionName=name)
+    out["functions"][name] = {
+        "config": {k: c.get(k) for k in ("Runtime", "Handler", "Role", "Timeout", "MemorySize", "Environment", "Architectures", "CodeSize")},
+        "concurrency": get(lam.get_function_concurrency, "ReservedConcurrentExecutions", FunctionName=name),
+        "permissions": sorted(s["Sid"] for s in json.loads(policy)["Statement"]) if isinstance(policy, str) and not policy.startswith("absent") else policy,
+        "invoke_config": {k: v for k, v in invoke.items() if k != "LastModified"} if isinstance(invoke, dict) else invoke,
+    }
+out["mappings"] = sorted([m["UUID"], m["FunctionArn"], m["EventSourceArn"], m["State"], m["BatchSize"]]
+    for m in lam.list_event_source_mappings()["EventSourceMappings"])
+for b in buckets:
+    out["buckets"][b] = get(s3.get_bucket_notification_configuration, Bucket=b)
+for r in iam.list_roles()["Roles"]:
+    name = r["RoleName"]
+    out["roles"][name] = {
+        "attached": sorted(p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]),
+        "inline": {p: iam.get_role_policy(RoleName=name, PolicyName=p)["PolicyDocument"] for p in iam.list_role_policies(RoleName=name)["PolicyNames"]},
+        "trust": r["AssumeRolePolicyDocument"],
+        "tags": sorted([t["Key"], t["Value"]] for t in iam.list_role_tags(RoleName=name)["Tags"]),
+    }
+for p in iam.list_policies(Scope="Local")["Policies"]:
+    out["policies"][p["PolicyName"]] = [p["DefaultVersionId"], p["AttachmentCount"]]
+for url in sqs.list_queues().get("QueueUrls", []):
+    a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    out["queues"][url] = {k: (json.loads(v) if k in ("Policy", "RedrivePolicy") else v) for k, v in a.items()
+        if not k.startswith("Approximate") and k != "LastModifiedTimestamp"}
+for t in ddb.list_tables()["TableNames"]:
+    d = ddb.describe_table(TableName=t)["Table"]
+    out["tables"][t] = {"keys": d["KeySchema"], "created": str(d["CreationDateTime"]),
+        "billing": (d.get("BillingModeSummary") or {}).get("BillingMode", "PROVISIONED"),
+        "items": sorted(json.dumps(i, sort_keys=True) for i in ddb.scan(TableName=t)["Items"])}
+for rule_region in [region] + other_regions:
+    evr = boto3.client("events", endpoint_url=endpoint, region_name=rule_region)
+    key = "rules" if rule_region == region else "rules@" + rule_region
+    out.setdefault(key, {})
+    for r in evr.list_rules()["Rules"]:
+        out[key][r["Name"]] = [r.get("State"), r.get("EventPattern"),
+            sorted([t["Id"], t["Arn"], t.get("RoleArn")] for t in evr.list_targets_by_rule(Rule=r["Name"])["Targets"])]
+out["loggroups"] = sorted([g["logGroupName"], g.get("retentionInDays")] for g in logs.describe_log_groups()["logGroups"])
+print(json.dumps(out, sort_keys=True, indent=1, default=str))
+PY2
+}
+# check_state WHAT EXPECTED_FILE BUCKET...: the account's state equals the file's.
+check_state() {
+  local what=$1 expected=$2
+  shift 2
+  account_state "$@" >"$WORK/state-now.json"
+  if cmp -s "$expected" "$WORK/state-now.json"; then
+    pass "$what: nothing changed"
+  else
+    fail "$what: nothing changed" "$(diff "$expected" "$WORK/state-now.json" | head -n 40)"
+  fi
+}
+# The forwarding rule COMPLETION_RULE in another region: "State|pattern as sorted
+# compact JSON" (nothing when absent), and its targets as "Id|Arn|RoleArn" lines.
+forwarding_rule() { # REGION
+  awsr "$1" events describe-rule --name "$COMPLETION_RULE" --query '[State, EventPattern]' --output json 2>/dev/null |
+    python3 -c '
+import json, sys
+state, pattern = json.load(sys.stdin)
+print(state + "|" + json.dumps(json.loads(pattern), sort_keys=True, separators=(",", ":")))
+' || true
+}
+forwarding_targets() { # REGION
+  awsr "$1" events list-targets-by-rule --rule "$COMPLETION_RULE" --query 'Targets[].[Id, Arn, RoleArn]' --output text 2>/dev/null |
+    tr '\t' '|' || true
+}
+# The forwarder role's inline policy, as "Effect|Action|Resource" lines, one per
+# statement and action, sorted.
+forwarder_grants() {
+  awsm iam get-role-policy --role-name "$FORWARDER_ROLE" --policy-name "$FORWARDER_POLICY" --query PolicyDocument --output json |
+    python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+statements = doc["Statement"] if isinstance(doc["Statement"], list) else [doc["Statement"]]
+for s in statements:
+    actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]
+    resources = s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
+    for a in actions:
+        for r in resources:
+            print("|".join([s["Effect"], a, r]))
+' | sort
+}
+role_count() { awsm iam list-roles --query "length(Roles[?RoleName == '$1'])" --output text; }
+# check_forwarding WHEN REGION...: the forwarding rule in each REGION (the completion
+# pattern, one target: the stack's region's default event bus, with the role), and the
+# role: trusted by EventBridge, allowed only events:PutEvents on that bus, its tag
+# naming the regions.
+check_forwarding() {
+  local when=$1 region
+  shift
+  for region in "$@"; do
+    check_eq "rule $COMPLETION_RULE in $region: state and event pattern (the completion pattern) ($when)" \
+      "ENABLED|$COMPLETION_PATTERN_SORTED" "$(forwarding_rule "$region")"
+    check_eq "rule $COMPLETION_RULE in $region: one target, the default event bus of $REGION, with the role ($when)" \
+      "HomeEventBus|$HOME_BUS_ARN|arn:aws:iam::$ACCOUNT:role/$FORWARDER_ROLE" "$(forwarding_targets "$region")"
+  done
+  check_eq "role $FORWARDER_ROLE trust policy = iam/events-trust.json ($when)" "$(tr -d '[:space:]' <"$ROOT/iam/events-trust.json")" \
+    "$(awsm iam get-role --role-name "$FORWARDER_ROLE" --query Role.AssumeRolePolicyDocument --output json | tr -d '[:space:]')"
+  check_eq "role $FORWARDER_ROLE: no managed policy ($when)" "" \
+    "$(awsm iam list-attached-role-policies --role-name "$FORWARDER_ROLE" --query 'AttachedPolicies[].PolicyName' --output text)"
+  check_eq "role $FORWARDER_ROLE: one inline policy ($when)" "$FORWARDER_POLICY" \
+    "$(awsm iam list-role-policies --role-name "$FORWARDER_ROLE" --query 'PolicyNames[]' --output text)"
+  check_eq "role $FORWARDER_ROLE inline policy = iam/events-forwarder-policy.json rendered ($when)" \
+    "$(expected_policy events-forwarder-policy.json "")" \
+    "$(awsm iam get-role-policy --role-name "$FORWARDER_ROLE" --policy-name "$FORWARDER_POLICY" --query PolicyDocument --output json | tr -d '[:space:]')"
+  check_eq "role $FORWARDER_ROLE may only events:PutEvents on $HOME_BUS_ARN ($when)" \
+    "Allow|events:PutEvents|$HOME_BUS_ARN" "$(forwarder_grants)"
+  check_eq "role $FORWARDER_ROLE tag s3ea:forwarding-regions ($when)" "$(printf '%s\n' "$@" | sort | tr '\n' ' ' | sed 's/ $//')" \
+    "$(awsm iam list-role-tags --role-name "$FORWARDER_ROLE" --query "Tags[?Key == 's3ea:forwarding-regions'].Value | [0]" --output text)"
+}
+# check_no_forwarding WHEN REGION...: no rule COMPLETION_RULE in each REGION, no role.
+check_no_forwarding() {
+  local when=$1 region
+  shift
+  for region in "$@"; do
+    check_eq "rule $COMPLETION_RULE in $region ($when)" "" "$(forwarding_rule "$region")"
+  done
+  check_eq "role $FORWARDER_ROLE ($when)" 0 "$(role_count "$FORWARDER_ROLE")"
+}
+# completion_event SHARE_REGION NOTIFICATION_ID: a "Storage Gateway Refresh Cache
+# Event" as Storage Gateway puts it on its region's bus (put-events entries).
+completion_event() {
+  python3 -c '
+import json, sys
+region, account, nid = sys.argv[1:4]
+print(json.dumps([{"Source": "aws.storagegateway", "DetailType": "Storage Gateway Refresh Cache Event",
+    "Resources": ["arn:aws:storagegateway:%s:%s:share/share-0123ABCD" % (region, account)],
+    "Detail": json.dumps({"folderList": ["/"], "shareId": "share-0123ABCD", "notificationId": nid})}]))
+' "$1" "$ACCOUNT" "$2"
+}
+# completion_bodies QUEUE_URL: the completion events waiting in the queue, as
+# "source|detail-type|notificationId" lines.
+completion_bodies() {
+  receive_bodies "$1" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    print("|".join([e.get("source", ""), e.get("detail-type", ""), e.get("detail", {}).get("notificationId", "")]))
+'
+}
+# env_of FUNCTION: its variables as "KEY=VALUE" words, sorted.
+env_of() {
+  awsm lambda get-function-configuration --function-name "$1" --query 'Environment.Variables' --output json |
+    python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted((json.load(sys.stdin) or {}).items())))'
+}
+# The staleness bound B and the StalenessTooHigh threshold, in ms, for the window W
+# and the interval I (README.md, Alarms and the dashboard; docs/protocol.md, "The
+# staleness bound"): B = W + 2 x 60 + 4 x (I + 1) (no 4 x (I + 1) when I is 0), plus
+# 60 s per 900-s hop past the first when W > 900; the threshold is B + 600 s.
+bound_ms() { # W I
+  python3 -c '
+import math, sys
+w, i = int(sys.argv[1]), int(sys.argv[2])
+print(1000 * (w + 2 * 60 + (4 * (i + 1) if i > 0 else 0) + (60 * (math.ceil(w / 900) - 1) if w > 900 else 0)))
+' "$1" "$2"
+}
+staleness_ms() { echo $(($(bound_ms "$1" "$2") + 600000)); }
+STATE_CHECKS=true
+if [ -n "$BUCKET_SUFFIX" ] || ! python3 -c 'import boto3' 2>/dev/null; then
+  # The snapshots cover the whole account: on a shared moto server they would see the
+  # other users' changes.
+  STATE_CHECKS=false
+fi
+
 # ---------------------------------------------------------------------------------
 phase "Command line"
 for script in create-stack attach-bucket detach-bucket delete-stack; do
@@ -342,11 +557,26 @@ done
 check_run "create-stack.sh --min-refresh-interval= (empty)" 2 scripts/create-stack.sh --min-refresh-interval= bucket-x
 check_run "MIN_REFRESH_INTERVAL_SECONDS=1h create-stack.sh" 2 env MIN_REFRESH_INTERVAL_SECONDS=1h scripts/create-stack.sh bucket-x
 check_run "create-stack.sh --min-refresh-interval without a value" 2 scripts/create-stack.sh bucket-x --min-refresh-interval
+for short in 0 30 59; do
+  check_run "create-stack.sh --min-refresh-interval $short without the acknowledgement" 2 \
+    scripts/create-stack.sh --min-refresh-interval "$short" bucket-x
+  check_log_has "--min-refresh-interval $short names the acknowledgement (option and variable) in one line" \
+    "^create-stack.sh: --min-refresh-interval $short is below 60 s, .*deletes may stay visible.*: pass --allow-short-refresh-interval \\(or ALLOW_SHORT_REFRESH_INTERVAL=true\\) to accept that\$"
+done
+check_run "MIN_REFRESH_INTERVAL_SECONDS=30 create-stack.sh (the variable needs it too)" 2 \
+  env MIN_REFRESH_INTERVAL_SECONDS=30 scripts/create-stack.sh bucket-x
+check_run "create-stack.sh --min-refresh-interval 30 with ALLOW_SHORT_REFRESH_INTERVAL=false" 2 \
+  env ALLOW_SHORT_REFRESH_INTERVAL=false scripts/create-stack.sh --min-refresh-interval 30 bucket-x
+check_run "ALLOW_SHORT_REFRESH_INTERVAL=yes create-stack.sh" 2 env ALLOW_SHORT_REFRESH_INTERVAL=yes scripts/create-stack.sh bucket-x
+check_log_has "ALLOW_SHORT_REFRESH_INTERVAL=yes names the accepted values" "invalid ALLOW_SHORT_REFRESH_INTERVAL 'yes': true or false"
 check_run "create-stack.sh --migrate --prefix Other" 2 scripts/create-stack.sh --migrate --prefix Other bucket-x
 check_log_has "--migrate names the prefix it needs" "--migrate takes a 2018 deployment over into the stack of the default prefix S3EventAggregator"
 check_run "create-stack.sh --help" 0 scripts/create-stack.sh --help
 check_log_has "create-stack.sh --help documents --min-refresh-interval" "--min-refresh-interval SECONDS"
 check_log_has "create-stack.sh --help says that a re-run keeps MIN_REFRESH_INTERVAL_SECONDS" "A re-run without it keeps the current value"
+check_log_has "create-stack.sh --help documents --allow-short-refresh-interval" "--allow-short-refresh-interval"
+check_log_has "create-stack.sh --help says why an interval below 60 s needs it" "may not evict the"
+check_log_has "create-stack.sh --help documents the forwarding rules" "forwards its gateways'"
 check_log_has "create-stack.sh --help documents --migrate" "--migrate +take over a deployment of the 2018 scripts"
 check_run "GATEWAY_REGIONS=useast1 create-stack.sh" 2 env GATEWAY_REGIONS=useast1 scripts/create-stack.sh bucket-x
 check_run "attach-bucket.sh with two buckets" 2 scripts/attach-bucket.sh bucket-x bucket-y
@@ -544,8 +774,12 @@ awsm lambda update-function-configuration --function-name "$AGGREGATOR" --enviro
   \"RUST_LOG\": \"info,shared=debug\"}}" >/dev/null
 check_eq "our entry on $THREE before attach" "" "$(our_entries "$THREE")"
 
+# FORWARDING: the regions with a forwarding rule (the stack then has the forwarder role).
+FORWARDING=
 check_counts() {
-  check_eq "roles with prefix $PREFIX ($1)" 2 "$(count_prefixed roles)"
+  local roles=2
+  if [ -n "$FORWARDING" ]; then roles=3; fi
+  check_eq "roles with prefix $PREFIX ($1)${FORWARDING:+, with $FORWARDER_ROLE}" "$roles" "$(count_prefixed roles)"
   check_eq "customer managed policies with prefix $PREFIX ($1)" 2 "$(count_prefixed policies)"
   for policy in "$AGGREGATOR_POLICY" "$REFRESHER_POLICY"; do
     check_eq "versions of policy $policy ($1)" 1 \
@@ -561,6 +795,9 @@ check_counts() {
   check_eq "statements EventBridgeSendsRefreshCompletions in the policy of $ACTION_QUEUE ($1)" 1 \
     "$(policy_statements "$ACTION_QUEUE" | grep -c '^EventBridgeSendsRefreshCompletions|' || true)"
 }
+check_log_has "create without other gateway regions creates no forwarding rule" \
+  "Completion events from the other gateway regions: none \\(GATEWAY_REGIONS names no region but $REGION\\)"
+check_no_forwarding "after create" "$OTHER_REGION" "$THIRD_REGION"
 check_counts "after create"
 
 # ---------------------------------------------------------------------------------
@@ -595,11 +832,37 @@ MIN_INTERVAL=120
 check_log_has "second create finds the table" "exists \\(hash key BucketName"
 check_log_has "second create finds the mapping" "exists \\([-0-9a-f]+\\): updating it"
 check_log_has "second create keeps the permissions" "permission S3Invoke-$ONE: present"
+# Gateways in $OTHER_REGION: their refresh-complete events reach the stack through a
+# rule there whose target is the default event bus of $REGION.
+check_log_has "second create says that it forwards the completion events of $OTHER_REGION" \
+  "Completion events from the other gateway regions: $OTHER_REGION -> the default event bus of $REGION"
+check_log_has "second create creates the role $FORWARDER_ROLE" "==> IAM role $FORWARDER_ROLE .*"
+check_log_has "second create creates the forwarding rule in $OTHER_REGION" \
+  "==> EventBridge rule $COMPLETION_RULE in $OTHER_REGION -> the default event bus of $REGION"
+check_log_has "second create prints the forwarding rule in its summary" \
+  "forwarding rule +arn:aws:events:$OTHER_REGION:$ACCOUNT:rule/$COMPLETION_RULE \\(target $HOME_BUS_ARN, role $FORWARDER_ROLE\\)"
+FORWARDING=$OTHER_REGION
+check_forwarding "after the second create" "$OTHER_REGION"
+check_eq "rule $COMPLETION_RULE in $THIRD_REGION (not a gateway region)" "" "$(forwarding_rule "$THIRD_REGION")"
+# The forwarded events keep their source and detail type, and the rule in $REGION
+# names neither account nor region: they reach the action queue like local ones. (moto
+# forwards source, detail type and detail; AWS forwards the event as it is.)
+check_eq "rule $COMPLETION_RULE in $REGION: its pattern filters on source and detail type only (no account, no region)" \
+  "detail-type,source" "$(awsm events describe-rule --name "$COMPLETION_RULE" --query EventPattern --output text |
+    python3 -c 'import json, sys; print(",".join(sorted(json.load(sys.stdin))))')"
+awsm sqs purge-queue --queue-url "$ACTION_URL"
+awsr "$OTHER_REGION" events put-events --entries "$(completion_event "$OTHER_REGION" 5f0c2b1e-0000-4000-8000-00000000a001)" >/dev/null
+check_eq "a Refresh Cache Event put on the bus of $OTHER_REGION reaches $ACTION_QUEUE (forwarding rule, then $COMPLETION_RULE)" \
+  "aws.storagegateway|Storage Gateway Refresh Cache Event|5f0c2b1e-0000-4000-8000-00000000a001" "$(completion_bodies "$ACTION_URL")"
+awsr "$THIRD_REGION" events put-events --entries "$(completion_event "$THIRD_REGION" 5f0c2b1e-0000-4000-8000-00000000a002)" >/dev/null
+check_eq "one put on the bus of $THIRD_REGION (not a gateway region) does not" "" "$(completion_bodies "$ACTION_URL")"
+awsm sqs purge-queue --queue-url "$ACTION_URL"
 check_counts "after the second create"
 # Without --delay and --log-level, the functions keep their values.
 check_resources 45 DEBUG
 check_buckets "$ONE" "$TWO"
 check_foreign_intact "after the second create"
+if $STATE_CHECKS; then account_state "$ONE" "$TWO" >"$WORK/state-second-create.json"; fi
 check_run "create-stack.sh a third time, with cargo lambda deploy" 0 \
   scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
 check_log_has "without --gateway-regions, create keeps the function's GATEWAY_REGIONS" \
@@ -607,9 +870,111 @@ check_log_has "without --gateway-regions, create keeps the function's GATEWAY_RE
 check_log_has "without --min-refresh-interval, create keeps the function's MIN_REFRESH_INTERVAL_SECONDS" \
   "Refresher minimum refresh interval: 120s \\(the function's current MIN_REFRESH_INTERVAL_SECONDS, kept\\)"
 check_log_has "the third create finds the action queue's policy up to date" "policy: up to date: .* 1 other statement\\(s\\) kept"
+check_log_has "the third create finds the forwarder role's tag up to date" "tag s3ea:forwarding-regions: $OTHER_REGION, up to date"
+check_log_has "the third create finds the forwarder role's policy up to date" "inline policy $FORWARDER_POLICY: up to date"
+check_log_has "the third create finds the forwarding rule's target" \
+  "target HomeEventBus: $HOME_BUS_ARN \\(role $FORWARDER_ROLE\\), present"
 check_counts "after the third create"
 check_functions 45 DEBUG
 check_buckets "$ONE" "$TWO"
+check_forwarding "after the third create" "$OTHER_REGION"
+if $STATE_CHECKS; then
+  check_state "the third create (cargo lambda deploy), after the second" "$WORK/state-second-create.json" "$ONE" "$TWO"
+fi
+
+# ---------------------------------------------------------------------------------
+phase "4a. Refresh intervals below 60 s need the acknowledgement; gateway regions come and go"
+# Another stack's rule of the same name in a region that this one would forward from.
+COLLISION_REGION=eu-central-1
+awsr "$COLLISION_REGION" events put-rule --name "$COMPLETION_RULE" --event-pattern "$(printf '%s' "$COMPLETION_PATTERN_SORTED")" >/dev/null
+awsr "$COLLISION_REGION" events put-targets --rule "$COMPLETION_RULE" \
+  --targets "Id=ActionQueue,Arn=arn:aws:sqs:$COLLISION_REGION:$ACCOUNT:$ACTION_QUEUE" >/dev/null
+check_run "create-stack.sh --gateway-regions $REGION,$COLLISION_REGION, where another stack has the rule $COMPLETION_RULE" 1 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --gateway-regions "$REGION,$COLLISION_REGION" "$ONE" "$TWO"
+check_log_has "it names the other stack's rule and what to do" \
+  "the rule $COMPLETION_RULE in $COLLISION_REGION has the target\\(s\\) arn:aws:sqs:$COLLISION_REGION:$ACCOUNT:$ACTION_QUEUE, not the default event bus of $REGION: .* Nothing was changed"
+if $STATE_CHECKS; then check_state "after the refused run" "$WORK/state-second-create.json" "$ONE" "$TWO"; fi
+awsr "$COLLISION_REGION" events remove-targets --rule "$COMPLETION_RULE" --ids ActionQueue >/dev/null
+awsr "$COLLISION_REGION" events delete-rule --name "$COMPLETION_RULE"
+
+check_run "create-stack.sh --min-refresh-interval 30 $ONE $TWO (no acknowledgement)" 2 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --min-refresh-interval 30 "$ONE" "$TWO"
+check_log_has "it says why, and names --allow-short-refresh-interval" \
+  "--min-refresh-interval 30 is below 60 s, .*pass --allow-short-refresh-interval"
+check_functions 45 DEBUG
+check_run "create-stack.sh --min-refresh-interval 30 --allow-short-refresh-interval --gateway-regions $REGION,$THIRD_REGION (cargo lambda deploy)" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --min-refresh-interval 30 --allow-short-refresh-interval \
+  --gateway-regions "$REGION,$THIRD_REGION" "$ONE" "$TWO"
+check_log_has "create says that the interval is below 60 s, acknowledged" \
+  "below 60 s: ALLOW_SHORT_REFRESH_INTERVAL=true \\(--allow-short-refresh-interval\\)"
+check_log_has "create removes the forwarding rule of $OTHER_REGION, which left GATEWAY_REGIONS" \
+  "==> EventBridge rule $COMPLETION_RULE in $OTHER_REGION \\($OTHER_REGION is no longer in GATEWAY_REGIONS\\)"
+MIN_INTERVAL=30
+REFRESHER_EXTRA_ENV="GATEWAY_REGIONS=$REGION,$THIRD_REGION
+ALLOW_SHORT_REFRESH_INTERVAL=true"
+check_functions 45 DEBUG
+FORWARDING=$THIRD_REGION
+check_forwarding "after the switch to $THIRD_REGION" "$THIRD_REGION"
+check_eq "rule $COMPLETION_RULE in $OTHER_REGION after the switch" "" "$(forwarding_rule "$OTHER_REGION")"
+check_counts "after the switch to $THIRD_REGION"
+
+check_run "create-stack.sh again, without options (aws-cli deploy): the short interval is kept" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "create keeps the interval" "Refresher minimum refresh interval: 30s \\(the function's current MIN_REFRESH_INTERVAL_SECONDS, kept\\)"
+check_log_has "create keeps the function's acknowledgement" \
+  "ALLOW_SHORT_REFRESH_INTERVAL=true \\(the function's current ALLOW_SHORT_REFRESH_INTERVAL, kept\\)"
+check_functions 45 DEBUG
+check_forwarding "after a plain run" "$THIRD_REGION"
+
+# By hand: the acknowledgement goes, and GATEWAY_REGIONS names the own region only;
+# the forwarding rule of $THIRD_REGION is then known from the role's tag alone.
+awsm lambda update-function-configuration --function-name "$REFRESHER" --environment "$(awsm lambda get-function-configuration \
+  --function-name "$REFRESHER" --query Environment --output json | python3 -c '
+import json, sys
+env = json.load(sys.stdin)
+del env["Variables"]["ALLOW_SHORT_REFRESH_INTERVAL"]
+env["Variables"]["GATEWAY_REGIONS"] = sys.argv[1]
+print(json.dumps(env))
+' "$REGION")" >/dev/null
+before_env=$(env_of "$REFRESHER")
+check_run "create-stack.sh with a short interval on the function but no acknowledgement" 1 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "it says what to pass" \
+  "the refresher's current MIN_REFRESH_INTERVAL_SECONDS is 30, below 60 s, and it has no ALLOW_SHORT_REFRESH_INTERVAL=true: pass --allow-short-refresh-interval to keep it, or --min-refresh-interval 60 or more. Nothing was changed"
+check_eq "the refresher's variables after the refused run" "$before_env" "$(env_of "$REFRESHER")"
+check_forwarding "after the refused run" "$THIRD_REGION"
+check_run "ALLOW_SHORT_REFRESH_INTERVAL=true create-stack.sh (aws-cli deploy)" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli ALLOW_SHORT_REFRESH_INTERVAL=true scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
+check_log_has "create takes the acknowledgement from the variable" \
+  "below 60 s: ALLOW_SHORT_REFRESH_INTERVAL=true \\(ALLOW_SHORT_REFRESH_INTERVAL=true\\)"
+check_log_has "create finds no gateway region but its own" \
+  "Completion events from the other gateway regions: none \\(GATEWAY_REGIONS names no region but $REGION\\)"
+check_log_has "create removes the rule of $THIRD_REGION, found from the role's tag" \
+  "==> EventBridge rule $COMPLETION_RULE in $THIRD_REGION \\($THIRD_REGION is no longer in GATEWAY_REGIONS\\)"
+check_log_has "create deletes the role $FORWARDER_ROLE" "deleting inline policy $FORWARDER_POLICY"
+REFRESHER_EXTRA_ENV="GATEWAY_REGIONS=$REGION
+ALLOW_SHORT_REFRESH_INTERVAL=true"
+check_functions 45 DEBUG
+FORWARDING=
+check_no_forwarding "with GATEWAY_REGIONS=$REGION" "$OTHER_REGION" "$THIRD_REGION"
+check_counts "with GATEWAY_REGIONS=$REGION"
+
+check_run "create-stack.sh --min-refresh-interval 120 --gateway-regions $REGION,$OTHER_REGION (cargo lambda deploy)" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --min-refresh-interval 120 --gateway-regions "$REGION,$OTHER_REGION" "$ONE" "$TWO"
+check_log_has "create says that the acknowledgement goes" "60 s or more: the function's ALLOW_SHORT_REFRESH_INTERVAL goes"
+check_log_has "cargo lambda deploy keeps the variables it is not given: create removes it after the deploy" \
+  "correcting what cargo lambda deploy left: ALLOW_SHORT_REFRESH_INTERVAL \\(not set by this run\\)"
+MIN_INTERVAL=120
+REFRESHER_EXTRA_ENV="GATEWAY_REGIONS=$REGION,$OTHER_REGION"
+check_functions 45 DEBUG
+FORWARDING=$OTHER_REGION
+check_forwarding "back to $OTHER_REGION" "$OTHER_REGION"
+check_no_forwarding_rule_in() { check_eq "rule $COMPLETION_RULE in $1 ($2)" "" "$(forwarding_rule "$1")"; }
+check_no_forwarding_rule_in "$THIRD_REGION" "back to $OTHER_REGION"
+check_counts "back to $OTHER_REGION"
+if $STATE_CHECKS; then
+  check_state "back to the settings of the second create: the same state" "$WORK/state-second-create.json" "$ONE" "$TWO"
+fi
 
 # ---------------------------------------------------------------------------------
 phase "4b. CloudWatch: the dashboard on every run, the alarms with --alarm-topic"
@@ -628,25 +993,30 @@ for a in json.load(sys.stdin)["MetricAlarms"]:
         ",".join(a["AlarmActions"]), ",".join(a["OKActions"])]))
 ' | sort
 }
-# expected_alarms TOPIC OLDEST_EVENT_MS WITH_INGEST_DLQ: the README's alarms. The
-# metrics of the EMF lines are alarmed on with the dimension set {Function} alone: the
-# function's totals line (shared/src/metrics.rs); the DLQs on SQS's QueueName.
+# expected_alarms TOPIC OLDEST_EVENT_MS STALENESS_MS WITH_INGEST_DLQ: the README's
+# alarms. The metrics of the EMF lines are alarmed on with the dimension set {Function}
+# alone: the function's totals line (shared/src/metrics.rs), whose value is the Lambda
+# function's name (AWS_LAMBDA_FUNCTION_NAME), so two stacks do not mix; the DLQs on
+# SQS's QueueName.
 expected_alarms() {
-  local ns=S3EventAggregator tail="GreaterThanThreshold|notBreaching|$1|$1"
+  local ns=S3EventAggregator tail="GreaterThanThreshold|notBreaching|$1|$1" a="Function=$AGGREGATOR" r="Function=$REFRESHER"
   local sqs="AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName"
   {
     echo "$PREFIX-AggregatorDlqNotEmpty|$sqs=$AGGREGATOR_DLQ|Maximum|300|1|1|0|$tail"
     echo "$PREFIX-ActionDlqNotEmpty|$sqs=$ACTION_DLQ|Maximum|300|1|1|0|$tail"
-    if [ "$3" = true ]; then echo "$PREFIX-IngestDlqNotEmpty|$sqs=$INGEST_DLQ|Maximum|300|1|1|0|$tail"; fi
-    echo "$PREFIX-RefreshesThrottled|$ns|RefreshesThrottled|Function=refresher|Sum|900|1|1|10|$tail"
-    echo "$PREFIX-MessagesFailed|$ns|MessagesFailed|Function=refresher|Sum|300|3|3|0|$tail"
-    echo "$PREFIX-OldestEventTooOld|$ns|OldestEventAgeMs|Function=refresher|Maximum|300|1|1|$2|$tail"
-    echo "$PREFIX-StalenessTooHigh|$ns|StalenessMs|Function=refresher|Maximum|300|1|1|$(($2 + 660000))|$tail"
-    echo "$PREFIX-S3DeliveryLate|$ns|OldestEventAgeMs|Function=aggregator|Maximum|300|1|1|300000|$tail"
-    echo "$PREFIX-EventsSkippedMalformed|$ns|EventsSkippedMalformed|Function=aggregator|Sum|3600|1|1|0|$tail"
-    echo "$PREFIX-AccessPointsUnresolved|$ns|AccessPointsUnresolved|Function=refresher|Sum|3600|1|1|0|$tail"
-    echo "$PREFIX-MessagesUnreadable|$ns|MessagesUnreadable|Function=refresher|Sum|300|1|1|0|$tail"
+    if [ "$4" = true ]; then echo "$PREFIX-IngestDlqNotEmpty|$sqs=$INGEST_DLQ|Maximum|300|1|1|0|$tail"; fi
+    echo "$PREFIX-RefreshesThrottled|$ns|RefreshesThrottled|$r|Sum|900|1|1|10|$tail"
+    echo "$PREFIX-MessagesFailed|$ns|MessagesFailed|$r|Sum|300|3|3|0|$tail"
+    echo "$PREFIX-OldestEventTooOld|$ns|OldestEventAgeMs|$r|Maximum|300|1|1|$2|$tail"
+    echo "$PREFIX-StalenessTooHigh|$ns|StalenessMs|$r|Maximum|300|1|1|$3|$tail"
+    echo "$PREFIX-S3DeliveryLate|$ns|OldestEventAgeMs|$a|Maximum|300|1|1|300000|$tail"
+    echo "$PREFIX-EventsSkippedMalformed|$ns|EventsSkippedMalformed|$a|Sum|3600|1|1|0|$tail"
+    echo "$PREFIX-AccessPointsUnresolved|$ns|AccessPointsUnresolved|$r|Sum|3600|1|1|0|$tail"
+    echo "$PREFIX-MessagesUnreadable|$ns|MessagesUnreadable|$r|Sum|300|1|1|0|$tail"
   } | sort
+}
+alarm_description() { # NAME
+  awsm cloudwatch describe-alarms --alarm-names "$PREFIX-$1" --query 'MetricAlarms[0].AlarmDescription' --output text
 }
 alarm_count() { awsm cloudwatch describe-alarms --alarm-name-prefix "$PREFIX-" --query 'length(MetricAlarms)' --output text; }
 alarm_timestamps() { awsm cloudwatch describe-alarms --alarm-name-prefix "$PREFIX-" --query 'MetricAlarms[].[AlarmName, AlarmConfigurationUpdatedTimestamp]' --output text | sort; }
@@ -656,8 +1026,9 @@ dashboard_count() {
 }
 # dashboard: the dashboard <prefix>'s widgets, one line each: "text", or
 # "title|statistic|metric ..." with each metric as namespace/name/dimension/value...[/stat]
-# or search:namespace/name/function/statistic for a SEARCH over the Bucket dimension. The
-# body must be JSON, and the widgets must not overlap.
+# or search:namespace/name/function/statistic for a SEARCH over the Bucket dimension, and
+# "|annotations:VALUE,..." for the horizontal annotations. The body must be JSON, and the
+# widgets must not overlap.
 dashboard() {
   awsm cloudwatch get-dashboard --dashboard-name "$PREFIX" --query DashboardBody --output text | python3 -c '
 import json, re, sys
@@ -680,34 +1051,38 @@ for w in widgets:
         else:
             opts = m[-1] if isinstance(m[-1], dict) else {}
             sig.append("/".join(x for x in m if isinstance(x, str)) + ("/" + opts["stat"] if "stat" in opts else ""))
-    print("%s|%s|%s" % (p["title"], p["stat"], " ".join(sig)))
+    lines = ",".join(str(a["value"]) for a in p.get("annotations", {}).get("horizontal", []))
+    print("%s|%s|%s%s" % (p["title"], p["stat"], " ".join(sig), "|annotations:" + lines if lines else ""))
 '
 }
-# expected_dashboard WITH_INGEST_DLQ BUCKET...: the overview (every bucket, through
-# SEARCH), the DLQ depths, then one row of three widgets per bucket, in name order.
+# expected_dashboard WITH_INGEST_DLQ W I BUCKET...: the overview (every bucket, through
+# SEARCH), the DLQ depths, the staleness of every bucket with lines at the bound and at
+# the alarm's threshold (for the window W and the interval I), then one row of three
+# widgets per bucket, in name order. The Function dimension is the function's name.
 expected_dashboard() {
-  local ns=S3EventAggregator dlq=AWS/SQS/ApproximateNumberOfMessagesVisible/QueueName b
-  local dlqs="$dlq/$AGGREGATOR_DLQ $dlq/$ACTION_DLQ"
+  local ns=S3EventAggregator dlq=AWS/SQS/ApproximateNumberOfMessagesVisible/QueueName b a=$AGGREGATOR r=$REFRESHER
+  local dlqs="$dlq/$AGGREGATOR_DLQ $dlq/$ACTION_DLQ" w=$2 i=$3
   if [ "$1" = true ]; then dlqs="$dlqs $dlq/$INGEST_DLQ"; fi
-  shift
+  shift 3
   echo text
-  echo "Events in, per bucket|Sum|search:$ns/EventsReceived/aggregator/Sum"
-  echo "Windows opened, per bucket|Sum|search:$ns/WindowsOpened/aggregator/Sum"
-  echo "Window writes (DynamoDB), per bucket|Sum|search:$ns/WindowWrites/aggregator/Sum"
-  echo "Refreshes requested, per bucket|Sum|search:$ns/RefreshesRequested/refresher/Sum"
-  echo "Failures: messages failed, refreshes throttled, per bucket|Sum|search:$ns/MessagesFailed/refresher/Sum search:$ns/RefreshesThrottled/refresher/Sum"
+  echo "Events in, per bucket|Sum|search:$ns/EventsReceived/$a/Sum"
+  echo "Windows opened, per bucket|Sum|search:$ns/WindowsOpened/$a/Sum"
+  echo "Window writes (DynamoDB), per bucket|Sum|search:$ns/WindowWrites/$a/Sum"
+  echo "Refreshes requested, per bucket|Sum|search:$ns/RefreshesRequested/$r/Sum"
+  echo "Failures: messages failed, refreshes throttled, per bucket|Sum|search:$ns/MessagesFailed/$r/Sum search:$ns/RefreshesThrottled/$r/Sum"
   echo "DLQ depths (messages visible)|Maximum|$dlqs"
+  echo "Staleness, per bucket (ms): at completion (max, p95) and at the call (oldest event age)|Maximum|search:$ns/StalenessMs/$r/Maximum search:$ns/StalenessMs/$r/p95 search:$ns/OldestEventAgeMs/$r/Maximum|annotations:$(bound_ms "$w" "$i"),$(staleness_ms "$w" "$i")"
   for b in $(printf '%s\n' "$@" | sort); do
-    echo "$b: events in, windows opened, window writes|Sum|$ns/EventsReceived/Function/aggregator/Bucket/$b $ns/WindowsOpened/Function/aggregator/Bucket/$b $ns/WindowWrites/Function/aggregator/Bucket/$b"
-    echo "$b: refreshes requested, oldest event age|Sum|$ns/RefreshesRequested/Function/refresher/Bucket/$b $ns/OldestEventAgeMs/Function/refresher/Bucket/$b/Maximum"
-    echo "$b: failures|Sum|$ns/MessagesFailed/Function/refresher/Bucket/$b $ns/RefreshesThrottled/Function/refresher/Bucket/$b"
+    echo "$b: events in, windows opened, window writes|Sum|$ns/EventsReceived/Function/$a/Bucket/$b $ns/WindowsOpened/Function/$a/Bucket/$b $ns/WindowWrites/Function/$a/Bucket/$b"
+    echo "$b: refreshes requested, oldest event age|Sum|$ns/RefreshesRequested/Function/$r/Bucket/$b $ns/OldestEventAgeMs/Function/$r/Bucket/$b/Maximum"
+    echo "$b: failures|Sum|$ns/MessagesFailed/Function/$r/Bucket/$b $ns/RefreshesThrottled/Function/$r/Bucket/$b"
   done
 }
 
 # The runs so far had no --alarm-topic: a dashboard, and no alarm.
 check_log_has "create without --alarm-topic creates no alarm" "CloudWatch alarms: none \\(pass --alarm-topic ARN"
 check_eq "alarms $PREFIX-* before --alarm-topic" 0 "$(alarm_count)"
-check_eq "dashboard $PREFIX: widgets for $ONE and $TWO" "$(expected_dashboard false "$ONE" "$TWO")" "$(dashboard)"
+check_eq "dashboard $PREFIX: widgets for $ONE and $TWO" "$(expected_dashboard false 45 120 "$ONE" "$TWO")" "$(dashboard)"
 
 TOPIC_A=$(awsm sns create-topic --name "s3ea-test-ops-a$BUCKET_SUFFIX" --query TopicArn --output text)
 TOPIC_B=$(awsm sns create-topic --name "s3ea-test-ops-b$BUCKET_SUFFIX" --query TopicArn --output text)
@@ -719,20 +1094,29 @@ check_eq "alarms after the refused run" 0 "$(alarm_count)"
 check_run "create-stack.sh --alarm-topic $TOPIC_A $ONE $TWO" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic "$TOPIC_A" "$ONE" "$TWO"
 check_log_has "create prints the alarms it puts" "$PREFIX-ActionDlqNotEmpty: ApproximateNumberOfMessagesVisible"
-# REFRESH_DELAY_SECONDS is 45 (phase 2): 2 x 45 x 1000 + 60000.
-check_eq "alarms after --alarm-topic: metric, namespace, dimensions, threshold, actions" \
-  "$(expected_alarms "$TOPIC_A" 150000 false)" "$(alarms)"
-check_eq "dashboard $PREFIX after --alarm-topic" "$(expected_dashboard false "$ONE" "$TWO")" "$(dashboard)"
+# REFRESH_DELAY_SECONDS is 45 (phase 2): OldestEventTooOld 2 x 45 x 1000 + 60000;
+# MIN_REFRESH_INTERVAL_SECONDS is 120 (phase 4): StalenessTooHigh 1000 x (45 + 2 x 60 +
+# 4 x (120 + 1) + 600).
+STALENESS_MS=$(staleness_ms 45 120)
+check_eq "the StalenessTooHigh threshold for W=45, I=120" 1249000 "$STALENESS_MS"
+check_eq "alarms after --alarm-topic: metric, namespace, dimensions (the functions' names), threshold, actions" \
+  "$(expected_alarms "$TOPIC_A" 150000 "$STALENESS_MS" false)" "$(alarms)"
+check_log_has "create prints the staleness bound" \
+  "staleness bound: $(($(bound_ms 45 120) / 1000)) s for REFRESH_DELAY_SECONDS=45 and MIN_REFRESH_INTERVAL_SECONDS=120"
+check_eq "alarm StalenessTooHigh: its description says the threshold in words" \
+  "A refresh completed more than 1249 s after the oldest event it covers. The threshold is the staleness bound plus the listing: 45 s of window (REFRESH_DELAY_SECONDS) + 120 s of SQS delivery (the window's message, then a wake-up) + 4 x (120 + 1) s of pacing (a backlog of 4 calls of 50 folders at MIN_REFRESH_INTERVAL_SECONDS=120, plus a 1-s clock margin) = 649 s (the staleness bound of docs/protocol.md), plus 600 s for the listing itself. A share showed changes late. See README.md, Operating it." \
+  "$(alarm_description StalenessTooHigh)"
+check_eq "dashboard $PREFIX after --alarm-topic" "$(expected_dashboard false 45 120 "$ONE" "$TWO")" "$(dashboard)"
 before=$(alarm_timestamps)
 sleep 1 # so that a put would change AlarmConfigurationUpdatedTimestamp
 check_run "create-stack.sh again without --alarm-topic" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$ONE" "$TWO"
 check_log_has "a run without --alarm-topic says that it keeps the alarms" "CloudWatch alarms: 10 kept as they are"
 check_eq "alarms kept as they were (same configuration time)" "$before" "$(alarm_timestamps)"
-check_eq "alarms after a run without --alarm-topic" "$(expected_alarms "$TOPIC_A" 150000 false)" "$(alarms)"
+check_eq "alarms after a run without --alarm-topic" "$(expected_alarms "$TOPIC_A" 150000 "$STALENESS_MS" false)" "$(alarms)"
 check_run "create-stack.sh --alarm-topic=$TOPIC_B (another topic)" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic="$TOPIC_B" "$ONE" "$TWO"
-check_eq "alarms updated to the new topic" "$(expected_alarms "$TOPIC_B" 150000 false)" "$(alarms)"
+check_eq "alarms updated to the new topic" "$(expected_alarms "$TOPIC_B" 150000 "$STALENESS_MS" false)" "$(alarms)"
 check_eq "alarms $PREFIX-* after three runs: none duplicated" 10 "$(alarm_count)"
 check_eq "dashboards named $PREFIX" 1 "$(dashboard_count)"
 
@@ -821,8 +1205,8 @@ check_log_has "create says it keeps the format" "Logging configuration of $REFRE
 check_functions 45 DEBUG
 
 check_eq "dashboard $PREFIX after attach-bucket.sh $THREE and create-stack.sh: a row for $THREE" \
-  "$(expected_dashboard false "$ONE" "$TWO" "$THREE")" "$(dashboard)"
-check_eq "alarms before delete" "$(expected_alarms "$TOPIC_B" 150000 false)" "$(alarms)"
+  "$(expected_dashboard false 45 120 "$ONE" "$TWO" "$THREE")" "$(dashboard)"
+check_eq "alarms before delete" "$(expected_alarms "$TOPIC_B" 150000 "$STALENESS_MS" false)" "$(alarms)"
 
 # ---------------------------------------------------------------------------------
 phase "6. detach-bucket.sh $ONE (the bucket with the foreign entries)"
@@ -839,6 +1223,10 @@ check_run "delete-stack.sh" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}"
 check_log_has "delete found $TWO" "==> Bucket $TWO"
 check_log_has "delete found $THREE" "==> Bucket $THREE"
 check_log_has "delete removes the completion rule's target" "removing its targets: ActionQueue"
+check_log_has "delete finds the forwarding regions" \
+  "==> Forwarding rules $COMPLETION_RULE in the other gateway regions: $OTHER_REGION \\(from the refresher's GATEWAY_REGIONS $REGION,$OTHER_REGION"
+check_log_has "delete removes the forwarding rule's target" "removing its target HomeEventBus \\($HOME_BUS_ARN\\)"
+check_log_has "delete removes the forwarding rule" "==> EventBridge rule $COMPLETION_RULE in $OTHER_REGION \\(forwards to the default event bus of $REGION\\)"
 
 # ---------------------------------------------------------------------------------
 phase "8. Nothing of ours remains; the foreign entries survive"
@@ -852,6 +1240,7 @@ for bucket in "$ONE" "$TWO" "$THREE"; do
   check_eq "bucket $bucket still exists" 0 "$(awsm s3api head-bucket --bucket "$bucket" >/dev/null 2>&1; echo $?)"
 done
 check_foreign_intact "after delete"
+check_no_forwarding "after delete" "$OTHER_REGION" "$THIRD_REGION"
 check_eq "alarms $PREFIX-* after delete" 0 "$(alarm_count)"
 check_eq "dashboard $PREFIX after delete" 0 "$(dashboard_count)"
 check_eq "alarm topic $TOPIC_B kept (not ours)" "$TOPIC_B" \
@@ -864,6 +1253,8 @@ phase "9. delete-stack.sh again"
 check_run "delete-stack.sh a second time" 0 scripts/delete-stack.sh "${PREFIX_OPT[@]}" "$ONE"
 check_log_has "second delete finds the function absent" "==> Lambda function $AGGREGATOR"
 check_log_has "second delete finds the completion rule absent" "==> EventBridge rule $COMPLETION_RULE"
+check_log_has "second delete finds no forwarding rule" "==> Forwarding rules $COMPLETION_RULE in the other gateway regions: none"
+check_log_has "second delete finds the forwarder role absent" "==> IAM role $FORWARDER_ROLE"
 check_log_has "second delete finds no alarm" "no alarm named $PREFIX-<Name>"
 check_log_has "second delete finds the dashboard absent" "dashboard $PREFIX: absent"
 check_foreign_intact "after the second delete"
@@ -933,16 +1324,6 @@ names_of() { # BUCKET...: sorted, comma-separated
 }
 : >"$WORK/empty"
 put_object() { awsm s3api put-object --bucket "$1" --key "$2" --body "$WORK/empty" >/dev/null; }
-# receive_bodies QUEUE_URL: the bodies of the messages waiting in the queue (one
-# receive of up to 10), one JSON document per line.
-receive_bodies() {
-  awsm sqs receive-message --queue-url "$1" --max-number-of-messages 10 --wait-time-seconds 1 \
-    --query 'Messages[].Body' --output json | python3 -c '
-import json, sys
-for body in json.load(sys.stdin) or []:
-    print(json.dumps(json.loads(body)))
-'
-}
 # Another team's notification entries (event types that do not overlap ours).
 put_foreign_config() { # BUCKET
   awsm s3api put-bucket-notification-configuration --bucket "$1" --notification-configuration "{
@@ -979,12 +1360,28 @@ put_foreign_config "$SA"
 FOREIGN_SA=$(foreign_entries "$SA")
 INGEST_ENTRY=$OUR_EVENTS
 
-check_run "create-stack.sh --ingest sqs --alarm-topic $TOPIC_A $SA $SB" 0 \
-  scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs --alarm-topic "$TOPIC_A" "$SA" "$SB"
-# REFRESH_DELAY_SECONDS is the default 30: 2 x 30 x 1000 + 60000.
-check_eq "alarms of the sqs stack: with the ingest DLQ's" "$(expected_alarms "$TOPIC_A" 120000 true)" "$(alarms)"
+# A window longer than SQS's 900-s delay, and no interval at all (acknowledged).
+check_run "create-stack.sh --ingest sqs --alarm-topic $TOPIC_A --delay 1000 --min-refresh-interval 0 --allow-short-refresh-interval $SA $SB" 0 \
+  scripts/create-stack.sh "${PREFIX_OPT[@]}" --ingest sqs --alarm-topic "$TOPIC_A" --delay 1000 \
+  --min-refresh-interval 0 --allow-short-refresh-interval "$SA" "$SB"
+check_eq "function $REFRESHER environment: MIN_REFRESH_INTERVAL_SECONDS=0 with the acknowledgement" \
+  "ALLOW_SHORT_REFRESH_INTERVAL=true LOG_LEVEL=INFO MIN_REFRESH_INTERVAL_SECONDS=0 TABLE_NAME=$TABLE" "$(env_of "$REFRESHER")"
+# The crates' metadata says TABLE_NAME = "S3EventAggregator", which cargo lambda deploy
+# puts before an --env-file: a stack with another prefix must still get its own table,
+# at once.
+check_eq "function $AGGREGATOR TABLE_NAME (cargo lambda deploy, prefix $PREFIX)" "TABLE_NAME=$TABLE" \
+  "$(env_of "$AGGREGATOR" | tr ' ' '\n' | grep '^TABLE_NAME=')"
+check_eq "no variable needed correcting after cargo lambda deploy" 0 "$(grep -c 'correcting what cargo lambda deploy left' "$LAST_LOG" || true)"
+# REFRESH_DELAY_SECONDS is 1000: OldestEventTooOld 2 x 1000 x 1000 + 60000;
+# StalenessTooHigh 1000 x (1000 + 2 x 60 + 60 x (ceil(1000 / 900) - 1) + 600), with no
+# pacing term for MIN_REFRESH_INTERVAL_SECONDS=0.
+check_eq "the StalenessTooHigh threshold for W=1000, I=0" 1780000 "$(staleness_ms 1000 0)"
+check_eq "alarms of the sqs stack: with the ingest DLQ's" "$(expected_alarms "$TOPIC_A" 2060000 "$(staleness_ms 1000 0)" true)" "$(alarms)"
+check_eq "alarm StalenessTooHigh of the sqs stack: its description names the extra hop and no pacing" \
+  "no pacing (MIN_REFRESH_INTERVAL_SECONDS=0) + 1 x 60 s for the window's extra 900-s SQS hops = 1180 s" \
+  "$(alarm_description StalenessTooHigh | grep -o 'no pacing.*= [0-9]* s')"
 check_eq "dashboard $PREFIX of the sqs stack: with the ingest DLQ's depth" \
-  "$(expected_dashboard true "$SA" "$SB")" "$(dashboard)"
+  "$(expected_dashboard true 1000 0 "$SA" "$SB")" "$(dashboard)"
 check_log_has "create says the mode and where it comes from" "==> Ingest: sqs \\(--ingest\\)"
 check_log_has "create prints the ingest queue" "ingest queue +$SQS_ARN:$INGEST_QUEUE"
 
@@ -1043,8 +1440,12 @@ for line in sys.stdin:
         print("|".join([r["eventName"], r["s3"]["bucket"]["name"], r["s3"]["object"]["key"]]))
 ' | sort -u)"
 
-check_run "create-stack.sh $SA $SB again, without --ingest (aws-cli deploy)" 0 \
-  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" "$SA" "$SB"
+check_run "create-stack.sh $SA $SB again, without --ingest, with --min-refresh-interval 60 (aws-cli deploy)" 0 \
+  env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --min-refresh-interval 60 "$SA" "$SB"
+check_eq "function $REFRESHER environment: the acknowledgement is gone with the interval of 60 s" \
+  "LOG_LEVEL=INFO MIN_REFRESH_INTERVAL_SECONDS=60 TABLE_NAME=$TABLE" "$(env_of "$REFRESHER")"
+check_log_has "a run without --alarm-topic says that StalenessTooHigh no longer matches the interval" \
+  "alarm $PREFIX-StalenessTooHigh has the threshold 1780000(\\.0)? ms, not $(staleness_ms 1000 60) ms for REFRESH_DELAY_SECONDS=1000 and MIN_REFRESH_INTERVAL_SECONDS=60: run again with --alarm-topic ARN"
 check_log_has "second create keeps the recorded mode" "==> Ingest: sqs \\(recorded on $AGGREGATOR\\)"
 check_log_has "second create finds the ingest mapping" "Event source mapping $INGEST_QUEUE -> $AGGREGATOR"
 check_log_has "second create keeps the buckets in the queue policy" "queue policy of $INGEST_QUEUE: $SA present"
@@ -1285,73 +1686,6 @@ awsm sqs delete-queue --queue-url "$PROBE_RULE_URL"
 # over with --migrate, and then change nothing on the next runs; delete-stack.sh
 # removes what is left of one.
 
-# account_state BUCKET...: every resource the stacks and the 2018 deployment touch,
-# as sorted JSON (no timestamps, revisions or message counts), for "nothing changed".
-account_state() {
-  python3 - "$AWS_ENDPOINT_URL" "$REGION" "$@" <<'PY2'
-import json, sys
-import boto3
-from botocore.exceptions import ClientError
-endpoint, region, buckets = sys.argv[1], sys.argv[2], sys.argv[3:]
-def client(name):
-    return boto3.client(name, endpoint_url=endpoint, region_name=region)
-lam, s3, iam, sqs, ddb, ev, logs = (client(n) for n in ("lambda", "s3", "iam", "sqs", "dynamodb", "events", "logs"))
-def get(f, *keys, **kw):
-    try:
-        r = f(**kw)
-    except ClientError as e:
-        return "absent: " + e.response["Error"]["Code"]
-    r.pop("ResponseMetadata", None)
-    for k in keys:
-        r = r.get(k) if isinstance(r, dict) else None
-    return r
-out = {"functions": {}, "buckets": {}, "roles": {}, "policies": {}, "queues": {}, "tables": {}, "rules": {}}
-for f in lam.list_functions()["Functions"]:
-    name = f["FunctionName"]
-    c = get(lam.get_function_configuration, FunctionName=name)
-    policy = get(lam.get_policy, "Policy", FunctionName=name)
-    invoke = get(lam.get_function_event_invoke_config, FunctionName=name)
-    out["functions"][name] = {
-        "config": {k: c.get(k) for k in ("Runtime", "Handler", "Role", "Timeout", "MemorySize", "Environment", "Architectures", "CodeSize")},
-        "concurrency": get(lam.get_function_concurrency, "ReservedConcurrentExecutions", FunctionName=name),
-        "permissions": sorted(s["Sid"] for s in json.loads(policy)["Statement"]) if isinstance(policy, str) and not policy.startswith("absent") else policy,
-        "invoke_config": {k: v for k, v in invoke.items() if k != "LastModified"} if isinstance(invoke, dict) else invoke,
-    }
-out["mappings"] = sorted([m["UUID"], m["FunctionArn"], m["EventSourceArn"], m["State"], m["BatchSize"]]
-    for m in lam.list_event_source_mappings()["EventSourceMappings"])
-for b in buckets:
-    out["buckets"][b] = get(s3.get_bucket_notification_configuration, Bucket=b)
-for r in iam.list_roles()["Roles"]:
-    out["roles"][r["RoleName"]] = sorted(p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=r["RoleName"])["AttachedPolicies"])
-for p in iam.list_policies(Scope="Local")["Policies"]:
-    out["policies"][p["PolicyName"]] = [p["DefaultVersionId"], p["AttachmentCount"]]
-for url in sqs.list_queues().get("QueueUrls", []):
-    a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-    out["queues"][url] = {k: (json.loads(v) if k in ("Policy", "RedrivePolicy") else v) for k, v in a.items()
-        if not k.startswith("Approximate") and k != "LastModifiedTimestamp"}
-for t in ddb.list_tables()["TableNames"]:
-    d = ddb.describe_table(TableName=t)["Table"]
-    out["tables"][t] = {"keys": d["KeySchema"], "created": str(d["CreationDateTime"]),
-        "billing": (d.get("BillingModeSummary") or {}).get("BillingMode", "PROVISIONED"),
-        "items": sorted(json.dumps(i, sort_keys=True) for i in ddb.scan(TableName=t)["Items"])}
-for r in ev.list_rules()["Rules"]:
-    out["rules"][r["Name"]] = [r.get("State"), r.get("EventPattern"),
-        sorted([t["Id"], t["Arn"]] for t in ev.list_targets_by_rule(Rule=r["Name"])["Targets"])]
-out["loggroups"] = sorted([g["logGroupName"], g.get("retentionInDays")] for g in logs.describe_log_groups()["logGroups"])
-print(json.dumps(out, sort_keys=True, indent=1, default=str))
-PY2
-}
-# check_state WHAT EXPECTED_FILE BUCKET...: the account's state equals the file's.
-check_state() {
-  local what=$1 expected=$2
-  shift 2
-  account_state "$@" >"$WORK/state-now.json"
-  if cmp -s "$expected" "$WORK/state-now.json"; then
-    pass "$what: nothing changed"
-  else
-    fail "$what: nothing changed" "$(diff "$expected" "$WORK/state-now.json" | head -n 40)"
-  fi
-}
 # add_foreign_entries BUCKET: another team's entries, added to what the bucket has.
 add_foreign_entries() {
   local config
