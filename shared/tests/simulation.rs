@@ -72,11 +72,16 @@ use shared::ports::{
     WindowStore,
 };
 use shared::refresh_message::{RefreshMessage, WakeMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
-use shared::refresher::Refresher;
+use shared::refresher::{FaultSwitches, Refresher};
 use shared::s3_event::format_event_time;
-use shared::scheduler::{ShareState, COMPLETION_CLOCK_MARGIN_MS, MIN_SLOT_LEASE_MS};
+use shared::scheduler::{
+    slot_lease_ms, ShareState, COMPLETION_CLOCK_MARGIN_MS, MAX_BACKLOG_CALLS, MAX_BACKOFF_MS,
+    MIN_SLOT_LEASE_MS,
+};
 use shared::shares::{RefreshPlan, ShareKind};
-use shared::window::{self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem};
+use shared::window::{
+    self, ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem, STALE_WINDOW_GRACE_MS,
+};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -117,9 +122,11 @@ impl Rng {
     }
 }
 
-/// Faults of the 2018 design, rebuilt in the model.
+/// Faults that the checker must catch: those of the 2018 design, rebuilt in the model,
+/// and ours without their guards (switches of the product that only the simulation
+/// sets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault2018 {
+enum Fault {
     /// The window is armed before its message is sent: when the send fails, the
     /// window stays open without a message, and later events join it and skip.
     NoUnsentRepair,
@@ -145,16 +152,35 @@ enum Fault2018 {
     /// no clock margin, so a container whose clock runs ahead calls a share less than
     /// `MIN_REFRESH_INTERVAL_SECONDS` after another container's call.
     PaceWithoutClockMargin,
+    /// The protocol before the staleness bound: a share whose `RefreshCache` fails
+    /// fails the whole message (`FaultSwitches::failing_share_fails_the_message`), so
+    /// its healthy siblings after it wait for the redelivery, and a gateway that keeps
+    /// failing sends the message to the DLQ. Its runs have one share that fails for
+    /// half an hour, first of its bucket, with a healthy sibling.
+    FailingShareFailsTheMessage,
+    /// A slot whose lease ends is freed without putting its folders back
+    /// (`FaultSwitches::lease_drops_its_folders`): the changes of a refresh that the
+    /// gateway accepted and never finished are never listed. Its runs have such
+    /// refreshes.
+    LeaseDropsItsFolders,
+    /// The completion event's share is taken to be `resources[0]`
+    /// (`FaultSwitches::share_is_the_first_resource`); events that list the gateway
+    /// first then free no slot, and the share waits for its leases. Its runs list the
+    /// gateway first in every event.
+    ShareIsTheFirstResource,
 }
 
-const ALL_FAULTS: [Fault2018; 7] = [
-    Fault2018::NoUnsentRepair,
-    Fault2018::DeleteOnRefreshError,
-    Fault2018::TimeOnlyWindow,
-    Fault2018::CoalesceWithoutClockMargin,
-    Fault2018::SkipGatewayWrites,
-    Fault2018::TrustInFlight,
-    Fault2018::PaceWithoutClockMargin,
+const ALL_FAULTS: [Fault; 10] = [
+    Fault::NoUnsentRepair,
+    Fault::DeleteOnRefreshError,
+    Fault::TimeOnlyWindow,
+    Fault::CoalesceWithoutClockMargin,
+    Fault::SkipGatewayWrites,
+    Fault::TrustInFlight,
+    Fault::PaceWithoutClockMargin,
+    Fault::FailingShareFailsTheMessage,
+    Fault::LeaseDropsItsFolders,
+    Fault::ShareIsTheFirstResource,
 ];
 
 // ---------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ enum Service {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
+enum CallFault {
     None,
     /// Fails before it takes effect (throttling, 5xx).
     Before,
@@ -187,6 +213,11 @@ struct QueuedMessage {
     timestamp_ms: i64,
     visible_at: i64,
     receive_count: u32,
+    /// Receives that ended without deleting the message for a reason the model
+    /// injected: a crash, a kill at the deadline, or any failure during the storm. A
+    /// message that reaches the DLQ with fewer of these than failed receives failed
+    /// where nothing excuses it.
+    excused: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +249,46 @@ struct AcceptedRefresh {
     /// The caller saw the call succeed. `false`: the call started, but its response was
     /// lost (a timeout), so the product believes that it did not start.
     answered: bool,
+    /// The refresh lists its folders. `false`: the gateway restarted mid-refresh; it
+    /// never completes, sends no completion event, and lists nothing (it holds its
+    /// slot on the gateway until the restart, `completes_at`).
+    lists: bool,
+    /// When its first completion event became visible on the action queue (`None`:
+    /// lost, or none sent).
+    event_at: Option<i64>,
+}
+
+/// A stretch of true time in which something persists on a share, or on every share
+/// of a gateway (after the storm, so that its term in the bound can be stated).
+#[derive(Debug, Clone)]
+struct Stretch {
+    /// One share (its ARN), or every share of `gateway`.
+    share: Option<String>,
+    gateway: String,
+    from: i64,
+    until: i64,
+}
+
+impl Stretch {
+    fn covers(&self, share: &SimShare) -> bool {
+        match &self.share {
+            Some(arn) => *arn == share.arn,
+            None => share.gateway == self.gateway,
+        }
+    }
+
+    fn hits(&self, share: &SimShare, at: i64) -> bool {
+        self.from <= at && at <= self.until && self.covers(share)
+    }
+}
+
+/// What a message that reached the action queue's DLQ was about.
+#[derive(Debug, Clone)]
+enum Dead {
+    /// A window's message (or one sent back) of this bucket.
+    Window(String),
+    /// A wake-up or a completion event of this share.
+    Share(String),
 }
 
 /// A `RefreshCache` call that found two refreshes in flight on its share, and the
@@ -297,6 +368,31 @@ struct Stats {
     most_throttled: (u64, u64),
     /// Runs whose gateway takes hours per refresh.
     slow_runs: u64,
+    /// Changes of the second wave (after the storm).
+    second_wave: u64,
+    /// Runs with a share or gateway that failed every call for a while, the calls it
+    /// failed; runs with refreshes that never completed, and those refreshes.
+    outage_runs: u64,
+    calls_failed_by_outage: u64,
+    restart_runs: u64,
+    refreshes_never_completed: u64,
+    /// Completion events that listed the gateway first, and events of a gateway in
+    /// another region.
+    gateway_first_events: u64,
+    remote_events: u64,
+    /// Refresher invocations killed at their deadline.
+    kills: u64,
+    /// Aggregator invocations coalesced in their container (no call at all).
+    coalesced: u64,
+    /// Shares created during the run (not recreated), and runs with long keys.
+    new_shares: u64,
+    long_key_runs: u64,
+    /// The largest item written (bytes), the largest S_q, and the most a change used of
+    /// its allowance; each with its seed.
+    largest_item: (u64, u64),
+    longest_queue_ms: (i64, u64),
+    tightest: (f64, u64),
+    tightest_beyond_window: (f64, u64),
 }
 
 impl Stats {
@@ -320,6 +416,25 @@ impl Stats {
         self.throttled_in_flight += o.throttled_in_flight;
         self.most_throttled = self.most_throttled.max(o.most_throttled);
         self.slow_runs += o.slow_runs;
+        self.second_wave += o.second_wave;
+        self.outage_runs += o.outage_runs;
+        self.calls_failed_by_outage += o.calls_failed_by_outage;
+        self.restart_runs += o.restart_runs;
+        self.refreshes_never_completed += o.refreshes_never_completed;
+        self.gateway_first_events += o.gateway_first_events;
+        self.remote_events += o.remote_events;
+        self.kills += o.kills;
+        self.coalesced += o.coalesced;
+        self.new_shares += o.new_shares;
+        self.long_key_runs += o.long_key_runs;
+        self.largest_item = self.largest_item.max(o.largest_item);
+        self.longest_queue_ms = self.longest_queue_ms.max(o.longest_queue_ms);
+        if o.tightest.0 > self.tightest.0 {
+            self.tightest = o.tightest;
+        }
+        if o.tightest_beyond_window.0 > self.tightest_beyond_window.0 {
+            self.tightest_beyond_window = o.tightest_beyond_window;
+        }
     }
 }
 
@@ -341,8 +456,10 @@ struct World {
     refreshes: Vec<AcceptedRefresh>,
     /// Calls that found two refreshes in flight on their share.
     throttled: Vec<ThrottledAttempt>,
-    /// Refreshes take 1 to 4 hours (else seconds to minutes, growing with the folders).
-    slow_gateway: bool,
+    /// Every refresh takes this long (ms, from..=to): 1 to 4 hours in the slow runs, 5
+    /// to 18 minutes in those of `TrustInFlight`. `None`: seconds to minutes, growing
+    /// with the folders.
+    slow_gateway: Option<(i64, i64)>,
     completion_faults: CompletionFaults,
     /// The refreshers' `MIN_REFRESH_INTERVAL_SECONDS`, in ms.
     min_interval_ms: i64,
@@ -364,24 +481,59 @@ struct World {
     whole_bucket: std::collections::BTreeSet<String>,
     /// Buckets whose item was missing when the refresher closed a window of theirs.
     item_missing: std::collections::BTreeSet<String>,
-    fault_2018: Option<Fault2018>,
+    fault: Option<Fault>,
     trace: Option<Vec<String>>,
+    /// Faults that persist after the storm: `RefreshCache` fails every call on a share
+    /// or gateway (`outages`), or the gateway accepts refreshes and never completes
+    /// them (`restarts`: it restarted mid-refresh).
+    outages: Vec<Stretch>,
+    restarts: Vec<Stretch>,
+    /// The chance that a completion event lists the gateway's ARN before the share's.
+    gateway_first: f64,
+    /// The gateway (its id) that sits in another region: its ARNs and its shares' name
+    /// that region, and its completion events come forwarded, later.
+    remote_gateway: Option<String>,
+    /// How long a Storage Gateway call takes (ms, from..=to), and the chance that it
+    /// hangs for 10 to 70 s (the invocation may reach its deadline meanwhile).
+    gateway_call_ms: (i64, i64),
+    gateway_hangs: f64,
+    /// What may make the product hold a slot until its lease, per share: a lost
+    /// completion event, a refresh that never completes, one whose response was lost,
+    /// a call refused for two in flight, a claim whose invocation died before it
+    /// recorded its call: (share, true time).
+    holds: Vec<(String, i64)>,
+    /// Refresher invocations killed at their deadline, and when.
+    kills: Vec<i64>,
+    /// The largest item written to the table, in bytes as DynamoDB counts them.
+    largest_item: usize,
+    /// The longest an action-queue message waited from visible to received.
+    longest_queue_wait: i64,
+    /// Per share, leases that ended while their refresh still listed, in a row, and
+    /// the share's `RefreshMs` then.
+    short_leases: HashMap<String, (u32, Option<i64>)>,
+    /// Why the run must stop now (a livelock).
+    stop: Option<String>,
+    /// What the runs went through, for the summary.
+    calls_failed_by_outage: u64,
+    refreshes_never_completed: u64,
+    gateway_first_events: u64,
+    remote_events: u64,
 }
 
 impl World {
-    fn roll(&mut self, service: Service) -> Fault {
+    fn roll(&mut self, service: Service) -> CallFault {
         if !self.faults_on {
-            return Fault::None;
+            return CallFault::None;
         }
         let p = self.p_fault[service as usize];
         if self.rng.chance(p) {
             if self.rng.chance(0.5) {
-                Fault::Before
+                CallFault::Before
             } else {
-                Fault::After
+                CallFault::After
             }
         } else {
-            Fault::None
+            CallFault::None
         }
     }
 
@@ -394,11 +546,36 @@ impl World {
         if let Some(trace) = self.trace.as_mut() {
             let now = self.now;
             trace.push(format!("{now:>9} {}", line()));
+            if std::env::var_os("SIM_LIVE").is_some() {
+                eprintln!("{}", trace.last().map(String::as_str).unwrap_or_default());
+            }
         }
     }
 
     fn live_shares(&self) -> impl Iterator<Item = &SimShare> {
         self.shares.iter().filter(|s| s.deleted_at.is_none())
+    }
+
+    /// A Storage Gateway call takes its time (longer in the runs with a slow API), and
+    /// now and then hangs until the SDK gives up on it.
+    fn tick_gateway(&mut self) {
+        let (from, to) = self.gateway_call_ms;
+        self.now += self.rng.range(from, to);
+        if self.gateway_hangs > 0.0 && self.rng.chance(self.gateway_hangs) {
+            self.now += self.rng.range(10_000, 70_000);
+        }
+    }
+
+    fn region_of(&self, gateway: &str) -> &'static str {
+        if self.remote_gateway.as_deref() == Some(gateway) {
+            REMOTE_REGION
+        } else {
+            HOME_REGION
+        }
+    }
+
+    fn share(&self, arn: &str) -> Option<&SimShare> {
+        self.shares.iter().find(|s| s.arn == arn)
     }
 
     /// The refreshes still listing on `share_arn` (indices into `refreshes`).
@@ -424,9 +601,15 @@ impl World {
         let k = self.completion_faults;
         if self.rng.chance(k.lost) {
             self.completions_lost += 1;
+            self.holds
+                .push((r.share_arn.clone(), r.decided_at.min(r.at)));
             self.log(|| format!("eventbridge: completion of {} lost", r.notification_id));
             return;
         }
+        let (gateway, region) = match self.share(&r.share_arn) {
+            Some(share) => (share.gateway.clone(), self.region_of(&share.gateway)),
+            None => (String::new(), HOME_REGION),
+        };
         let copies = if self.rng.chance(k.duplicated) {
             self.completions_duplicated += 1;
             2
@@ -438,14 +621,31 @@ impl World {
             if self.rng.chance(k.delayed) {
                 latency += self.rng.range(60_000, 900_000);
             }
+            if region != HOME_REGION {
+                // Forwarded from the gateway's region's event bus to the home region's.
+                latency += self.rng.range(500, 5_000);
+                self.remote_events += 1;
+            }
+            let gateway_first = self.rng.chance(self.gateway_first);
+            self.gateway_first_events += u64::from(gateway_first);
             let body = completion_event(
-                &r.share_arn,
+                &EventSource {
+                    share_arn: &r.share_arn,
+                    gateway_arn: &gateway_arn(region, &gateway),
+                    region,
+                    gateway_first,
+                },
                 &r.notification_id,
                 r.at,
                 r.completes_at,
                 &r.folders,
                 &mut self.rng,
             );
+            let visible_at = r.completes_at + latency;
+            let first = self.refreshes[index]
+                .event_at
+                .map_or(visible_at, |t| t.min(visible_at));
+            self.refreshes[index].event_at = Some(first);
             self.note_completion(
                 &r.share_arn,
                 &r.folders,
@@ -489,21 +689,40 @@ impl World {
             timestamp_ms: 0,
             visible_at,
             receive_count: 0,
+            excused: 0,
         });
     }
 }
 
+/// Where a completion event comes from: the share, its gateway (in the order the
+/// event lists them) and the gateway's region.
+struct EventSource<'a> {
+    share_arn: &'a str,
+    gateway_arn: &'a str,
+    region: &'a str,
+    gateway_first: bool,
+}
+
 /// A "Storage Gateway Refresh Cache Event" as EventBridge delivers it. Spelled out
 /// here rather than taken from the product's constants, so that the product's decoder
-/// is checked against the event's real shape.
+/// is checked against the event's real shape. `resources` lists the share and its
+/// gateway, in either order; an event of another region's gateway carries that
+/// region (a rule there forwards it to the home region's bus).
 fn completion_event(
-    share_arn: &str,
+    source: &EventSource<'_>,
     notification_id: &str,
     started: i64,
     completed: i64,
     folders: &[String],
     rng: &mut Rng,
 ) -> String {
+    let resources = if source.gateway_arn.ends_with('/') {
+        json!([source.share_arn])
+    } else if source.gateway_first {
+        json!([source.gateway_arn, source.share_arn])
+    } else {
+        json!([source.share_arn, source.gateway_arn])
+    };
     json!({
         "version": "0",
         "id": new_notification_id(rng),
@@ -511,8 +730,8 @@ fn completion_event(
         "source": "aws.storagegateway",
         "account": "123456789012",
         "time": format_event_time(completed).unwrap_or_default(),
-        "region": "us-east-1",
-        "resources": [share_arn],
+        "region": source.region,
+        "resources": resources,
         "detail": {
             "event-type": "refresh-complete",
             "notification-id": notification_id,
@@ -536,6 +755,32 @@ fn new_notification_id(rng: &mut Rng) -> String {
     )
 }
 
+/// A receive of message `id` ended without deleting it for a reason that the model
+/// injected.
+fn excuse(w: &mut World, id: &str) {
+    if let Some(m) = w.queue.iter_mut().find(|m| m.id == id) {
+        m.excused += 1;
+    }
+}
+
+/// What a message on its way to the action queue's DLQ was about.
+fn dead_message(m: &QueuedMessage) -> Dead {
+    let body: Value = serde_json::from_str(&m.body).unwrap_or(Value::Null);
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    if m.bucket.is_none() {
+        // A completion event: its share is the resource of the share's form.
+        let share = body["resources"]
+            .as_array()
+            .and_then(|r| r.iter().map(text).find(|a| a.contains(":share/")))
+            .unwrap_or_default();
+        return Dead::Share(share);
+    }
+    if body["kind"] == "wake" {
+        return Dead::Share(text(&body["shareArn"]));
+    }
+    Dead::Window(m.bucket.clone().unwrap_or_default())
+}
+
 fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
     world.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -549,6 +794,12 @@ struct InvocationState {
     calls: u32,
     crash_at: Option<u32>,
     crashed: bool,
+    /// Lambda's deadline, in true time: an invocation still running then is killed,
+    /// at its next call, like a crash.
+    deadline: Option<i64>,
+    killed: bool,
+    /// The claims this invocation wrote to share items: (share, claim id, true time).
+    claims: Vec<(String, String, i64)>,
 }
 
 #[derive(Clone)]
@@ -581,11 +832,16 @@ impl Port {
     /// The start of every AWS call: yield, then die here if this is the crash point.
     async fn call(&self) {
         YieldOnce(false).await;
+        let now = self.world().now;
         let crash = {
             let mut inv = self.invocation.lock().unwrap_or_else(|p| p.into_inner());
             inv.calls += 1;
             if inv.crash_at == Some(inv.calls) {
                 inv.crashed = true;
+            }
+            if !inv.crashed && inv.deadline.is_some_and(|d| now >= d) {
+                inv.crashed = true;
+                inv.killed = true;
             }
             inv.crashed
         };
@@ -606,6 +862,172 @@ fn store_fault() -> StoreError {
     }
 }
 
+/// DynamoDB refuses a write whose item would be larger (`ValidationException: Item
+/// size has exceeded the maximum allowed size`).
+const MAX_ITEM_BYTES: usize = 400 * 1024;
+
+/// The bounds of the refresh log that the DynamoDB adapter keeps on a bucket's item
+/// (`LOGGED_SHARES`, `LOGGED_FOLDERS`, `LOGGED_FOLDER_BYTES` in `adapters/sdk.rs`).
+const LOGGED_SHARES: usize = 100;
+const LOGGED_FOLDERS: usize = 64;
+const LOGGED_FOLDER_BYTES: usize = 8 * 1024;
+
+/// Sizes as DynamoDB counts them: an attribute is its name's bytes and its value's; a
+/// string its UTF-8 bytes, a number about one byte per two digits plus one, a boolean
+/// one byte, a list or map 3 bytes plus one per element (and a map's keys).
+fn number_bytes(n: i64) -> usize {
+    n.unsigned_abs().to_string().len().div_ceil(2) + 1
+}
+
+fn list_bytes(elements: impl Iterator<Item = usize>) -> usize {
+    3 + elements.map(|e| e + 1).sum::<usize>()
+}
+
+/// A bucket's item as the DynamoDB adapter stores it (`adapters/sdk.rs`).
+fn window_item_bytes(item: &WindowItem) -> usize {
+    let numbers = [
+        ("Generation", item.generation as i64),
+        ("OpenedAt", item.opened_at_ms),
+        ("WindowEndsAt", item.ends_at_ms),
+        ("SentGeneration", item.sent_generation as i64),
+        ("ClosedGeneration", item.closed_generation as i64),
+        ("ClosedAt", item.ends_at_ms),
+        ("RefreshedGeneration", item.refreshed_generation as i64),
+        ("LastRefreshAt", item.ends_at_ms),
+        ("LastEventAt", item.last_event_at_ms),
+    ];
+    let mut bytes = "BucketName".len() + item.bucket.len() + "WholeBucket".len() + 1;
+    bytes += numbers
+        .iter()
+        .map(|(name, n)| name.len() + number_bytes(*n))
+        .sum::<usize>();
+    bytes += "Folders".len()
+        + item
+            .changes
+            .folders
+            .iter()
+            .map(|f| 1 + f.len())
+            .sum::<usize>()
+        + item
+            .changes
+            .gateway_writes
+            .iter()
+            .map(|c| c.encode().len())
+            .sum::<usize>();
+    if let Some(log) = &item.last_refresh {
+        // Cut as the adapter cuts it.
+        let mut folders = LOGGED_FOLDERS;
+        let mut folder_bytes = LOGGED_FOLDER_BYTES;
+        let refreshes = log.refreshes.iter().take(LOGGED_SHARES).map(|r| {
+            let mut logged = Vec::new();
+            for f in r.folders.iter().take(folders) {
+                if f.len() > folder_bytes {
+                    break;
+                }
+                folder_bytes -= f.len();
+                logged.push(f.len());
+            }
+            folders -= logged.len();
+            list_bytes(
+                [
+                    "ShareARN".len() + r.share_arn.len(),
+                    "NotificationId".len() + r.notification_id.len(),
+                    "FolderList".len() + list_bytes(logged.into_iter()),
+                    "Recursive".len() + 1,
+                ]
+                .into_iter(),
+            )
+        });
+        bytes += "LastRefresh".len()
+            + list_bytes(
+                [
+                    "StartedAt".len() + number_bytes(log.started_at_ms),
+                    "Generation".len() + number_bytes(log.generation.unwrap_or(0) as i64),
+                    "Truncated".len() + 1,
+                    "Refreshes".len() + list_bytes(refreshes),
+                ]
+                .into_iter(),
+            );
+    }
+    bytes
+}
+
+/// A share's item as the DynamoDB adapter stores it (`adapters/sdk_shares.rs`).
+fn share_item_bytes(s: &ShareState) -> usize {
+    let numbers = [
+        ("Version", Some(s.version as i64 + 1)),
+        ("PendingSince", s.pending_since_ms),
+        ("LastCallAt", s.last_call_at_ms),
+        ("WakeAt", s.wake_at_ms),
+        ("BusyUntil", s.busy_until_ms),
+        ("LastCompletedAt", s.last_completed_at_ms),
+        ("LastStalenessMs", s.last_staleness_ms),
+        ("Failures", Some(i64::from(s.failures))),
+        ("RefreshMs", s.refresh_ms),
+    ];
+    let slots = s.slots.iter().map(|slot| {
+        list_bytes(
+            [
+                "ClaimId".len() + slot.claim_id.len(),
+                "ClaimedAt".len() + number_bytes(slot.claimed_at_ms),
+                "NotificationId".len() + slot.notification_id.as_ref().map_or(0, String::len),
+                "FolderList".len() + list_bytes(slot.listings.iter().map(|l| l.path.len())),
+                "Recursive".len() + 1,
+                "OldestEventAt".len() + number_bytes(slot.oldest_event_ms),
+                "Returned".len() + 1,
+                "ClaimExpiresAt".len() + number_bytes(slot.claim_expires_at_ms),
+                "LeaseEndsAt".len() + number_bytes(slot.lease_ends_at_ms),
+            ]
+            .into_iter(),
+        )
+    });
+    let early = s.early_completions.iter().map(|c| {
+        list_bytes(
+            [
+                "NotificationId".len() + c.notification_id.len(),
+                "CompletedAt".len() + number_bytes(c.completed_at_ms),
+            ]
+            .into_iter(),
+        )
+    });
+    "BucketName".len()
+        + "share#".len()
+        + s.share_arn.len()
+        + "ShareARN".len()
+        + s.share_arn.len()
+        + "Bucket".len()
+        + s.bucket.len()
+        + "Prefix".len()
+        + s.prefix.len()
+        + numbers
+            .iter()
+            .filter_map(|(name, n)| n.map(|n| name.len() + number_bytes(n)))
+            .sum::<usize>()
+        + "Pending".len()
+        + s.pending.iter().map(|l| l.encode().len()).sum::<usize>()
+        + "Slots".len()
+        + list_bytes(slots)
+        + "EarlyCompletions".len()
+        + list_bytes(early)
+}
+
+/// The table's answer to a write of `bytes`: DynamoDB refuses an item over 400 KB,
+/// and no retry changes that. The product's budgets must keep every item under it,
+/// so a refusal is also a violation.
+fn refuse_large_item(w: &mut World, what: &str, key: &str, bytes: usize) -> Result<(), StoreError> {
+    w.largest_item = w.largest_item.max(bytes);
+    if bytes <= MAX_ITEM_BYTES {
+        return Ok(());
+    }
+    let message = format!("{what} {key}: an item of {bytes} bytes, over DynamoDB's 400 KB");
+    w.log(|| format!("dynamo {message}: refused"));
+    w.violations.push(message.clone());
+    Err(StoreError {
+        retry: Retry::Never,
+        message,
+    })
+}
+
 struct SimStore(Port);
 
 impl SimStore {
@@ -622,12 +1044,20 @@ impl SimStore {
         let mut w = self.0.world();
         w.tick();
         let fault = w.roll(Service::Dynamo);
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             w.log(|| format!("dynamo {what} {bucket}: fails"));
             return Err(store_fault());
         }
         let mut item = w.items.remove(bucket).flatten();
+        let before = (what != "read").then(|| item.clone());
         let result = f(&mut item, &mut w);
+        if let (Some(before), Some(written)) = (before, item.as_ref()) {
+            let bytes = window_item_bytes(written);
+            if let Err(e) = refuse_large_item(&mut w, what, bucket, bytes) {
+                w.items.insert(bucket.to_string(), before);
+                return Err(e);
+            }
+        }
         if let Some(changes) = item.as_ref().map(|i| &i.changes) {
             if changes.whole_bucket {
                 w.whole_bucket.insert(bucket.to_string());
@@ -640,14 +1070,14 @@ impl SimStore {
         w.log(|| {
             format!(
                 "dynamo {what} {bucket}: {result:?}{}",
-                if fault == Fault::After {
+                if fault == CallFault::After {
                     " (caller sees a timeout)"
                 } else {
                     ""
                 }
             )
         });
-        if fault == Fault::After {
+        if fault == CallFault::After {
             return Err(store_fault());
         }
         Ok(result)
@@ -698,7 +1128,7 @@ impl WindowStore for SimStore {
             if item.is_none() {
                 w.item_missing.insert(bucket.to_string());
             }
-            if w.fault_2018 == Some(Fault2018::TimeOnlyWindow) {
+            if w.fault == Some(Fault::TimeOnlyWindow) {
                 // Read the window without closing it.
                 let mut copy = item.clone();
                 return window::close(&mut copy, generation, now_ms);
@@ -759,12 +1189,12 @@ impl ShareStore for SimStore {
         let mut w = self.0.world();
         w.tick();
         let fault = w.roll(Service::Dynamo);
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             w.log(|| format!("dynamo read_share {share_arn}: fails"));
             return Err(store_fault());
         }
         let state = w.share_items.get(share_arn).cloned();
-        if fault == Fault::After {
+        if fault == CallFault::After {
             w.log(|| format!("dynamo read_share {share_arn}: times out"));
             return Err(store_fault());
         }
@@ -778,22 +1208,32 @@ impl ShareStore for SimStore {
         w.tick();
         let fault = w.roll(Service::Dynamo);
         let arn = &state.share_arn;
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             w.log(|| format!("dynamo write_share {arn}: fails"));
             return Err(store_fault());
         }
         let stored = w.share_items.get(arn);
         let written = stored.map_or(0, |s| s.version) == state.version;
         if written {
+            refuse_large_item(&mut w, "write_share", arn, share_item_bytes(state))?;
+            let stored = w.share_items.get(arn);
             let mut claims = self.0.claims.lock().unwrap_or_else(|p| p.into_inner());
+            let mut invocation = self.0.invocation.lock().unwrap_or_else(|p| p.into_inner());
             for slot in &state.slots {
                 let new_claim =
                     stored.is_none_or(|old| !old.slots.iter().any(|s| s.claim_id == slot.claim_id));
                 if new_claim {
-                    claims.insert(arn.clone(), slot.claimed_at_ms - self.0.skew_ms);
+                    let decided_at = slot.claimed_at_ms - self.0.skew_ms;
+                    claims.insert(arn.clone(), decided_at);
+                    invocation
+                        .claims
+                        .push((arn.clone(), slot.claim_id.clone(), decided_at));
                 }
             }
+            drop(invocation);
             drop(claims);
+            let now_here = w.now + self.0.skew_ms;
+            note_ended_leases(&mut w, state, now_here);
             let mut next = state.clone();
             next.version = state.version + 1;
             w.log(|| format!("dynamo write_share {arn}: {}", share_line(&next)));
@@ -806,11 +1246,63 @@ impl ShareStore for SimStore {
                 )
             });
         }
-        if fault == Fault::After {
+        if fault == CallFault::After {
             w.log(|| format!("dynamo write_share {arn}: (caller sees a timeout)"));
             return Err(store_fault());
         }
         Ok(written)
+    }
+}
+
+/// How many leases in a row may end on one share while their refresh still lists and
+/// the share's `RefreshMs` stays the same, before the run is stopped: the product
+/// would re-list the share every lease, forever.
+const LEASE_LIVELOCK: u32 = 3;
+
+/// A write of `state` (by a container whose clock reads `now_here`) that drops a slot
+/// whose lease ended while the gateway still lists its refresh, which will complete:
+/// the lease was too short. Once is a cost the protocol accepts (the folders are listed
+/// twice); the same share again and again, with the lease never growing, is a
+/// livelock, and stops the run.
+fn note_ended_leases(w: &mut World, state: &ShareState, now_here: i64) {
+    let Some(old) = w.share_items.get(&state.share_arn) else {
+        return;
+    };
+    let now = w.now;
+    let premature = old
+        .slots
+        .iter()
+        .filter(|slot| {
+            now_here >= slot.lease_ends_at_ms
+                && !state.slots.iter().any(|s| s.claim_id == slot.claim_id)
+        })
+        .filter_map(|slot| slot.notification_id.as_deref())
+        .filter(|id| {
+            w.refreshes
+                .iter()
+                .rev()
+                .find(|r| r.notification_id == *id)
+                .is_some_and(|r| r.lists && r.completes_at > now)
+        })
+        .count() as u32;
+    if premature == 0 {
+        return;
+    }
+    let arn = state.share_arn.clone();
+    let entry = w
+        .short_leases
+        .entry(arn.clone())
+        .or_insert((0, state.refresh_ms));
+    if entry.1 != state.refresh_ms {
+        *entry = (0, state.refresh_ms);
+    }
+    entry.0 += premature;
+    let (count, refresh_ms) = *entry;
+    if count >= LEASE_LIVELOCK && w.stop.is_none() {
+        w.stop = Some(format!(
+            "lease livelock: {count} leases in a row on share {} ended while their refresh was still listing (it would complete), and its RefreshMs stayed {refresh_ms:?}: a completion that comes after its slot's lease frees nothing and teaches nothing, so the lease never grows and the share is listed again every lease, forever",
+            short(&arn)
+        ));
     }
 }
 
@@ -837,9 +1329,9 @@ impl RefreshQueue for SimQueue {
             retry: Retry::Later,
             message: "simulated SQS failure".into(),
         };
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             w.log(|| format!("sqs send {}: fails", message.bucket));
-            if w.fault_2018 == Some(Fault2018::NoUnsentRepair) {
+            if w.fault == Some(Fault::NoUnsentRepair) {
                 // The 2018 order: the window was written before this send.
                 let mut item = w.items.remove(&message.bucket).flatten();
                 let expected = OpenExpectation::from_item(item.as_ref());
@@ -865,6 +1357,7 @@ impl RefreshQueue for SimQueue {
             timestamp_ms: message.timestamp_ms,
             visible_at,
             receive_count: 0,
+            excused: 0,
         };
         w.queue.push(queued);
         w.log(|| {
@@ -873,7 +1366,7 @@ impl RefreshQueue for SimQueue {
                 message.bucket, message.generation
             )
         });
-        if fault == Fault::After {
+        if fault == CallFault::After {
             return Err(err());
         }
         Ok(id)
@@ -928,7 +1421,7 @@ impl Requeue for SimQueue {
             retry: Retry::Later,
             message: "simulated SQS failure".into(),
         };
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             w.log(|| format!("sqs wake {}: fails", message.share_arn));
             return Err(err());
         }
@@ -941,6 +1434,7 @@ impl Requeue for SimQueue {
             timestamp_ms: message.visible_at_ms,
             visible_at,
             receive_count: 0,
+            excused: 0,
         });
         w.wakes += 1;
         w.log(|| {
@@ -949,7 +1443,7 @@ impl Requeue for SimQueue {
                 message.share_arn, message.due_at_ms
             )
         });
-        if fault == Fault::After {
+        if fault == CallFault::After {
             return Err(err());
         }
         Ok(id)
@@ -961,7 +1455,7 @@ struct SimGateway(Port);
 impl SimGateway {
     fn fault(&self, w: &mut World) -> Option<GatewayError> {
         match w.roll(Service::Gateway) {
-            Fault::None => None,
+            CallFault::None => None,
             // A gateway call has no effect worth modelling when it fails.
             _ if w.rng.chance(0.5) => Some(GatewayError::Busy {
                 message: "simulated throttle".into(),
@@ -978,7 +1472,7 @@ impl FileGateway for SimGateway {
     async fn list_file_shares(&self, marker: Option<&str>) -> Result<SharePage, GatewayError> {
         self.0.call().await;
         let mut w = self.0.world();
-        w.tick();
+        w.tick_gateway();
         if let Some(e) = self.fault(&mut w) {
             return Err(e);
         }
@@ -1004,7 +1498,7 @@ impl FileGateway for SimGateway {
     ) -> Result<Vec<DescribedShare>, GatewayError> {
         self.0.call().await;
         let mut w = self.0.world();
-        w.tick();
+        w.tick_gateway();
         if let Some(e) = self.fault(&mut w) {
             return Err(e);
         }
@@ -1020,7 +1514,7 @@ impl FileGateway for SimGateway {
                     .map(|s| DescribedShare {
                         arn: s.arn.clone(),
                         kind,
-                        gateway_arn: gateway_arn(&s.gateway),
+                        gateway_arn: gateway_arn(w.region_of(&s.gateway), &s.gateway),
                         location_arn: if s.prefix.is_empty() {
                             format!("arn:aws:s3:::{}", s.bucket)
                         } else {
@@ -1038,7 +1532,7 @@ impl FileGateway for SimGateway {
     async fn refresh_cache(&self, plan: &RefreshPlan) -> Result<String, GatewayError> {
         self.0.call().await;
         let mut w = self.0.world();
-        w.tick();
+        w.tick_gateway();
         let arn = &plan.share_arn;
         *w.refresh_calls.entry(arn.clone()).or_default() += 1;
         if !w.live_shares().any(|s| &s.arn == arn) {
@@ -1053,7 +1547,13 @@ impl FileGateway for SimGateway {
         let now = w.now;
         let in_flight = w.in_flight(arn);
         if in_flight.len() >= 2 {
-            w.log(|| format!("gateway refresh {arn}: two already in flight {in_flight:?}"));
+            w.log(|| {
+                format!(
+                    "gateway refresh {}: two already in flight {in_flight:?}",
+                    short(arn)
+                )
+            });
+            w.holds.push((arn.clone(), now));
             w.throttled.push(ThrottledAttempt {
                 share_arn: arn.clone(),
                 at: now,
@@ -1064,7 +1564,7 @@ impl FileGateway for SimGateway {
             });
         }
         let fault = w.roll(Service::Gateway);
-        if fault == Fault::Before {
+        if fault == CallFault::Before {
             let e = if w.rng.chance(0.5) {
                 GatewayError::Busy {
                     message: "simulated throttle".into(),
@@ -1082,10 +1582,30 @@ impl FileGateway for SimGateway {
             (1..=50).contains(&plan.folders.len()),
             "FolderList takes 1 to 50 folders"
         );
+        let share = w.share(arn).cloned();
+        // A gateway (or one share) that fails every call for a while, after the storm.
+        if share
+            .as_ref()
+            .is_some_and(|share| w.outages.iter().any(|o| o.hits(share, now)))
+        {
+            w.calls_failed_by_outage += 1;
+            w.log(|| format!("gateway refresh {}: fails (outage)", short(arn)));
+            return Err(GatewayError::Other {
+                retry: Retry::Later,
+                message: "simulated outage: 5xx on every call".into(),
+            });
+        }
+        // A gateway that restarts mid-refresh accepts the call and never completes it.
+        let never_completes = share
+            .as_ref()
+            .is_some_and(|share| w.restarts.iter().any(|r| r.hits(share, now)));
         // A refresh lists every folder it names (a recursive one, their subtrees, with
         // a HEAD per object): its time grows with the work; some gateways take hours.
-        let duration = if w.slow_gateway {
-            w.rng.range(3_600_000, 4 * 3_600_000)
+        let duration = if never_completes {
+            // Until the restart: then the gateway no longer holds it.
+            w.rng.range(10_000, 600_000)
+        } else if let Some((from, to)) = w.slow_gateway {
+            w.rng.range(from, to)
         } else {
             let per_folder = w.rng.range(200, 3_000) * if plan.recursive { 8 } else { 1 };
             w.rng.range(500, 5_000) + per_folder * plan.folders.len() as i64
@@ -1099,7 +1619,7 @@ impl FileGateway for SimGateway {
             .copied()
             .unwrap_or(now);
         let notification_id = new_notification_id(&mut w.rng);
-        let answered = fault == Fault::None;
+        let answered = fault == CallFault::None;
         w.refreshes.push(AcceptedRefresh {
             share_arn: arn.clone(),
             at: now,
@@ -1109,10 +1629,13 @@ impl FileGateway for SimGateway {
             completes_at: now + duration,
             decided_at,
             answered,
+            lists: !never_completes,
+            event_at: None,
         });
         w.log(|| {
             format!(
-                "gateway refresh {arn} {:?} recursive={} accepted as {notification_id}, until {}{}",
+                "gateway refresh {} {:?} recursive={} accepted as {notification_id}, until {}{}{}",
+                short(arn),
                 plan.folders,
                 plan.recursive,
                 now + duration,
@@ -1120,11 +1643,25 @@ impl FileGateway for SimGateway {
                     ""
                 } else {
                     " (caller sees a timeout)"
+                },
+                if never_completes {
+                    " (the gateway restarts then: never completes)"
+                } else {
+                    ""
                 }
             )
         });
         let index = w.refreshes.len() - 1;
-        w.emit_completion(index);
+        if !answered {
+            // The product does not know of it: a call may find it in flight.
+            w.holds.push((arn.clone(), now));
+        }
+        if never_completes {
+            w.refreshes_never_completed += 1;
+            w.holds.push((arn.clone(), decided_at.min(now)));
+        } else {
+            w.emit_completion(index);
+        }
         if !answered {
             return Err(GatewayError::Other {
                 retry: Retry::Later,
@@ -1161,13 +1698,16 @@ enum Outcome {
 #[derive(Default)]
 struct IngestQueue {
     messages: Vec<IngestMessage>,
-    dlq: Vec<Arc<Value>>,
+    /// The notifications, with the index of their event.
+    dlq: Vec<(Arc<Value>, usize)>,
     next_id: u64,
 }
 
 struct IngestMessage {
     id: String,
     notification: Arc<Value>,
+    /// Its event (index into `Sim::events`).
+    event: usize,
     visible_at: i64,
     receive_count: u32,
 }
@@ -1175,8 +1715,13 @@ struct IngestMessage {
 type Task = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 enum Work {
-    /// One S3 notification, and how many times Lambda already tried it.
-    Notification { event: Arc<Value>, attempt: u32 },
+    /// One S3 notification (of event `index`), and how many times Lambda already tried
+    /// it.
+    Notification {
+        event: Arc<Value>,
+        attempt: u32,
+        index: usize,
+    },
     /// Messages received from the action queue.
     Batch { ids: Vec<String> },
     /// Messages received from the ingest queue.
@@ -1189,6 +1734,8 @@ struct Running {
     invocation: Arc<Mutex<InvocationState>>,
     work: Work,
     task: Task,
+    /// When the invocation started (true time).
+    started_at: i64,
 }
 
 struct Container {
@@ -1215,6 +1762,10 @@ enum Agenda {
         index: usize,
         gateway: String,
     },
+    /// Create share `Sim::new_shares[index]` (a new share, not a recreated one).
+    CreateShare {
+        index: usize,
+    },
     StormEnds,
 }
 
@@ -1233,11 +1784,25 @@ struct Sim {
     running: Vec<Running>,
     agenda: BinaryHeap<std::cmp::Reverse<(i64, u64, Agenda)>>,
     agenda_seq: u64,
-    /// S3 notifications on their way; shared, since they are handed on many times.
-    deliveries: HashMap<u64, (Arc<Value>, u32)>,
-    aggregator_dlq: Vec<Arc<Value>>,
+    /// S3 notifications on their way (with their attempt and event index); shared,
+    /// since they are handed on many times.
+    deliveries: HashMap<u64, (Arc<Value>, u32, usize)>,
+    aggregator_dlq: Vec<(Arc<Value>, usize)>,
     events: Vec<SimEvent>,
+    /// The ingest queue's visibility timeout.
     visibility_ms: i64,
+    /// The action queue's: six times the refresher's timeout, as the stack sets it.
+    action_visibility_ms: i64,
+    /// The refresher's function timeout: each invocation gets its deadline.
+    function_timeout_ms: i64,
+    /// Per event, when an aggregator first got it (true time): the `t` of the bound.
+    first_processed: Vec<Option<i64>>,
+    /// Events that went to the aggregator's or the ingest queue's DLQ.
+    dead_events: std::collections::BTreeSet<usize>,
+    /// Messages that reached the action queue's DLQ, and when.
+    action_dead: Vec<(i64, Dead)>,
+    /// Shares created during the run (`Agenda::CreateShare`).
+    new_shares: Vec<SimShare>,
     max_receive_count: u32,
     redrives: u32,
     /// Some: events reach the aggregator through an SQS ingest queue, in batches.
@@ -1250,6 +1815,12 @@ struct Sim {
     next_container: u64,
     /// The refreshers' `MIN_REFRESH_INTERVAL_SECONDS`.
     min_interval_seconds: u32,
+    /// The longest refresher invocation that ended normally (part of S_q).
+    longest_invocation: i64,
+    /// The run must be quiet by then (two days after the last write).
+    settle_by: i64,
+    /// Aggregator invocations that made no call at all (coalesced in the container).
+    coalesced: u64,
 }
 
 impl Sim {
@@ -1269,11 +1840,19 @@ impl Sim {
         self.schedule(next, Agenda::IngestPoll);
     }
 
-    fn deliver(&mut self, at: i64, event: Arc<Value>, attempt: u32) {
+    fn deliver(&mut self, at: i64, event: Arc<Value>, attempt: u32, index: usize) {
         self.agenda_seq += 1;
         let seq = self.agenda_seq;
-        self.deliveries.insert(seq, (event, attempt));
+        self.deliveries.insert(seq, (event, attempt, index));
         self.schedule(at, Agenda::Deliver { seq });
+    }
+
+    /// An aggregator got event `index` now.
+    fn processing(&mut self, index: usize) {
+        let now = self.now();
+        if let Some(t) = self.first_processed.get_mut(index) {
+            t.get_or_insert(now);
+        }
     }
 
     fn now(&self) -> i64 {
@@ -1340,8 +1919,7 @@ impl Sim {
     fn new_aggregator(&mut self) -> Container {
         let port = self.new_port();
         // Two containers' clocks differ by at most twice the skew bound.
-        let margin = if lock(&self.world).fault_2018 == Some(Fault2018::CoalesceWithoutClockMargin)
-        {
+        let margin = if lock(&self.world).fault == Some(Fault::CoalesceWithoutClockMargin) {
             0
         } else {
             2 * self.skew_ms + 1
@@ -1368,8 +1946,8 @@ impl Sim {
         // Like the aggregator's margin: two containers' clocks differ by at most twice
         // the skew bound, so calls from two containers stay the interval apart in true
         // time.
-        let fault = lock(&self.world).fault_2018;
-        let clock_margin_ms = if fault == Some(Fault2018::PaceWithoutClockMargin) {
+        let fault = lock(&self.world).fault;
+        let clock_margin_ms = if fault == Some(Fault::PaceWithoutClockMargin) {
             0
         } else {
             2 * self.skew_ms + 1
@@ -1383,11 +1961,16 @@ impl Sim {
         .with_pace(self.min_interval_seconds, clock_margin_ms)
         .with_claim_prefix(format!("c{}", self.next_container))
         .with_metrics_sink(Arc::new(NullSink));
-        let service = if fault == Some(Fault2018::TrustInFlight) {
+        let service = if fault == Some(Fault::TrustInFlight) {
             service.trusting_in_flight_refreshes()
         } else {
             service
         };
+        let service = service.with_fault_switches(FaultSwitches {
+            failing_share_fails_the_message: fault == Some(Fault::FailingShareFailsTheMessage),
+            lease_drops_its_folders: fault == Some(Fault::LeaseDropsItsFolders),
+            share_is_the_first_resource: fault == Some(Fault::ShareIsTheFirstResource),
+        });
         Container {
             busy: false,
             port,
@@ -1404,9 +1987,17 @@ impl Sim {
             .then(|| self.rng.range(1, calls) as u32)
     }
 
-    fn start_aggregator(&mut self, event: Arc<Value>, attempt: u32) -> bool {
+    fn start_aggregator(&mut self, event: Arc<Value>, attempt: u32, index: usize) -> bool {
         let payload = event.clone();
-        self.start_aggregator_with(payload, Work::Notification { event, attempt })
+        self.start_aggregator_with(
+            payload,
+            Work::Notification {
+                event,
+                attempt,
+                index,
+            },
+            &[index],
+        )
     }
 
     /// The ingest queue's event source mapping: up to 10 visible messages per batch.
@@ -1419,6 +2010,7 @@ impl Sim {
         };
         let mut records = Vec::new();
         let mut ids = Vec::new();
+        let mut indices = Vec::new();
         let mut dead = Vec::new();
         let batch_size = 1 + (now as usize / 1000) % 10;
         for m in ingest.messages.iter_mut().filter(|m| m.visible_at <= now) {
@@ -1435,11 +2027,13 @@ impl Sim {
                 "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
                 "body": m.notification.to_string()}));
             ids.push(m.id.clone());
+            indices.push(m.event);
         }
         for id in dead {
             if let Some(pos) = ingest.messages.iter().position(|m| m.id == id) {
                 let m = ingest.messages.remove(pos);
-                ingest.dlq.push(m.notification);
+                self.dead_events.insert(m.event);
+                ingest.dlq.push((m.notification, m.event));
             }
         }
         if records.is_empty() {
@@ -1450,10 +2044,18 @@ impl Sim {
         let _ = self.start_aggregator_with(
             Arc::new(json!({ "Records": records })),
             Work::IngestBatch { ids },
+            &indices,
         );
     }
 
-    fn start_aggregator_with(&mut self, payload: Arc<Value>, work: Work) -> bool {
+    /// Starts an aggregator invocation on `payload`, which carries the events
+    /// `indices`; `false` when every container is busy.
+    fn start_aggregator_with(
+        &mut self,
+        payload: Arc<Value>,
+        work: Work,
+        indices: &[usize],
+    ) -> bool {
         let index = match self.aggregators.iter().position(|c| !c.busy) {
             Some(i) => i,
             None if self.aggregators.len() < self.max_aggregators => {
@@ -1476,6 +2078,10 @@ impl Sim {
         };
         let service = container.aggregator.clone().expect("aggregator container");
         let batched = matches!(work, Work::IngestBatch { .. });
+        for &event in indices {
+            self.processing(event);
+        }
+        let started_at = self.now();
         let task: Task = Box::pin(async move {
             let result = service.handle(payload.as_ref()).await;
             if batched {
@@ -1484,12 +2090,14 @@ impl Sim {
                 Outcome::Aggregated(result.is_ok())
             }
         });
+        let invocation = self.aggregators[index].port.invocation.clone();
         self.running.push(Running {
             container: index,
             is_refresher: false,
-            invocation: container.port.invocation.clone(),
+            invocation,
             work,
             task,
+            started_at,
         });
         true
     }
@@ -1512,8 +2120,12 @@ impl Sim {
             let mut w = lock(&self.world);
             let max_receive = self.max_receive_count;
             let mut dead = Vec::new();
+            let mut longest_wait = w.longest_queue_wait;
+            // The event source mapping's batches hold up to 10 messages, as many as it
+            // got from its last poll.
+            let batch_size = 1 + self.rng.below(10) as usize;
             for m in w.queue.iter_mut().filter(|m| m.visible_at <= now) {
-                if records.len() == 10 {
+                if records.len() == batch_size {
                     break;
                 }
                 m.receive_count += 1;
@@ -1521,7 +2133,8 @@ impl Sim {
                     dead.push(m.id.clone());
                     continue;
                 }
-                m.visible_at = now + self.visibility_ms;
+                longest_wait = longest_wait.max(now - m.visible_at);
+                m.visible_at = now + self.action_visibility_ms;
                 let attributes = match &m.bucket {
                     Some(bucket) => json!({
                         ATTR_BUCKET: {"stringValue": bucket, "dataType": "String"},
@@ -1541,10 +2154,23 @@ impl Sim {
                 }));
                 ids.push(m.id.clone());
             }
+            w.longest_queue_wait = longest_wait;
             for id in dead {
                 if let Some(pos) = w.queue.iter().position(|m| m.id == id) {
                     let m = w.queue.remove(pos);
                     w.log(|| format!("sqs {} exceeded maxReceiveCount: to the DLQ", m.id));
+                    let what = dead_message(&m);
+                    // With the bound's protocol a failing gateway never fails a message:
+                    // after the storm, only a crash or a kill may.
+                    let unexcused = (m.receive_count - 1).saturating_sub(m.excused);
+                    if now >= self.storm_ends_at && unexcused > 0 {
+                        let message = format!(
+                            "message {} ({what:?}) reached the action DLQ after the storm: {unexcused} of its receives failed with no fault to excuse them",
+                            m.id
+                        );
+                        w.violations.push(message);
+                    }
+                    self.action_dead.push((now, what));
                     w.dlq.push(m);
                 }
             }
@@ -1560,6 +2186,9 @@ impl Sim {
             return;
         }
         let crash_at = self.crash_point(30);
+        // Lambda's deadline: the function's timeout from now, as the container's clock
+        // reads it; the invocation is killed when the true time reaches it.
+        let deadline = now + self.function_timeout_ms;
         let container = &mut self.refreshers[index];
         container.busy = true;
         *container
@@ -1568,19 +2197,23 @@ impl Sim {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = InvocationState {
             crash_at,
+            deadline: Some(deadline),
             ..Default::default()
         };
         let service = container.refresher.clone().expect("refresher container");
+        let deadline_on_its_clock = deadline + container.port.skew_ms;
         let payload = json!({ "Records": records });
         let task: Task = Box::pin(async move {
-            Outcome::Refreshed(match service.handle(&payload).await {
-                Ok(response) => Ok(response
-                    .batch_item_failures
-                    .into_iter()
-                    .map(|f| f.item_identifier)
-                    .collect()),
-                Err(_) => Err(()),
-            })
+            Outcome::Refreshed(
+                match service.handle_until(&payload, deadline_on_its_clock).await {
+                    Ok(response) => Ok(response
+                        .batch_item_failures
+                        .into_iter()
+                        .map(|f| f.item_identifier)
+                        .collect()),
+                    Err(_) => Err(()),
+                },
+            )
         });
         self.running.push(Running {
             container: index,
@@ -1588,6 +2221,7 @@ impl Sim {
             invocation: container.port.invocation.clone(),
             work: Work::Batch { ids },
             task,
+            started_at: now,
         });
     }
 
@@ -1595,7 +2229,67 @@ impl Sim {
         let now = self.now();
         // What the invocation sent may be visible soon.
         self.poll_by(now + 1_000);
+        let in_storm = run.started_at < self.storm_ends_at;
+        let (outcome, killed, claims) = {
+            let mut inv = run.invocation.lock().unwrap_or_else(|p| p.into_inner());
+            if !run.is_refresher && inv.calls == 0 && !inv.crashed {
+                // No call at all: a window this container recorded covered the changes.
+                self.coalesced += 1;
+                if let Work::Notification { index, .. } = &run.work {
+                    let bucket = &self.events[*index].bucket;
+                    let w = lock(&self.world);
+                    if let Some(Some(item)) = w.items.get(bucket) {
+                        if item.closed_generation >= item.generation {
+                            eprintln!("UNSAFE SKIP event {index} at {now}: {:?}", (item.generation, item.ends_at_ms));
+                        }
+                    }
+                }
+            }
+            // An invocation that is still running at its deadline is killed, even if its
+            // last call came before it.
+            let late = inv.deadline.is_some_and(|d| now >= d);
+            let killed = inv.killed || (late && outcome.is_some());
+            (
+                if killed { None } else { outcome },
+                killed,
+                std::mem::take(&mut inv.claims),
+            )
+        };
         let crashed = outcome.is_none();
+        if run.is_refresher && !crashed {
+            self.longest_invocation = self.longest_invocation.max(now - run.started_at);
+        }
+        if run.is_refresher {
+            let mut w = lock(&self.world);
+            if killed {
+                w.kills.push(now);
+                w.log(|| "refresher killed at its deadline".into());
+            }
+            // A claim that its invocation left without its call recorded holds the slot
+            // until its lease (its listings come back at the claim's expiry). Only a
+            // crash, a kill or a fault of the storm may leave one.
+            for (share, claim_id, decided_at) in claims {
+                let open = w.share_items.get(&share).is_some_and(|s| {
+                    s.slots.iter().any(|slot| {
+                        slot.claim_id == claim_id
+                            && slot.notification_id.is_none()
+                            && !slot.returned
+                    })
+                });
+                if !open {
+                    continue;
+                }
+                if crashed || in_storm {
+                    w.holds.push((share, decided_at));
+                } else {
+                    let message = format!(
+                        "an invocation that ended normally left claim {claim_id} on share {} without its call recorded",
+                        short(&share)
+                    );
+                    w.violations.push(message);
+                }
+            }
+        }
         if run.is_refresher {
             if crashed {
                 // A new container, with a cold share map, takes the next batch.
@@ -1610,16 +2304,29 @@ impl Sim {
         }
         match (run.work, outcome) {
             (Work::Notification { .. }, Some(Outcome::Aggregated(true))) => {}
-            (Work::Notification { event, attempt }, _) => {
+            (
+                Work::Notification {
+                    event,
+                    attempt,
+                    index,
+                },
+                _,
+            ) => {
                 // Lambda's async invocation: two retries, one and two minutes apart,
                 // then the on-failure destination.
                 if attempt < 2 {
-                    self.deliver(now + 60_000 * i64::from(attempt + 1), event, attempt + 1);
+                    self.deliver(
+                        now + 60_000 * i64::from(attempt + 1),
+                        event,
+                        attempt + 1,
+                        index,
+                    );
                 } else {
                     lock(&self.world).log(|| {
                         "aggregator: retries exhausted, event to the on-failure DLQ".into()
                     });
-                    self.aggregator_dlq.push(event);
+                    self.dead_events.insert(index);
+                    self.aggregator_dlq.push((event, index));
                 }
             }
             (Work::Batch { ids }, Some(Outcome::Refreshed(result))) => {
@@ -1628,19 +2335,28 @@ impl Sim {
                     Ok(failed) => failed,
                     Err(()) => ids.clone(),
                 };
-                let delete_all = w.fault_2018 == Some(Fault2018::DeleteOnRefreshError);
+                let delete_all = w.fault == Some(Fault::DeleteOnRefreshError);
                 for id in &ids {
                     if !delete_all && failed.contains(id) {
+                        if in_storm {
+                            excuse(&mut w, id);
+                        }
                         continue;
                     }
                     // DeleteMessage can fail too; the message then comes back.
-                    if w.roll(Service::Sqs) != Fault::None {
+                    if w.roll(Service::Sqs) != CallFault::None {
+                        excuse(&mut w, id);
                         continue;
                     }
                     w.queue.retain(|m| &m.id != id);
                 }
             }
-            (Work::Batch { .. }, _) => {}
+            (Work::Batch { ids }, _) => {
+                let mut w = lock(&self.world);
+                for id in &ids {
+                    excuse(&mut w, id);
+                }
+            }
             (Work::IngestBatch { ids }, Some(Outcome::AggregatedBatch(Ok(failed)))) => {
                 // Lambda deletes the messages that the response does not name.
                 if let Some(ingest) = self.ingest.as_mut() {
@@ -1678,6 +2394,16 @@ impl Sim {
                 return Err("simulation did not settle".into());
             }
             let now = self.now();
+            if steps % 64 == 0 {
+                if let Some(why) = lock(&self.world).stop.clone() {
+                    return Err(why);
+                }
+                if now > self.settle_by {
+                    return Err(format!(
+                        "simulation did not settle: still busy at {now}, two days after the last write"
+                    ));
+                }
+            }
             let next_due = self.agenda.peek().map(|std::cmp::Reverse((t, _, _))| *t);
             let poll_a_task = !self.running.is_empty()
                 && (next_due.is_none_or(|t| t > now) || self.rng.chance(0.7));
@@ -1705,9 +2431,15 @@ impl Sim {
                             .unwrap_or(false);
                         if crashed {
                             let run = self.running.swap_remove(i);
+                            let killed = run.invocation.lock().map(|s| s.killed).unwrap_or(false);
                             lock(&self.world).log(|| {
                                 format!(
-                                    "container crashed ({})",
+                                    "container {} ({})",
+                                    if killed {
+                                        "killed at its deadline"
+                                    } else {
+                                        "crashed"
+                                    },
                                     if run.is_refresher {
                                         "refresher"
                                     } else {
@@ -1733,11 +2465,11 @@ impl Sim {
             }
             match item {
                 Agenda::Deliver { seq } => {
-                    let Some((event, attempt)) = self.deliveries.remove(&seq) else {
+                    let Some((event, attempt, index)) = self.deliveries.remove(&seq) else {
                         continue;
                     };
                     let mut w = lock(&self.world);
-                    if w.fault_2018 == Some(Fault2018::SkipGatewayWrites)
+                    if w.fault == Some(Fault::SkipGatewayWrites)
                         && event["Records"].as_array().is_some_and(|records| {
                             records.iter().any(|r| {
                                 r["userIdentity"]["principalId"]
@@ -1758,17 +2490,16 @@ impl Sim {
                         ingest.messages.push(IngestMessage {
                             id,
                             notification: event,
+                            event: index,
                             visible_at: at,
                             receive_count: 0,
                         });
                         self.schedule_ingest_poll();
                         continue;
                     }
-                    {
-                        if !self.start_aggregator(event.clone(), attempt) {
-                            // Every container is busy: Lambda queues the event.
-                            self.deliver(at + 50, event, attempt);
-                        }
+                    if !self.start_aggregator(event.clone(), attempt, index) {
+                        // Every container is busy: Lambda queues the event.
+                        self.deliver(at + 50, event, attempt, index);
                     }
                 }
                 Agenda::IngestPoll => {
@@ -1801,7 +2532,8 @@ impl Sim {
                         old.deleted_at = Some(now);
                         let mut new = old.clone();
                         w.next_share += 1;
-                        new.arn = format!("share-{}", w.next_share);
+                        new.arn =
+                            share_arn(w.region_of(&gateway), &format!("share-{}", w.next_share));
                         new.gateway = gateway;
                         new.created_at = now;
                         new.deleted_at = None;
@@ -1810,6 +2542,21 @@ impl Sim {
                         });
                         w.shares.push(new);
                     }
+                }
+                Agenda::CreateShare { index } => {
+                    let mut share = self.new_shares[index].clone();
+                    let mut w = lock(&self.world);
+                    share.created_at = w.now;
+                    w.log(|| {
+                        format!(
+                            "share {} created on {}: {}/{}",
+                            short(&share.arn),
+                            share.gateway,
+                            share.bucket,
+                            share.prefix
+                        )
+                    });
+                    w.shares.push(share);
                 }
                 Agenda::StormEnds => {
                     self.storm_over = true;
@@ -1838,12 +2585,13 @@ impl Sim {
                     return Err("DLQs keep filling after 20 redrives".into());
                 }
                 let now = self.now();
-                for event in events {
-                    self.deliver(now, event, 0);
+                for (event, index) in events {
+                    self.deliver(now, event, 0, index);
                 }
                 let mut w = lock(&self.world);
                 for mut m in messages {
                     m.receive_count = 0;
+                    m.excused = 0;
                     m.visible_at = now;
                     w.queue.push(m);
                 }
@@ -1859,9 +2607,24 @@ impl Sim {
 // A scenario per seed, and the checker
 // ---------------------------------------------------------------------------------
 
+/// The region of the stack, and the one other region that some runs' gateways sit in.
+const HOME_REGION: &str = "us-east-1";
+const REMOTE_REGION: &str = "eu-west-1";
+
 /// The ARN of gateway `id` in the simulated account.
-fn gateway_arn(id: &str) -> String {
-    format!("arn:aws:storagegateway:us-east-1:123456789012:gateway/{id}")
+fn gateway_arn(region: &str, id: &str) -> String {
+    format!("arn:aws:storagegateway:{region}:123456789012:gateway/{id}")
+}
+
+/// The ARN of share `id` (`share-…`) in the simulated account: the product finds the
+/// share among an event's `resources` by this form.
+fn share_arn(region: &str, id: &str) -> String {
+    format!("arn:aws:storagegateway:{region}:123456789012:share/{id}")
+}
+
+/// A share ARN as the trace shows it: its id.
+fn short(arn: &str) -> &str {
+    arn.rsplit_once('/').map_or(arn, |(_, id)| id)
 }
 
 /// The principal of a write through a share of gateway `id`, in one of the cases that
@@ -2045,12 +2808,229 @@ fn writer_gateway<'a>(world: &'a World, event: &'a SimEvent) -> Option<&'a str> 
     }
 }
 
-fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
+/// What the bound needs to know of a run besides the world: when each change was
+/// processed, which changes went through a DLQ, and the terms of the run.
+struct Judged<'a> {
+    events: &'a [SimEvent],
+    /// Per event, when an aggregator first got it: the bound's `t`.
+    first_processed: &'a [Option<i64>],
+    /// Events sent to the aggregator's or the ingest queue's DLQ.
+    dead_events: &'a std::collections::BTreeSet<usize>,
+    /// Messages that reached the action queue's DLQ.
+    action_dead: &'a [(i64, Dead)],
+    terms: BoundTerms,
+}
+
+/// The run's terms of the staleness bound (docs/protocol.md, "The staleness bound"):
+/// `B = W + m + H·S_q + K·(max(P, D_S) + S_q)`, plus the terms of the faults the run
+/// had (see [`BoundTerms::allowance`]).
+#[derive(Debug, Clone, Copy)]
+struct BoundTerms {
+    /// W: `REFRESH_DELAY_SECONDS`.
+    window_ms: i64,
+    /// m: the refreshers' clock margin (the most two containers' clocks differ by).
+    margin_ms: i64,
+    /// H: the window's message hops: `ceil(W / 900 s)`, plus one for a first arrival
+    /// that finds the window not ended yet on a clock that runs behind (it is sent
+    /// back with the rest, at most m).
+    hops: i64,
+    /// S_q: how late the model processes a message of the action queue after it
+    /// becomes visible: the longest wait for a receive in this run plus the longest
+    /// invocation that was not killed (at least `MIN_QUEUE_MARGIN_MS`).
+    queue_ms: i64,
+    /// P: `MIN_REFRESH_INTERVAL_SECONDS` + m, or 0 when the interval is 0.
+    pace_ms: i64,
+    /// The storm: its end, and how long after it a change may still meet its effects
+    /// (a message invisible for a visibility timeout, a window that takes joins for 15
+    /// minutes after its end, a back-off step, a claim's expiry).
+    faults_on: bool,
+    storm_ends_at: i64,
+    storm_linger_ms: i64,
+    /// One retry chain: the aggregator's (Lambda's two async retries, or the ingest
+    /// queue's receives) and the action queue's (`maxReceiveCount` × visibility).
+    retry_chain_ms: i64,
+    /// The claim expiry: the refresher's function timeout plus m.
+    claim_expiry_ms: i64,
+    /// The action queue's visibility timeout (a killed invocation's messages come back
+    /// after it), and the function timeout.
+    visibility_ms: i64,
+    timeout_ms: i64,
+    /// The most two clocks differ by.
+    spread_ms: i64,
+}
+
+/// The least S_q: a message that becomes visible while nothing runs is received at
+/// the next poll, within a second.
+const MIN_QUEUE_MARGIN_MS: i64 = 5_000;
+
+/// One share's figures for the bound.
+#[derive(Debug, Clone, Copy, Default)]
+struct ShareTerms {
+    /// D_S: the longest any of the share's refreshes held its slot, from the call to
+    /// the completion event on the queue (its listing, and EventBridge's delivery).
+    longest_ms: i64,
+    /// The longest lease the product could have set on the share:
+    /// `slot_lease_ms(Some(2 × the longest refresh))`, plus the clock spread.
+    lease_ms: i64,
+}
+
+impl BoundTerms {
+    /// The base bound for a share whose refreshes take `d_ms` (`K = MAX_BACKLOG_CALLS`),
+    /// with one more S_q for a wake-up that an invocation near its deadline leaves.
+    fn base(&self, d_ms: i64) -> i64 {
+        let k = MAX_BACKLOG_CALLS as i64;
+        self.window_ms
+            + self.margin_ms
+            + self.hops * self.queue_ms
+            + k * (self.pace_ms.max(d_ms) + self.queue_ms)
+            + self.queue_ms
+    }
+
+    /// What a change processed at `t` and first covered on `share` at `covered_at` is
+    /// allowed, and the terms that make it up.
+    fn allowance(
+        &self,
+        world: &World,
+        share: &SimShare,
+        share_terms: ShareTerms,
+        t: i64,
+        covered_at: i64,
+    ) -> (i64, Vec<String>) {
+        let base = self.base(share_terms.longest_ms);
+        let mut allowed = base;
+        let mut terms = vec![format!("base {base}")];
+        // Its processing overlaps the storm (or meets what the storm left).
+        if self.faults_on && t < self.storm_ends_at + self.storm_linger_ms {
+            let storm = (self.storm_ends_at - t).max(0)
+                + self.retry_chain_ms
+                + self.claim_expiry_ms
+                + MAX_BACKOFF_MS
+                + self.queue_ms;
+            allowed += storm;
+            terms.push(format!("storm {storm}"));
+        }
+        // The share's gateway failed every call over [a, b]: (b - max(a, t))+ and one
+        // back-off step, also for a change that comes within that step after b (the
+        // step that began before b outlasts it).
+        for outage in world
+            .outages
+            .iter()
+            .filter(|o| o.covers(share) && t < o.until + MAX_BACKOFF_MS)
+        {
+            let term = (outage.until - outage.from.max(t)).max(0) + MAX_BACKOFF_MS + self.queue_ms;
+            allowed += term;
+            terms.push(format!("outage {term}"));
+        }
+        // A slot the product may hold until its lease (a lost completion event, a
+        // refresh that never completes or whose response was lost, a refused third
+        // call, a claim orphaned by a crash), while this change waits: a lease (and a
+        // claim's expiry) for each, since they may come one after another (a backlog of
+        // chunks whose completion events are lost).
+        let held = world
+            .holds
+            .iter()
+            .filter(|(arn, x)| {
+                *arn == share.arn
+                    && *x <= covered_at
+                    && x + share_terms.lease_ms + self.claim_expiry_ms >= t
+            })
+            .count() as i64;
+        if held > 0 {
+            let term = held * (share_terms.lease_ms + self.claim_expiry_ms)
+                + MAX_BACKOFF_MS
+                + self.queue_ms;
+            allowed += term;
+            terms.push(format!("{held} lease(s) {term}"));
+        }
+        // A refresher invocation killed at its deadline: its messages come back after
+        // the visibility timeout, its claims expire.
+        if world
+            .kills
+            .iter()
+            .any(|k| t - self.timeout_ms <= *k && *k <= covered_at)
+        {
+            let term = self.visibility_ms + self.claim_expiry_ms + self.queue_ms;
+            allowed += term;
+            terms.push(format!("killed {term}"));
+        }
+        (allowed, terms)
+    }
+}
+
+/// Per share, the refreshes that list (in call order, so by start time).
+fn refreshes_by_share(world: &World) -> HashMap<&str, Vec<&AcceptedRefresh>> {
+    let mut by_share: HashMap<&str, Vec<&AcceptedRefresh>> = HashMap::new();
+    for r in world.refreshes.iter().filter(|r| r.lists) {
+        by_share.entry(r.share_arn.as_str()).or_default().push(r);
+    }
+    by_share
+}
+
+/// Per share, D_S and the longest lease.
+fn share_terms(world: &World, spread_ms: i64) -> HashMap<String, ShareTerms> {
+    let mut terms: HashMap<String, ShareTerms> = HashMap::new();
+    let mut longest_listing: HashMap<&str, i64> = HashMap::new();
+    for r in world.refreshes.iter().filter(|r| r.lists) {
+        let held = r.event_at.unwrap_or(r.completes_at).max(r.completes_at) - r.at;
+        let t = terms.entry(r.share_arn.clone()).or_default();
+        t.longest_ms = t.longest_ms.max(held);
+        let l = longest_listing.entry(r.share_arn.as_str()).or_default();
+        *l = (*l).max(r.completes_at - r.at);
+    }
+    for share in &world.shares {
+        let longest = longest_listing
+            .get(share.arn.as_str())
+            .copied()
+            .unwrap_or(0);
+        terms.entry(share.arn.clone()).or_default().lease_ms =
+            slot_lease_ms(Some(2 * longest)) + spread_ms;
+    }
+    terms
+}
+
+/// The time at which `share` first listed every folder of `event`'s key after the
+/// event was written (the latest over its folder and their ancestors of the first
+/// refresh that lists each), or `None` if some folder never was.
+fn covered_at(
+    by_share: &HashMap<&str, Vec<&AcceptedRefresh>>,
+    share: &SimShare,
+    event: &SimEvent,
+) -> Option<i64> {
+    let refreshes = by_share.get(share.arn.as_str())?;
+    let after = refreshes.partition_point(|r| r.at <= event.written_at);
+    let relative = &event.key[share.prefix.len()..];
+    folder_chain(relative)
+        .iter()
+        .map(|folder| {
+            refreshes[after..]
+                .iter()
+                .find(|r| lists(r, folder))
+                .map(|r| r.at)
+        })
+        .try_fold(i64::MIN, |latest, at| at.map(|at| latest.max(at)))
+}
+
+/// The most a change used of its allowance in a run: (ratio, what); and of the
+/// allowance beyond the window (`(took - W) / (B - W)`: the window is most of B when
+/// it is long, and a change that opens one waits all of it).
+#[derive(Debug, Clone, Default)]
+struct Tightest {
+    ratio: f64,
+    what: String,
+    beyond_window: f64,
+    beyond_what: String,
+}
+
+fn check_invariant(world: &World, judged: &Judged<'_>) -> Result<Tightest, String> {
     if let Some(v) = world.violations.first() {
         return Err(format!("the product broke a service's contract: {v}"));
     }
+    let events = judged.events;
     let live: Vec<&SimShare> = world.live_shares().collect();
-    for event in events {
+    let by_share = refreshes_by_share(world);
+    // (event, share, covered at) for the bound, once the invariant holds.
+    let mut covered = Vec::new();
+    for (index, event) in events.iter().enumerate() {
         let writer = writer_gateway(world, event);
         for share in live.iter().filter(|s| {
             s.bucket == event.bucket
@@ -2058,13 +3038,7 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
                 && s.created_at < event.written_at
                 && !writer.is_some_and(|g| g.eq_ignore_ascii_case(&s.gateway))
         }) {
-            let relative = &event.key[share.prefix.len()..];
-            let covered = folder_chain(relative).iter().all(|folder| {
-                world.refreshes.iter().any(|r| {
-                    r.share_arn == share.arn && r.at > event.written_at && lists(r, folder)
-                })
-            });
-            if !covered {
+            let Some(at) = covered_at(&by_share, share, event) else {
                 return Err(format!(
                     "object {}/{} ({:?}, {}) written at {} was never refreshed on share {} (prefix {:?}, gateway {})",
                     event.bucket,
@@ -2072,17 +3046,80 @@ fn check_invariant(world: &World, events: &[SimEvent]) -> Result<(), String> {
                     event.origin,
                     event.record["eventName"].as_str().unwrap_or_default(),
                     event.written_at,
-                    share.arn,
+                    short(&share.arn),
                     share.prefix,
                     share.gateway
                 ));
-            }
+            };
+            covered.push((index, *share, at));
         }
     }
     check_in_flight(world)?;
     check_pace(world)?;
     check_drained(world)?;
-    check_cost(world, events)
+    check_cost(world, events)?;
+    check_bound(world, judged, &covered)
+}
+
+/// Every change that the invariant requires on a share is covered there within its
+/// bound: `covered_at - t <= B`, `t` being when an aggregator first got the change.
+/// A change whose path went through a DLQ is exempt (the operator redrives it; the
+/// invariant still holds it).
+fn check_bound(
+    world: &World,
+    judged: &Judged<'_>,
+    covered: &[(usize, &SimShare, i64)],
+) -> Result<Tightest, String> {
+    let terms = judged.terms;
+    let per_share = share_terms(world, terms.spread_ms);
+    let mut tightest = Tightest::default();
+    for &(index, share, covered_at) in covered {
+        let event = &judged.events[index];
+        let Some(t) = judged.first_processed[index] else {
+            continue;
+        };
+        let through_a_dlq = judged.dead_events.contains(&index)
+            || judged.action_dead.iter().any(|(at, dead)| match dead {
+                Dead::Window(bucket) => {
+                    *bucket == event.bucket && t <= at + terms.window_ms + STALE_WINDOW_GRACE_MS
+                }
+                Dead::Share(arn) => *arn == share.arn && t <= *at,
+            });
+        if through_a_dlq {
+            continue;
+        }
+        let share_terms = per_share.get(&share.arn).copied().unwrap_or_default();
+        let (allowed, parts) = terms.allowance(world, share, share_terms, t, covered_at);
+        let took = covered_at - t;
+        if std::env::var("SIM_DEBUG_EVENT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
+            eprintln!("DEBUG event {index} {} written {} processed {t} covered on {} at {covered_at} allowed {allowed}", event.key, event.written_at, short(&share.arn));
+        }
+        let ratio = took as f64 / allowed.max(1) as f64;
+        let what = || {
+            format!(
+                "object {}/{} written at {}, processed at {t}, covered on share {} at {covered_at}: {took} ms of {allowed} ms ({}; D_S {} ms)",
+                event.bucket,
+                event.key,
+                event.written_at,
+                short(&share.arn),
+                parts.join(", "),
+                share_terms.longest_ms
+            )
+        };
+        if took > allowed {
+            return Err(format!("later than its bound: {}", what()));
+        }
+        if ratio > tightest.ratio {
+            tightest.ratio = ratio;
+            tightest.what = what();
+        }
+        let beyond = (took - terms.window_ms) as f64 / (allowed - terms.window_ms).max(1) as f64;
+        if beyond > tightest.beyond_window {
+            tightest.beyond_window = beyond;
+            tightest.beyond_what = what();
+        }
+    }
+    Ok(tightest)
 }
 
 /// At most two refreshes in flight per share, as the gateway sees it.
@@ -2281,13 +3318,140 @@ struct BucketPlan {
     single_writer: bool,
 }
 
-fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult {
+/// The origin of a write into `bucket`: of kind `kind` (0 to 4: one of each kind; else
+/// mixed, as a percentile).
+fn pick_origin(bucket: &BucketPlan, pool: &[String], kind: u64, rng: &mut Rng) -> Origin {
+    if bucket.single_writer {
+        return if rng.chance(0.85) {
+            Origin::Gateway(bucket.gateways[0].clone())
+        } else {
+            Origin::UnnamedGateway
+        };
+    }
+    match kind {
+        0 | 5..=34 => Origin::Direct,
+        1 | 35..=49 => Origin::Lifecycle,
+        2 | 50..=84 => Origin::Gateway(rng.pick(&bucket.gateways).clone()),
+        3 | 85..=94 => Origin::UnnamedGateway,
+        // A gateway without a share of this bucket.
+        _ => Origin::Gateway(
+            rng.pick(
+                &pool
+                    .iter()
+                    .filter(|g| !bucket.gateways.contains(g))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+            .clone(),
+        ),
+    }
+}
+
+/// A key whose folders have long names: hundreds of bytes each, the whole key up to
+/// S3's 1,024 bytes. A few names (`a` to `c`) so that keys share folders.
+fn long_key(prefix: &str, i: usize, rng: &mut Rng) -> String {
+    let file = format!("obj-{i}");
+    let budget = if rng.chance(0.2) {
+        1_024
+    } else {
+        rng.range(200, 700) as usize
+    };
+    let depth = rng.range(1, 3) as usize;
+    let room = budget - prefix.len() - file.len();
+    let segment = room / depth - 1;
+    let mut key = prefix.to_string();
+    for _ in 0..depth {
+        let name = *rng.pick(&['a', 'b', 'c']);
+        key.push(name);
+        key.push_str(&"l".repeat(segment - 1));
+        key.push('/');
+    }
+    key.push_str(&file);
+    assert!(key.len() <= 1_024, "an S3 key takes at most 1,024 bytes");
+    key
+}
+
+/// A write of the scenario: bucket, key, when, by whom.
+type Write = (String, String, i64, Origin);
+
+/// Schedules the S3 notification of `write` (mostly prompt, sometimes a minute or
+/// more late, sometimes twice) and records the event for the checker.
+fn schedule_write(
+    sim: &mut Sim,
+    stats: &mut Stats,
+    buckets: &[BucketPlan],
+    rng: &mut Rng,
+    (bucket, key, written_at, origin): Write,
+) {
+    let index = sim.events.len();
+    let record = s3_record(&bucket, &key, written_at, &origin, rng);
+    let notification = Arc::new(json!({ "Records": [record.clone()] }));
+    let copies = if rng.chance(0.08) { 2 } else { 1 };
+    for _ in 0..copies {
+        let delay = if rng.chance(0.1) {
+            rng.range(60_000, 400_000)
+        } else {
+            rng.range(5, 3_000)
+        };
+        sim.deliver(written_at + delay, notification.clone(), 0, index);
+    }
+    stats.events += 1;
+    match &origin {
+        Origin::Direct => stats.direct += 1,
+        Origin::Lifecycle => stats.lifecycle += 1,
+        Origin::UnnamedGateway => stats.unnamed_gateway += 1,
+        Origin::Gateway(g) => {
+            let served = buckets
+                .iter()
+                .any(|b| b.name == bucket && b.gateways.contains(g));
+            if served {
+                stats.named_gateway += 1;
+            } else {
+                stats.foreign_gateway += 1;
+            }
+        }
+    }
+    sim.events.push(SimEvent {
+        bucket,
+        key,
+        written_at,
+        origin,
+        record,
+    });
+    sim.first_processed.push(None);
+}
+
+/// A stretch on one share (`share`) or, one time in three, on its whole gateway.
+fn stretch_on(share: &SimShare, whole_gateway: bool, from: i64, until: i64) -> Stretch {
+    Stretch {
+        share: (!whole_gateway).then(|| share.arn.clone()),
+        gateway: share.gateway.clone(),
+        from,
+        until,
+    }
+}
+
+fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
     let mut rng = Rng(seed ^ 0x005E_ED0F_5EED);
+    // The persistent faults, the Lambda deadline and the second wave draw from their
+    // own sequence, so that the first wave of a seed stays what it was.
+    let mut knobs = Rng(seed ^ 0x0B0B_5EED_2026_0016);
     // Four gateways that serve buckets, and one that serves none of them. The ids
     // carry letters, so that their case can vary.
     let pool: Vec<String> = (0..5u64)
         .map(|i| format!("sgw-{:02X}{:06X}", 0x1A + i, rng.below(1 << 24)))
         .collect();
+    // A quarter of the runs have one gateway in another region.
+    let remote_gateway = knobs
+        .chance(0.25)
+        .then(|| pool[knobs.below(4) as usize].clone());
+    let region_of = |gateway: &str| {
+        if remote_gateway.as_deref() == Some(gateway) {
+            REMOTE_REGION
+        } else {
+            HOME_REGION
+        }
+    };
     let bucket_count = rng.range(1, 3) as usize;
     let mut buckets = Vec::new();
     for b in 0..bucket_count {
@@ -2296,7 +3460,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         let single_writer = b > 0
             && b + 1 == bucket_count
             && rng.chance(0.5)
-            && fault_2018 != Some(Fault2018::CoalesceWithoutClockMargin);
+            && fault != Some(Fault::CoalesceWithoutClockMargin);
         let gateway_count = if single_writer || rng.chance(0.4) {
             1
         } else {
@@ -2328,7 +3492,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
                 None => rng.pick(&bucket.gateways).clone(),
             };
             shares.push(SimShare {
-                arn: format!("share-{b}-{s}"),
+                arn: share_arn(region_of(&gateway), &format!("share-{b}-{s}")),
                 kind: if rng.chance(0.5) {
                     ShareKind::Nfs
                 } else {
@@ -2343,18 +3507,52 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         }
     }
     for i in 0..rng.range(0, 4) {
+        let gateway = rng.pick(&pool).clone();
         shares.push(SimShare {
-            arn: format!("share-other-{i}"),
+            arn: share_arn(region_of(&gateway), &format!("share-other-{i}")),
             kind: ShareKind::Nfs,
-            gateway: rng.pick(&pool).clone(),
+            gateway,
             bucket: "unrelated".into(),
             prefix: String::new(),
             created_at: -1,
             deleted_at: None,
         });
     }
-    let faults_on = rng.chance(0.9);
+    // The share that a switch's runs aim at: the first share of the first bucket as the
+    // product lists them (NFS before SMB), which the second wave writes to.
+    let target = shares
+        .iter()
+        .filter(|s| s.bucket == buckets[0].name && s.kind == ShareKind::Nfs)
+        .chain(shares.iter().filter(|s| s.bucket == buckets[0].name))
+        .next()
+        .cloned()
+        .expect("every bucket has a share");
+    if fault == Some(Fault::FailingShareFailsTheMessage) {
+        // A healthy sibling after it, that needs the same changes.
+        let gateway = buckets[0]
+            .gateways
+            .iter()
+            .find(|g| **g != target.gateway)
+            .unwrap_or(&target.gateway)
+            .clone();
+        shares.push(SimShare {
+            arn: share_arn(region_of(&gateway), "share-0-sibling"),
+            kind: ShareKind::Smb,
+            gateway,
+            bucket: target.bucket.clone(),
+            prefix: target.prefix.clone(),
+            created_at: -1,
+            deleted_at: None,
+        });
+    }
+    let mut faults_on = rng.chance(0.9);
+    if fault == Some(Fault::CoalesceWithoutClockMargin) && knobs.chance(0.5) {
+        // Half of its runs without the storm: a change lost near a window's end and
+        // covered only by a later change (or a lease) is then judged by the bound alone.
+        faults_on = false;
+    }
     let p = |rng: &mut Rng| rng.below(20) as f64 / 100.0;
+    let storm_ends_at = 900_000;
     let mut world = World {
         now: 0,
         rng: Rng(rng.next()),
@@ -2370,7 +3568,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         share_items: HashMap::new(),
         refreshes: Vec::new(),
         throttled: Vec::new(),
-        slow_gateway: false,
+        slow_gateway: None,
         completion_faults: CompletionFaults::default(),
         min_interval_ms: 0,
         clock_spread_ms: 0,
@@ -2384,8 +3582,24 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         gateway_anywhere: Default::default(),
         whole_bucket: Default::default(),
         item_missing: Default::default(),
-        fault_2018,
+        fault,
         trace: trace.then(Vec::new),
+        outages: Vec::new(),
+        restarts: Vec::new(),
+        gateway_first: 0.0,
+        remote_gateway: remote_gateway.clone(),
+        gateway_call_ms: (1, 25),
+        gateway_hangs: 0.0,
+        holds: Vec::new(),
+        kills: Vec::new(),
+        largest_item: 0,
+        longest_queue_wait: 0,
+        short_leases: HashMap::new(),
+        stop: None,
+        calls_failed_by_outage: 0,
+        refreshes_never_completed: 0,
+        gateway_first_events: 0,
+        remote_events: 0,
     };
     if let Some(trace) = world.trace.as_mut() {
         for s in &world.shares {
@@ -2396,24 +3610,38 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         }
     }
     // Up to 40 minutes: windows longer than SQS's 900-second delay come back.
-    let dense = fault_2018 == Some(Fault2018::CoalesceWithoutClockMargin);
+    let dense = fault == Some(Fault::CoalesceWithoutClockMargin);
     // Trusting an in-flight refresh shows when a folder changes again while its refresh
     // lists: short windows, one after another, on a gateway that takes hours.
-    let trust = fault_2018 == Some(Fault2018::TrustInFlight);
-    let delay_seconds = if dense {
+    let trust = fault == Some(Fault::TrustInFlight);
+    // Taking the gateway for the share shows when both slots wait for their leases:
+    // short windows, one after another, at a short interval.
+    let first_resource = fault == Some(Fault::ShareIsTheFirstResource);
+    let mut delay_seconds = if dense {
         *rng.pick(&[1u32, 5, 10])
     } else if trust {
         *rng.pick(&[1u32, 5, 10, 30])
     } else {
         *rng.pick(&[0u32, 1, 5, 30, 120, 900, 2_400])
     };
+    if first_resource {
+        delay_seconds = *knobs.pick(&[0u32, 1, 5, 30]);
+    }
     // Pacing without a margin shows between two refreshers whose clocks differ.
-    let pace_fault = fault_2018 == Some(Fault2018::PaceWithoutClockMargin);
-    let skew_ms = if fault_2018 == Some(Fault2018::TimeOnlyWindow) || dense || pace_fault {
+    let pace_fault = fault == Some(Fault::PaceWithoutClockMargin);
+    let skew_ms = if fault == Some(Fault::TimeOnlyWindow) || dense || pace_fault {
         3_000
     } else {
         rng.range(0, 2_000)
     };
+    // The refresher's function timeout (the claim expiry), and the action queue's
+    // visibility timeout: six times it, as the stack sets it.
+    let function_timeout_ms = if fault == Some(Fault::FailingShareFailsTheMessage) {
+        *knobs.pick(&[60_000, 300_000])
+    } else {
+        *knobs.pick(&[15_000, 60_000, 300_000])
+    };
+    let action_visibility_ms = 6 * function_timeout_ms;
     let mut sim = Sim {
         world: Arc::new(Mutex::new(world)),
         rng: Rng(rng.next()),
@@ -2426,7 +3654,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         } else {
             0.0
         },
-        storm_ends_at: 900_000,
+        storm_ends_at,
         storm_over: false,
         aggregators: Vec::new(),
         refreshers: Vec::new(),
@@ -2437,6 +3665,12 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         aggregator_dlq: Vec::new(),
         events: Vec::new(),
         visibility_ms: 60_000,
+        action_visibility_ms,
+        function_timeout_ms,
+        first_processed: Vec::new(),
+        dead_events: Default::default(),
+        action_dead: Vec::new(),
+        new_shares: Vec::new(),
         max_receive_count: 5,
         redrives: 0,
         // A third of the runs deliver through an SQS ingest queue, in batches.
@@ -2446,6 +3680,9 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         poll_at: None,
         next_container: 0,
         min_interval_seconds: 0,
+        longest_invocation: 0,
+        settle_by: i64::MAX,
+        coalesced: 0,
     };
     let mut stats = Stats::default();
     // The gateway's pace and its completion events. The interval varies per run; the
@@ -2454,35 +3691,82 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     if pace_fault && sim.min_interval_seconds == 0 {
         sim.min_interval_seconds = 5;
     }
-    let slow_gateway = rng.chance(0.15) || trust;
-    let completion_faults = CompletionFaults {
+    if first_resource {
+        sim.min_interval_seconds = *knobs.pick(&[0u32, 1]);
+    }
+    let slow_gateway = (rng.chance(0.15) || trust) && !first_resource;
+    // Trusting an in-flight refresh needs refreshes that list while the folder changes
+    // again, not hours: refreshes longer than the first lease (20 minutes) never let
+    // the share settle (see `LEASE_LIVELOCK`).
+    let slow_refresh_ms = if trust {
+        Some((300_000, 1_080_000))
+    } else {
+        slow_gateway.then_some((3_600_000, 4 * 3_600_000))
+    };
+    let mut completion_faults = CompletionFaults {
         lost: *rng.pick(&[0.0, 0.0, 0.05, 0.3]),
         duplicated: *rng.pick(&[0.0, 0.1, 0.5]),
         delayed: *rng.pick(&[0.0, 0.0, 0.2]),
         reorder_ms: *rng.pick(&[0, 5_000, 120_000]),
     };
+    if first_resource || dense {
+        // Every slot waits for its lease only because of the fault: a change that the
+        // fault loses (or leaves to a lease) is not excused by a lease of another cause.
+        completion_faults.lost = 0.0;
+        completion_faults.delayed = 0.0;
+    }
+    // Completion events list the share first, the gateway first, or either.
+    let gateway_first = if first_resource {
+        1.0
+    } else {
+        *knobs.pick(&[0.0, 0.5, 1.0])
+    };
+    // Some runs' Storage Gateway API is slow: each call takes up to a second, so that
+    // invocations meet their deadline. Not with a 15-s timeout: a message whose share
+    // map must be resolved anew (`ListFileShares` page by page, then `Describe`) could
+    // then never finish, whatever the product did.
+    let gateway_call_ms = if function_timeout_ms >= 60_000 && knobs.chance(0.2) {
+        (100, 1_000)
+    } else {
+        (1, 25)
+    };
+    let gateway_hangs = if knobs.chance(0.2) { 0.02 } else { 0.0 };
     {
         let mut w = lock(&sim.world);
-        w.slow_gateway = slow_gateway;
+        w.slow_gateway = slow_refresh_ms;
         w.completion_faults = completion_faults;
         w.min_interval_ms = i64::from(sim.min_interval_seconds) * 1000;
         w.clock_spread_ms = 2 * skew_ms;
+        w.gateway_first = gateway_first;
+        w.gateway_call_ms = gateway_call_ms;
+        w.gateway_hangs = gateway_hangs;
         let interval = sim.min_interval_seconds;
         w.log(|| {
             format!(
-                "run: window {delay_seconds} s, interval {interval} s, skew up to {skew_ms} ms, slow gateway {slow_gateway}, completions {completion_faults:?}"
+                "run: window {delay_seconds} s, interval {interval} s, skew up to {skew_ms} ms, slow gateway {slow_gateway}, completions {completion_faults:?}, gateway first {gateway_first}, gateway in another region {remote_gateway:?}, function timeout {function_timeout_ms} ms, gateway calls {gateway_call_ms:?} ms (hanging {gateway_hangs})"
             )
         });
         // Refresh-complete events for refreshes that no refresher of ours started (an
         // operator's, another tool's), on our shares and others: they must be harmless.
-        let arns: Vec<String> = w.shares.iter().map(|s| s.arn.clone()).collect();
+        let sources: Vec<(String, String)> = w
+            .shares
+            .iter()
+            .map(|s| (s.arn.clone(), s.gateway.clone()))
+            .collect();
         for _ in 0..rng.range(0, 3) {
-            let arn = rng.pick(&arns).clone();
+            let (arn, gateway) = rng.pick(&sources).clone();
             let id = new_notification_id(&mut rng);
             let visible_at = rng.range(0, 1_500_000);
             let started = visible_at - rng.range(1_000, 600_000);
             let completed = visible_at - rng.range(0, 1_000);
-            let body = completion_event(&arn, &id, started, completed, &["/".into()], &mut rng);
+            let region = w.region_of(&gateway);
+            let source = EventSource {
+                share_arn: &arn,
+                gateway_arn: &gateway_arn(region, &gateway),
+                region,
+                gateway_first: knobs.chance(gateway_first),
+            };
+            let body = completion_event(&source, &id, started, completed, &["/".into()], &mut rng);
             w.note_completion(&arn, &["/".into()], &id, started, visible_at);
             w.push_event(body, visible_at);
             stats.stray_completions += 1;
@@ -2495,7 +3779,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     } else {
         (rng.range(1_000, 600_000), rng.range(5, 30))
     };
-    let mut writes: Vec<(String, String, i64, Origin)> = Vec::new();
+    let mut writes: Vec<Write> = Vec::new();
     for i in 0..event_count {
         let bucket = rng.pick(&buckets);
         // The first five events are one of each kind; then they come mixed (in the
@@ -2507,31 +3791,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
         } else {
             rng.below(100)
         };
-        let origin = if bucket.single_writer {
-            if rng.chance(0.85) {
-                Origin::Gateway(bucket.gateways[0].clone())
-            } else {
-                Origin::UnnamedGateway
-            }
-        } else {
-            match kind {
-                0 | 5..=34 => Origin::Direct,
-                1 | 35..=49 => Origin::Lifecycle,
-                2 | 50..=84 => Origin::Gateway(rng.pick(&bucket.gateways).clone()),
-                3 | 85..=94 => Origin::UnnamedGateway,
-                // A gateway without a share of this bucket.
-                _ => Origin::Gateway(
-                    rng.pick(
-                        &pool
-                            .iter()
-                            .filter(|g| !bucket.gateways.contains(g))
-                            .cloned()
-                            .collect::<Vec<_>>(),
-                    )
-                    .clone(),
-                ),
-            }
-        };
+        let origin = pick_origin(bucket, &pool, kind, &mut rng);
         writes.push((
             bucket.name.clone(),
             format!("{}obj-{i}", rng.pick(&folders)),
@@ -2559,42 +3819,8 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
             writes.push((bucket.name.clone(), key, at, origin));
         }
     }
-    for (bucket, key, written_at, origin) in writes {
-        let record = s3_record(&bucket, &key, written_at, &origin, &mut rng);
-        let notification = Arc::new(json!({ "Records": [record.clone()] }));
-        // Delivery: mostly prompt, sometimes a minute or more late, sometimes twice.
-        let copies = if rng.chance(0.08) { 2 } else { 1 };
-        for _ in 0..copies {
-            let delay = if rng.chance(0.1) {
-                rng.range(60_000, 400_000)
-            } else {
-                rng.range(5, 3_000)
-            };
-            sim.deliver(written_at + delay, notification.clone(), 0);
-        }
-        stats.events += 1;
-        match &origin {
-            Origin::Direct => stats.direct += 1,
-            Origin::Lifecycle => stats.lifecycle += 1,
-            Origin::UnnamedGateway => stats.unnamed_gateway += 1,
-            Origin::Gateway(g) => {
-                let served = buckets
-                    .iter()
-                    .any(|b| b.name == bucket && b.gateways.contains(g));
-                if served {
-                    stats.named_gateway += 1;
-                } else {
-                    stats.foreign_gateway += 1;
-                }
-            }
-        }
-        sim.events.push(SimEvent {
-            bucket,
-            key,
-            written_at,
-            origin,
-            record,
-        });
+    for write in writes {
+        schedule_write(&mut sim, &mut stats, &buckets, &mut rng, write);
     }
     let share_gateways = lock(&sim.world)
         .shares
@@ -2622,15 +3848,330 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
             Agenda::RecreateShare { index, gateway },
         );
     }
-    let storm_ends = sim.storm_ends_at;
-    sim.schedule(storm_ends, Agenda::StormEnds);
-    sim.schedule_poll(1_000);
 
-    let outcome = sim.run().and_then(|()| {
-        let w = lock(&sim.world);
-        check_invariant(&w, &sim.events)
-    });
+    // After the storm, once what it left behind is over (a message invisible for a
+    // visibility timeout, a window that takes joins for 15 minutes after its end, a
+    // back-off step, a claim's expiry): a second wave of writes in a quiet world, with
+    // only the faults that persist.
+    let window_ms = i64::from(delay_seconds) * 1000;
+    let claim_expiry_ms = function_timeout_ms + 2 * skew_ms + 1;
+    let storm_linger_ms = action_visibility_ms.max(window_ms + STALE_WINDOW_GRACE_MS)
+        + MAX_BACKOFF_MS
+        + claim_expiry_ms
+        + 60_000;
+    let lease_drops = fault == Some(Fault::LeaseDropsItsFolders);
+    let failing_share = fault == Some(Fault::FailingShareFailsTheMessage);
+    let wave_start = storm_ends_at + storm_linger_ms + knobs.range(0, 300_000);
+    let wave_ms = if lease_drops {
+        // Long enough for leases to end while the share is still written to.
+        knobs.range(1_800_000, 2_400_000)
+    } else if dense {
+        // A dense burst again, in a quiet world: a change skipped near a window's end
+        // is lost (or waits for a lease), and nothing of the storm's excuses it.
+        knobs.range(1_000, 30_000)
+    } else {
+        knobs.range(180_000, 900_000)
+    };
+    let wave_count = if first_resource {
+        knobs.range(8, 16)
+    } else if dense {
+        knobs.range(30, 80)
+    } else {
+        knobs.range(2, 10)
+    };
+    let long_keys = knobs.chance(0.1);
+    stats.long_key_runs += u64::from(long_keys);
+    let aimed = first_resource || failing_share || lease_drops;
+    let mut second: Vec<Write> = Vec::new();
+    for i in 0..wave_count as usize {
+        let at = wave_start + knobs.range(0, wave_ms);
+        if aimed {
+            // At the target's prefix, where its sibling (if any) needs it too; for
+            // the lease fault, the later writes go to the root of the share only, so
+            // that they bring the share back after the leases without listing the
+            // earlier writes' folders.
+            let late = lease_drops && at > wave_start + MIN_SLOT_LEASE_MS;
+            let folder = if late {
+                ""
+            } else {
+                *knobs.pick(&["", "x/", "y/z/", "q/deep/er/"])
+            };
+            second.push((
+                target.bucket.clone(),
+                format!("{}{folder}obj-w{i}", target.prefix),
+                at,
+                Origin::Direct,
+            ));
+            continue;
+        }
+        let bucket = knobs.pick(&buckets);
+        let kind = if dense && knobs.chance(0.95) {
+            0
+        } else {
+            knobs.below(100)
+        };
+        let origin = pick_origin(bucket, &pool, kind, &mut knobs);
+        let key = if long_keys {
+            {
+                let prefix = *knobs.pick(&folders);
+                long_key(prefix, i, &mut knobs)
+            }
+        } else {
+            format!("{}obj-w{i}", knobs.pick(&folders))
+        };
+        second.push((bucket.name.clone(), key, at, origin));
+    }
+    // Rarely, a burst into a couple of hundred folders with long names: the budgets of
+    // the items (the window's entries, the share's pending bytes) are what keeps every
+    // item under DynamoDB's 400 KB.
+    if !aimed && knobs.chance(0.015) {
+        let bucket = knobs.pick(&buckets);
+        let origin = pick_origin(bucket, &pool, 0, &mut knobs);
+        let mut at = wave_start + knobs.range(0, wave_ms);
+        let stem = "f".repeat(knobs.range(300, 900) as usize);
+        for j in 0..knobs.range(195, 240) {
+            at += knobs.range(1, 40);
+            let prefix = *knobs.pick(&["", "p/", "q/"]);
+            second.push((
+                bucket.name.clone(),
+                format!("{prefix}{stem}{j}/obj"),
+                at,
+                origin.clone(),
+            ));
+        }
+        stats.long_key_runs += 1;
+    }
+    let shares_now: Vec<SimShare> = lock(&sim.world).shares.clone();
+    // Persistent faults: a share or a gateway whose `RefreshCache` fails every call for
+    // 2 to 40 minutes; refreshes accepted on one and never completed.
+    let outage = if failing_share {
+        let from = wave_start - knobs.range(0, 60_000);
+        Some(stretch_on(
+            &target,
+            false,
+            from,
+            from + knobs.range(1_200_000, 2_400_000),
+        ))
+    } else if !first_resource && !dense && knobs.chance(0.25) {
+        let share = knobs.pick(&shares_now).clone();
+        let from = wave_start + knobs.range(-300_000, wave_ms);
+        let whole_gateway = knobs.chance(0.4);
+        Some(stretch_on(
+            &share,
+            whole_gateway,
+            from,
+            from + knobs.range(120_000, 2_400_000),
+        ))
+    } else {
+        None
+    };
+    let restart = if lease_drops {
+        Some(stretch_on(
+            &target,
+            false,
+            wave_start - 30_000,
+            wave_start + knobs.range(120_000, 300_000),
+        ))
+    } else if !first_resource && !dense && knobs.chance(0.15) {
+        let share = knobs.pick(&shares_now).clone();
+        let from = wave_start + knobs.range(-120_000, wave_ms);
+        let whole_gateway = knobs.chance(0.3);
+        Some(stretch_on(
+            &share,
+            whole_gateway,
+            from,
+            from + knobs.range(60_000, 600_000),
+        ))
+    } else {
+        None
+    };
+    // New shares (not recreated ones), created a moment before a change in their
+    // prefix, in either wave.
+    if knobs.chance(0.2) {
+        let candidates: Vec<&SimEvent> = sim
+            .events
+            .iter()
+            .filter(|e| {
+                buckets
+                    .iter()
+                    .any(|b| b.name == e.bucket && !b.single_writer)
+            })
+            .collect();
+        let mut made: Vec<(i64, SimShare)> = Vec::new();
+        for (n, write) in [knobs.pick(&second).clone()]
+            .into_iter()
+            .chain((!candidates.is_empty() && knobs.chance(0.5)).then(|| {
+                let e = knobs.pick(&candidates);
+                (
+                    e.bucket.clone(),
+                    e.key.clone(),
+                    e.written_at,
+                    e.origin.clone(),
+                )
+            }))
+            .enumerate()
+        {
+            let (bucket_name, key, written_at, _) = write;
+            let Some(bucket) = buckets
+                .iter()
+                .find(|b| b.name == bucket_name && !b.single_writer)
+            else {
+                continue;
+            };
+            let prefixes: Vec<&str> = ["", "p/", "q/", "p/a/"]
+                .into_iter()
+                .filter(|p| key.starts_with(p))
+                .collect();
+            let prefix = knobs.pick(&prefixes).to_string();
+            let gateway = knobs.pick(&bucket.gateways).clone();
+            let at = (written_at - knobs.range(0, 3_000)).max(1);
+            made.push((
+                at,
+                SimShare {
+                    arn: share_arn(region_of(&gateway), &format!("share-new-{n}")),
+                    kind: if knobs.chance(0.5) {
+                        ShareKind::Nfs
+                    } else {
+                        ShareKind::Smb
+                    },
+                    gateway,
+                    bucket: bucket_name,
+                    prefix,
+                    created_at: at,
+                    deleted_at: None,
+                },
+            ));
+        }
+        for (at, share) in made {
+            stats.new_shares += 1;
+            sim.new_shares.push(share);
+            let index = sim.new_shares.len() - 1;
+            sim.schedule(at, Agenda::CreateShare { index });
+        }
+    }
+    stats.second_wave += second.len() as u64;
+    for write in second {
+        schedule_write(&mut sim, &mut stats, &buckets, &mut knobs, write);
+    }
+    {
+        let mut w = lock(&sim.world);
+        w.outages.extend(outage);
+        w.restarts.extend(restart);
+        let (outages, restarts) = (w.outages.clone(), w.restarts.clone());
+        w.log(|| {
+            format!(
+                "run: second wave from {wave_start} for {wave_ms} ms; outages {outages:?}; refreshes never completed {restarts:?}"
+            )
+        });
+        stats.outage_runs += u64::from(!w.outages.is_empty());
+        stats.restart_runs += u64::from(!w.restarts.is_empty());
+    }
+    sim.schedule(storm_ends_at, Agenda::StormEnds);
+    sim.schedule_poll(1_000);
+    // The run must be quiet some time after the last write: two days where refreshes
+    // take hours, else twelve hours.
+    sim.settle_by = sim.events.iter().map(|e| e.written_at).max().unwrap_or(0)
+        + if slow_refresh_ms.is_some() {
+            2 * 86_400_000
+        } else {
+            12 * 3_600_000
+        };
+
+    let outcome = sim.run();
+    let w = lock(&sim.world);
+    let terms = BoundTerms {
+        window_ms,
+        margin_ms: 2 * skew_ms + 1,
+        hops: (window_ms + 899_999) / 900_000 + 1,
+        queue_ms: (w.longest_queue_wait + sim.longest_invocation).max(MIN_QUEUE_MARGIN_MS),
+        pace_ms: if sim.min_interval_seconds == 0 {
+            0
+        } else {
+            i64::from(sim.min_interval_seconds) * 1000 + 2 * skew_ms + 1
+        },
+        faults_on,
+        storm_ends_at,
+        storm_linger_ms,
+        retry_chain_ms: i64::from(sim.max_receive_count)
+            * (action_visibility_ms + sim.visibility_ms)
+            + 180_000,
+        claim_expiry_ms,
+        visibility_ms: action_visibility_ms,
+        timeout_ms: function_timeout_ms,
+        spread_ms: 2 * skew_ms,
+    };
+    let judged = Judged {
+        events: &sim.events,
+        first_processed: &sim.first_processed,
+        dead_events: &sim.dead_events,
+        action_dead: &sim.action_dead,
+        terms,
+    };
+    let outcome = match outcome {
+        Ok(()) => check_invariant(&w, &judged),
+        // A run that never quieted had hours for every change: what the checker finds
+        // in it (a change covered late, or never) says more than that it never quieted.
+        Err(busy) if busy.starts_with("simulation did not settle") => {
+            match check_invariant(&w, &judged) {
+                Err(found)
+                    if found.contains("later than its bound")
+                        || found.contains("was never refreshed") =>
+                {
+                    Err(format!("{found} (and the run never quieted)"))
+                }
+                _ => Err(busy),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    drop(judged);
+    drop(w);
     let mut w = lock(&sim.world);
+    if w.trace.is_some() {
+        let per_share = share_terms(&w, terms.spread_ms);
+        let mut lines = vec![format!(
+            "bound: W {} ms, m {} ms, H {}, S_q {} ms (longest wait {} ms, longest invocation {} ms), P {} ms, K {MAX_BACKLOG_CALLS}; storm term for t < {} ({} ms chain, {} ms claim expiry)",
+            terms.window_ms,
+            terms.margin_ms,
+            terms.hops,
+            terms.queue_ms,
+            w.longest_queue_wait,
+            sim.longest_invocation,
+            terms.pace_ms,
+            terms.storm_ends_at + terms.storm_linger_ms,
+            terms.retry_chain_ms,
+            terms.claim_expiry_ms
+        )];
+        for share in &w.shares {
+            let t = per_share.get(&share.arn).copied().unwrap_or_default();
+            let holds: Vec<i64> = w
+                .holds
+                .iter()
+                .filter(|(arn, _)| *arn == share.arn)
+                .map(|(_, x)| *x)
+                .collect();
+            lines.push(format!(
+                "bound: share {}: D_S {} ms, lease {} ms, B = {} ms; slots held from {holds:?}",
+                short(&share.arn),
+                t.longest_ms,
+                t.lease_ms,
+                terms.base(t.longest_ms)
+            ));
+        }
+        if let Ok(tightest) = &outcome {
+            lines.push(format!(
+                "bound: tightest {:.3}: {}",
+                tightest.ratio, tightest.what
+            ));
+            lines.push(format!(
+                "bound: tightest beyond the window {:.3}: {}",
+                tightest.beyond_window, tightest.beyond_what
+            ));
+        }
+        for line in lines {
+            w.log(|| line);
+        }
+    }
     stats.refreshes = w.refreshes.len() as u64;
     stats.wakes = w.wakes;
     stats.completions = w.completions;
@@ -2641,9 +4182,21 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
     stats.windows_gateway_anywhere = w.gateway_anywhere.len() as u64;
     stats.windows_whole_bucket = w.whole_bucket.len() as u64;
     stats.single_writer_buckets = single_writer_buckets(&w, &sim.events).len() as u64;
+    stats.kills = w.kills.len() as u64;
+    stats.coalesced = sim.coalesced;
+    stats.calls_failed_by_outage = w.calls_failed_by_outage;
+    stats.refreshes_never_completed = w.refreshes_never_completed;
+    stats.gateway_first_events = w.gateway_first_events;
+    stats.remote_events = w.remote_events;
+    stats.largest_item = (w.largest_item as u64, seed);
+    stats.longest_queue_ms = (terms.queue_ms, seed);
+    if let Ok(tightest) = &outcome {
+        stats.tightest = (tightest.ratio, seed);
+        stats.tightest_beyond_window = (tightest.beyond_window, seed);
+    }
     let trace = w.trace.take().unwrap_or_default();
     SeedResult {
-        outcome,
+        outcome: outcome.map(|_| ()),
         trace,
         stats,
     }
@@ -2651,7 +4204,7 @@ fn run_seed(seed: u64, fault_2018: Option<Fault2018>, trace: bool) -> SeedResult
 
 /// Runs `seeds` seeds on every core; returns the failing seeds with their errors, and
 /// what the runs went through.
-fn run_seeds(seeds: u64) -> (Vec<(u64, String)>, Stats) {
+fn run_seeds(seeds: u64, fault: Option<Fault>) -> (Vec<(u64, String)>, Stats) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u64;
@@ -2665,7 +4218,7 @@ fn run_seeds(seeds: u64) -> (Vec<(u64, String)>, Stats) {
                 let mut seed = t;
                 let mut stats = Stats::default();
                 while seed < seeds {
-                    let result = run_seed(seed, None, false);
+                    let result = run_seed(seed, fault, false);
                     stats.add(&result.stats);
                     if let Err(e) = result.outcome {
                         failures
@@ -2698,14 +4251,15 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn simulation_holds_the_invariant() {
+    // `SIM_FAULT=TrustInFlight` (a switch's name) runs with that switch: one seed's
+    // replay, or all the seeds (to see what the checker finds with it).
+    let fault = std::env::var("SIM_FAULT").ok().map(|name| {
+        ALL_FAULTS
+            .into_iter()
+            .find(|f| format!("{f:?}") == name.trim())
+            .unwrap_or_else(|| panic!("SIM_FAULT={name}: not one of {ALL_FAULTS:?}"))
+    });
     if let Some(seed) = env_u64("SEED") {
-        // `SIM_FAULT=TrustInFlight` (a switch's name) replays the seed with that switch.
-        let fault = std::env::var("SIM_FAULT").ok().map(|name| {
-            ALL_FAULTS
-                .into_iter()
-                .find(|f| format!("{f:?}") == name.trim())
-                .unwrap_or_else(|| panic!("SIM_FAULT={name}: not one of {ALL_FAULTS:?}"))
-        });
         let result = run_seed(seed, fault, true);
         for line in &result.trace {
             println!("{line}");
@@ -2717,7 +4271,7 @@ fn simulation_holds_the_invariant() {
     }
     let seeds = env_u64("SIM_SEEDS").unwrap_or(2_000);
     let started = std::time::Instant::now();
-    let (failures, stats) = run_seeds(seeds);
+    let (failures, stats) = run_seeds(seeds, fault);
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "simulation: {seeds} seeds in {elapsed:.1} s ({:.0} seeds/s), {} failed",
@@ -2750,8 +4304,53 @@ fn simulation_holds_the_invariant() {
         stats.most_throttled.1,
         stats.slow_runs
     );
-    for (seed, error) in failures.iter().take(20) {
-        println!("seed {seed}: {error}");
+    println!(
+        "simulation: after the storm: {} changes in second waves; {} runs with an outage ({} calls failed), {} with refreshes never completed ({}); completion events: {} with the gateway first, {} from another region; {} refreshers killed at their deadline; {} aggregator invocations coalesced in their container; {} shares created; {} runs with long keys; largest item {} bytes (seed {})",
+        stats.second_wave,
+        stats.outage_runs,
+        stats.calls_failed_by_outage,
+        stats.restart_runs,
+        stats.refreshes_never_completed,
+        stats.gateway_first_events,
+        stats.remote_events,
+        stats.kills,
+        stats.coalesced,
+        stats.new_shares,
+        stats.long_key_runs,
+        stats.largest_item.0,
+        stats.largest_item.1
+    );
+    println!(
+        "simulation: staleness bound: the most a change used of its allowance: {:.3} (seed {}), of its allowance beyond the window: {:.3} (seed {}); largest S_q {} ms (seed {})",
+        stats.tightest.0,
+        stats.tightest.1,
+        stats.tightest_beyond_window.0,
+        stats.tightest_beyond_window.1,
+        stats.longest_queue_ms.0,
+        stats.longest_queue_ms.1
+    );
+    // The failures by kind (the words before the first colon or number), a few of each.
+    let mut kinds: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (seed, error) in &failures {
+        let kind: String = error
+            .split([':', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        kinds.entry(kind).or_default().push(*seed);
+    }
+    for (kind, seeds) in &kinds {
+        println!(
+            "simulation: {} seeds fail with \"{kind}\": {:?}",
+            seeds.len(),
+            &seeds[..seeds.len().min(20)]
+        );
+        for seed in seeds.iter().take(3) {
+            if let Some((_, error)) = failures.iter().find(|(s, _)| s == seed) {
+                println!("seed {seed}: {error}");
+            }
+        }
     }
     if let Some((seed, error)) = failures.first() {
         panic!(
@@ -2778,6 +4377,16 @@ fn simulation_holds_the_invariant() {
                 stats.completions_duplicated,
                 stats.stray_completions,
                 stats.slow_runs,
+                stats.second_wave,
+                stats.outage_runs,
+                stats.calls_failed_by_outage,
+                stats.restart_runs,
+                stats.refreshes_never_completed,
+                stats.gateway_first_events,
+                stats.remote_events,
+                stats.kills,
+                stats.new_shares,
+                stats.long_key_runs,
             ]
             .iter()
             .all(|n| *n > 0),
@@ -2785,16 +4394,23 @@ fn simulation_holds_the_invariant() {
     );
 }
 
-/// Each 2018 fault must be caught within this many seeds.
+/// Each fault must be caught within this many seeds.
 const FAULT_SEEDS: u64 = 3_000;
 
-impl Fault2018 {
-    /// What the checker must report for this fault: a lost refresh, or a call inside
-    /// the interval. A failure of another kind is not this fault being caught.
-    fn caught_as(self) -> &'static str {
+impl Fault {
+    /// What the checker must report for this fault: a lost refresh, a change covered
+    /// later than its bound, a call inside the interval, a message in the DLQ after
+    /// the storm. A failure of another kind is not this fault being caught.
+    fn caught_as(self) -> &'static [&'static str] {
         match self {
-            Fault2018::PaceWithoutClockMargin => "the interval is",
-            _ => "was never refreshed",
+            Fault::PaceWithoutClockMargin => &["the interval is"],
+            Fault::CoalesceWithoutClockMargin => &["was never refreshed", "later than its bound"],
+            Fault::FailingShareFailsTheMessage => &[
+                "later than its bound",
+                "reached the action DLQ after the storm",
+            ],
+            Fault::ShareIsTheFirstResource => &["later than its bound"],
+            _ => &["was never refreshed"],
         }
     }
 }
@@ -2802,7 +4418,7 @@ impl Fault2018 {
 /// The first seed (of a batch run on every core) that breaks the invariant with the
 /// fault, in the way that the fault breaks it, and holds it without: the fault, and
 /// nothing else, is what the checker saw.
-fn assert_fault_is_caught(fault: Fault2018) {
+fn assert_fault_is_caught(fault: Fault) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u64;
@@ -2821,7 +4437,7 @@ fn assert_fault_is_caught(fault: Fault2018) {
                                 let error = run_seed(seed, Some(fault), false)
                                     .outcome
                                     .err()
-                                    .filter(|e| e.contains(fault.caught_as()))?;
+                                    .filter(|e| fault.caught_as().iter().any(|c| e.contains(c)))?;
                                 run_seed(seed, None, false)
                                     .outcome
                                     .is_ok()
@@ -2846,37 +4462,52 @@ fn assert_fault_is_caught(fault: Fault2018) {
 
 #[test]
 fn checker_catches_a_window_left_armed_after_a_failed_send() {
-    assert_fault_is_caught(Fault2018::NoUnsentRepair);
+    assert_fault_is_caught(Fault::NoUnsentRepair);
 }
 
 #[test]
 fn checker_catches_refresh_errors_that_delete_the_message() {
-    assert_fault_is_caught(Fault2018::DeleteOnRefreshError);
+    assert_fault_is_caught(Fault::DeleteOnRefreshError);
 }
 
 #[test]
 fn checker_catches_windows_judged_by_time_alone() {
-    assert_fault_is_caught(Fault2018::TimeOnlyWindow);
+    assert_fault_is_caught(Fault::TimeOnlyWindow);
 }
 
 #[test]
 fn checker_catches_coalescing_without_a_clock_margin() {
-    assert_fault_is_caught(Fault2018::CoalesceWithoutClockMargin);
+    assert_fault_is_caught(Fault::CoalesceWithoutClockMargin);
 }
 
 #[test]
 fn checker_catches_skipping_every_gateway_write() {
-    assert_fault_is_caught(Fault2018::SkipGatewayWrites);
+    assert_fault_is_caught(Fault::SkipGatewayWrites);
 }
 
 #[test]
 fn checker_catches_trusting_an_in_flight_refresh() {
-    assert_fault_is_caught(Fault2018::TrustInFlight);
+    assert_fault_is_caught(Fault::TrustInFlight);
 }
 
 #[test]
 fn checker_catches_pacing_without_a_clock_margin() {
-    assert_fault_is_caught(Fault2018::PaceWithoutClockMargin);
+    assert_fault_is_caught(Fault::PaceWithoutClockMargin);
+}
+
+#[test]
+fn checker_catches_a_failing_share_that_fails_the_message() {
+    assert_fault_is_caught(Fault::FailingShareFailsTheMessage);
+}
+
+#[test]
+fn checker_catches_a_lease_that_drops_its_folders() {
+    assert_fault_is_caught(Fault::LeaseDropsItsFolders);
+}
+
+#[test]
+fn checker_catches_taking_the_first_resource_for_the_share() {
+    assert_fault_is_caught(Fault::ShareIsTheFirstResource);
 }
 
 #[test]
@@ -2898,6 +4529,8 @@ fn coverage_rules() {
         completes_at: 1,
         decided_at: 0,
         answered: true,
+        lists: true,
+        event_at: None,
     };
     assert!(lists(&r(&["/"], true), "a/b/"));
     assert!(lists(&r(&["/"], false), ""));
