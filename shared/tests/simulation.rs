@@ -213,11 +213,9 @@ struct QueuedMessage {
     timestamp_ms: i64,
     visible_at: i64,
     receive_count: u32,
-    /// Receives that ended without deleting the message for a reason the model
-    /// injected: a crash, a kill at the deadline, or any failure during the storm. A
-    /// message that reaches the DLQ with fewer of these than failed receives failed
-    /// where nothing excuses it.
-    excused: u32,
+    /// Receives after the storm that the product failed (in its batch response) with
+    /// no crash, kill or fault of the model to excuse them.
+    unexcused: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -689,7 +687,7 @@ impl World {
             timestamp_ms: 0,
             visible_at,
             receive_count: 0,
-            excused: 0,
+            unexcused: 0,
         });
     }
 }
@@ -755,12 +753,24 @@ fn new_notification_id(rng: &mut Rng) -> String {
     )
 }
 
-/// A receive of message `id` ended without deleting it for a reason that the model
-/// injected.
-fn excuse(w: &mut World, id: &str) {
-    if let Some(m) = w.queue.iter_mut().find(|m| m.id == id) {
-        m.excused += 1;
-    }
+/// A receive of message `id` after the storm ended in a failure that nothing the model
+/// injected excuses: with the bound's protocol a failing gateway never fails a message,
+/// and after the storm nothing else may.
+fn unexcused_failure(w: &mut World, id: &str) {
+    let Some(m) = w
+        .queue
+        .iter_mut()
+        .chain(w.dlq.iter_mut())
+        .find(|m| m.id == id)
+    else {
+        return;
+    };
+    m.unexcused += 1;
+    let message = format!(
+        "message {id} ({:?}) failed after the storm, with no fault to excuse it",
+        dead_message(m)
+    );
+    w.violations.push(message);
 }
 
 /// What a message on its way to the action queue's DLQ was about.
@@ -1357,7 +1367,7 @@ impl RefreshQueue for SimQueue {
             timestamp_ms: message.timestamp_ms,
             visible_at,
             receive_count: 0,
-            excused: 0,
+            unexcused: 0,
         };
         w.queue.push(queued);
         w.log(|| {
@@ -1434,7 +1444,7 @@ impl Requeue for SimQueue {
             timestamp_ms: message.visible_at_ms,
             visible_at,
             receive_count: 0,
-            excused: 0,
+            unexcused: 0,
         });
         w.wakes += 1;
         w.log(|| {
@@ -2056,14 +2066,20 @@ impl Sim {
         work: Work,
         indices: &[usize],
     ) -> bool {
-        let index = match self.aggregators.iter().position(|c| !c.busy) {
-            Some(i) => i,
-            None if self.aggregators.len() < self.max_aggregators => {
-                let c = self.new_aggregator();
-                self.aggregators.push(c);
-                self.aggregators.len() - 1
-            }
-            None => return false,
+        // Lambda routes an invocation to any warm container that is free, and now and
+        // then starts a new one although some are free.
+        let free: Vec<usize> = (0..self.aggregators.len())
+            .filter(|&i| !self.aggregators[i].busy)
+            .collect();
+        let room = self.aggregators.len() < self.max_aggregators;
+        let index = if room && (free.is_empty() || self.rng.chance(0.2)) {
+            let c = self.new_aggregator();
+            self.aggregators.push(c);
+            self.aggregators.len() - 1
+        } else if free.is_empty() {
+            return false;
+        } else {
+            *self.rng.pick(&free)
         };
         let crash_at = self.crash_point(8);
         let container = &mut self.aggregators[index];
@@ -2162,11 +2178,10 @@ impl Sim {
                     let what = dead_message(&m);
                     // With the bound's protocol a failing gateway never fails a message:
                     // after the storm, only a crash or a kill may.
-                    let unexcused = (m.receive_count - 1).saturating_sub(m.excused);
-                    if now >= self.storm_ends_at && unexcused > 0 {
+                    if now >= self.storm_ends_at && m.unexcused > 0 {
                         let message = format!(
-                            "message {} ({what:?}) reached the action DLQ after the storm: {unexcused} of its receives failed with no fault to excuse them",
-                            m.id
+                            "message {} ({what:?}) reached the action DLQ after the storm: {} of its receives failed with no fault to excuse them",
+                            m.id, m.unexcused
                         );
                         w.violations.push(message);
                     }
@@ -2235,18 +2250,6 @@ impl Sim {
             if !run.is_refresher && inv.calls == 0 && !inv.crashed {
                 // No call at all: a window this container recorded covered the changes.
                 self.coalesced += 1;
-                if let Work::Notification { index, .. } = &run.work {
-                    let bucket = &self.events[*index].bucket;
-                    let w = lock(&self.world);
-                    if let Some(Some(item)) = w.items.get(bucket) {
-                        if item.closed_generation >= item.generation {
-                            eprintln!(
-                                "UNSAFE SKIP event {index} at {now}: {:?}",
-                                (item.generation, item.ends_at_ms)
-                            );
-                        }
-                    }
-                }
             }
             // An invocation that is still running at its deadline is killed, even if its
             // last call came before it.
@@ -2341,25 +2344,19 @@ impl Sim {
                 let delete_all = w.fault == Some(Fault::DeleteOnRefreshError);
                 for id in &ids {
                     if !delete_all && failed.contains(id) {
-                        if in_storm {
-                            excuse(&mut w, id);
+                        if !in_storm {
+                            unexcused_failure(&mut w, id);
                         }
                         continue;
                     }
                     // DeleteMessage can fail too; the message then comes back.
                     if w.roll(Service::Sqs) != CallFault::None {
-                        excuse(&mut w, id);
                         continue;
                     }
                     w.queue.retain(|m| &m.id != id);
                 }
             }
-            (Work::Batch { ids }, _) => {
-                let mut w = lock(&self.world);
-                for id in &ids {
-                    excuse(&mut w, id);
-                }
-            }
+            (Work::Batch { .. }, _) => {}
             (Work::IngestBatch { ids }, Some(Outcome::AggregatedBatch(Ok(failed)))) => {
                 // Lambda deletes the messages that the response does not name.
                 if let Some(ingest) = self.ingest.as_mut() {
@@ -2594,7 +2591,7 @@ impl Sim {
                 let mut w = lock(&self.world);
                 for mut m in messages {
                     m.receive_count = 0;
-                    m.excused = 0;
+                    m.unexcused = 0;
                     m.visible_at = now;
                     w.queue.push(m);
                 }
@@ -3094,13 +3091,6 @@ fn check_bound(
         let share_terms = per_share.get(&share.arn).copied().unwrap_or_default();
         let (allowed, parts) = terms.allowance(world, share, share_terms, t, covered_at);
         let took = covered_at - t;
-        if std::env::var("SIM_DEBUG_EVENT")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            == Some(index)
-        {
-            eprintln!("DEBUG event {index} {} written {} processed {t} covered on {} at {covered_at} allowed {allowed}", event.key, event.written_at, short(&share.arn));
-        }
         let ratio = took as f64 / allowed.max(1) as f64;
         let what = || {
             format!(
@@ -4428,6 +4418,7 @@ impl Fault {
             Fault::FailingShareFailsTheMessage => &[
                 "later than its bound",
                 "reached the action DLQ after the storm",
+                "failed after the storm",
             ],
             Fault::ShareIsTheFirstResource => &["later than its bound"],
             _ => &["was never refreshed"],
