@@ -614,7 +614,28 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
                 .map(|s| s.arn.clone())
                 .collect();
             for chunk in arns.chunks(DESCRIBE_BATCH) {
-                described.extend(self.gateway.describe_file_shares(kind, chunk).await?);
+                match self.gateway.describe_file_shares(kind, chunk).await {
+                    Ok(shares) => described.extend(shares),
+                    // A share deleted since the listing fails the whole call, without
+                    // saying which: describe the chunk one by one. A share that is gone
+                    // needs no change, and its successor is listed next time.
+                    Err(GatewayError::ShareNotFound { .. }) => {
+                        for arn in chunk {
+                            match self
+                                .gateway
+                                .describe_file_shares(kind, std::slice::from_ref(arn))
+                                .await
+                            {
+                                Ok(shares) => described.extend(shares),
+                                Err(GatewayError::ShareNotFound { .. }) => {
+                                    info!(share = %arn, "File share deleted since it was listed; left out of the map");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         self.locate_shares(described).await

@@ -86,10 +86,16 @@ pub fn backoff_ms(failures: u32) -> i64 {
         .min(MAX_BACKOFF_MS)
 }
 
+/// The longest folder name a listing can have: an S3 key is at most 1,024 bytes, and
+/// a folder is shorter than its key, plus the leading `/`.
+pub const MAX_FOLDER_BYTES: usize = 1_025;
+
 /// The most bytes of listings that a share item keeps pending: past it, the pending
-/// set collapses like a long backlog. With S3 keys of up to 1,024 bytes, this and two
-/// calls of [`MAX_CALL_BYTES`] keep a share item far under DynamoDB's 400 KB.
-pub const MAX_PENDING_BYTES: usize = 64 * 1024;
+/// set collapses like a long backlog. A call closes only when the next name does not
+/// fit, so it carries more than `MAX_CALL_BYTES - MAX_FOLDER_BYTES`: a full pending
+/// set of one kind goes in at most [`MAX_BACKLOG_CALLS`] calls. With two calls of
+/// [`MAX_CALL_BYTES`] in the slots, a share item stays far under DynamoDB's 400 KB.
+pub const MAX_PENDING_BYTES: usize = MAX_BACKLOG_CALLS * (MAX_CALL_BYTES - MAX_FOLDER_BYTES);
 
 /// The most bytes of folders in one call (`FolderList`), besides its 50 folders.
 pub const MAX_CALL_BYTES: usize = 16 * 1024;
@@ -279,6 +285,10 @@ pub struct ShareState {
     pub version: u64,
     /// What still needs listing: changes that no call started after yet.
     pub pending: BTreeSet<Listing>,
+    /// The pending listings that came after the last call was claimed. A call takes
+    /// the others first, so a listing waits behind at most what was pending when the
+    /// next call was claimed, never behind later changes that sort before it.
+    pub arrived: BTreeSet<Listing>,
     /// The oldest event among the pending listings (an upper bound of their age).
     pub pending_since_ms: Option<i64>,
     pub slots: Vec<Slot>,
@@ -356,6 +366,7 @@ impl ShareState {
             prefix: String::new(),
             version: 0,
             pending: BTreeSet::new(),
+            arrived: BTreeSet::new(),
             pending_since_ms: None,
             slots: Vec::new(),
             last_call_at_ms: None,
@@ -370,16 +381,36 @@ impl ShareState {
     }
 
     /// Adds the listings of a closed window (whose oldest event was at
-    /// `oldest_event_ms`). They wait for a call that starts after now.
+    /// `oldest_event_ms`). They wait for a call that starts after now, behind what
+    /// was already pending.
     pub fn add_pending(
         &mut self,
         listings: impl IntoIterator<Item = Listing>,
         oldest_event_ms: i64,
     ) {
+        self.merge_pending(listings, oldest_event_ms, true);
+    }
+
+    /// Puts back listings that a call already held: they keep their place.
+    fn put_back_listings(&mut self, listings: Vec<Listing>, oldest_event_ms: i64) {
+        self.merge_pending(listings, oldest_event_ms, false);
+    }
+
+    fn merge_pending(
+        &mut self,
+        listings: impl IntoIterator<Item = Listing>,
+        oldest_event_ms: i64,
+        arrived: bool,
+    ) {
         let before = self.pending.len();
         let mut added = false;
         for listing in listings {
-            added |= self.pending.insert(listing);
+            if self.pending.insert(listing.clone()) {
+                added = true;
+                if arrived {
+                    self.arrived.insert(listing);
+                }
+            }
         }
         if added || self.pending.len() != before {
             self.pending_since_ms = Some(
@@ -391,6 +422,9 @@ impl ShareState {
         if listing_bytes(&self.pending) > MAX_PENDING_BYTES {
             self.pending = collapse_to_bytes(std::mem::take(&mut self.pending), MAX_PENDING_BYTES);
         }
+        // A listing absorbed by a wider one is gone; the wider one keeps its own place.
+        let pending = &self.pending;
+        self.arrived.retain(|l| pending.contains(l));
     }
 
     /// Slots in flight (or claimed), as far as this state knows.
@@ -409,7 +443,7 @@ impl ShareState {
         let leases_ended = ended.len();
         for slot in ended {
             if !slot.returned {
-                self.add_pending(slot.listings, slot.oldest_event_ms);
+                self.put_back_listings(slot.listings, slot.oldest_event_ms);
             }
         }
         let mut returned = Vec::new();
@@ -420,7 +454,7 @@ impl ShareState {
             }
         }
         for (listings, oldest) in returned {
-            self.add_pending(listings, oldest);
+            self.put_back_listings(listings, oldest);
         }
         self.early_completions
             .retain(|c| now_ms.saturating_sub(c.completed_at_ms) < MAX_SLOT_LEASE_MS);
@@ -505,22 +539,36 @@ impl ShareState {
                 std::mem::take(&mut self.pending),
                 MAX_BACKLOG_CALLS * MAX_FOLDER_LIST,
             );
+            let pending = &self.pending;
+            self.arrived.retain(|l| pending.contains(l));
         }
-        let recursive = self.pending.iter().any(|l| l.recursive);
+        // What waited through an earlier claim goes first, then what arrived since;
+        // recursive listings first within each.
+        let arrived = &self.arrived;
+        let (waited, new): (Vec<&Listing>, Vec<&Listing>) =
+            self.pending.iter().partition(|l| !arrived.contains(*l));
+        let first = if waited.is_empty() { &new } else { &waited };
+        let recursive = first.iter().any(|l| l.recursive);
         let mut chunk: Vec<Listing> = Vec::new();
         let mut chunk_bytes = 0;
-        for listing in self.pending.iter().filter(|l| l.recursive == recursive) {
+        for listing in waited
+            .iter()
+            .chain(new.iter())
+            .filter(|l| l.recursive == recursive)
+        {
             if chunk.len() == MAX_FOLDER_LIST
                 || (!chunk.is_empty() && chunk_bytes + listing.path.len() > MAX_CALL_BYTES)
             {
                 break;
             }
             chunk_bytes += listing.path.len();
-            chunk.push(listing.clone());
+            chunk.push((*listing).clone());
         }
         for listing in &chunk {
             self.pending.remove(listing);
         }
+        // Everything left has now waited through a claim.
+        self.arrived.clear();
         // Whatever stays pending keeps the bound of its age: conservative.
         let oldest_event_ms = self.pending_since_ms.unwrap_or(now_ms);
         if self.pending.is_empty() {
@@ -577,7 +625,7 @@ impl ShareState {
         };
         let slot = self.slots.remove(index);
         if !slot.returned {
-            self.add_pending(slot.listings, slot.oldest_event_ms);
+            self.put_back_listings(slot.listings, slot.oldest_event_ms);
         }
     }
 
@@ -621,6 +669,17 @@ impl ShareState {
             self.refresh_ms = Some(self.refresh_ms.map_or(took, |r| took.max(r / 2)));
             return Completion::Freed(slot);
         }
+        // A completion that frees nothing still tells how long the share takes to list:
+        // its slot's lease ended first (the refresh outlasted it), or it was someone
+        // else's refresh of the share. Without this, a share whose refreshes outlast
+        // the shortest lease would be listed again at every lease, its lease never
+        // growing. It only raises the estimate: the decay is left to our own refreshes.
+        if let Some(started) = event.started_at_ms {
+            let took = completed_at_ms.saturating_sub(started);
+            if took > 0 {
+                self.refresh_ms = Some(self.refresh_ms.map_or(took, |r| r.max(took)));
+            }
+        }
         let claimed_without_id = self.slots.iter().any(|s| s.notification_id.is_none());
         let known = self
             .early_completions
@@ -662,6 +721,7 @@ impl ShareState {
     /// bucket, for the bucket's other shares: a share recreated under a new ARN must
     /// still see them.
     pub fn forget(&mut self) -> Owed {
+        self.arrived.clear();
         let mut owed: Vec<Listing> = std::mem::take(&mut self.pending).into_iter().collect();
         for slot in self.slots.drain(..) {
             if slot.notification_id.is_none() && !slot.returned {
@@ -942,6 +1002,83 @@ mod tests {
         let mut idle = state();
         assert_eq!(idle.complete("other", 1), Completion::Unknown);
         assert!(idle.early_completions.is_empty());
+    }
+
+    #[test]
+    fn a_completion_after_its_lease_still_teaches_the_listing_time() {
+        let mut s = state();
+        assert_eq!(s.refresh_ms, None);
+        let late = CompletedRefresh {
+            notification_id: "gone".into(),
+            folders: Vec::new(),
+            started_at_ms: Some(1_000),
+            completed_at_ms: 3_601_000,
+        };
+        assert_eq!(s.complete_refresh(&late), Completion::Unknown);
+        assert_eq!(s.refresh_ms, Some(3_600_000));
+        // The next lease outlasts such a refresh.
+        assert!(slot_lease_ms(s.refresh_ms) >= 2 * 3_600_000);
+        // A shorter stray refresh does not lower it; an event without a start is no measure.
+        let short = CompletedRefresh {
+            started_at_ms: Some(3_000_000),
+            ..late.clone()
+        };
+        assert_eq!(s.complete_refresh(&short), Completion::Unknown);
+        assert_eq!(s.refresh_ms, Some(3_600_000));
+        let mut t = state();
+        assert_eq!(t.complete("x", 5_000), Completion::Unknown);
+        assert_eq!(t.refresh_ms, None);
+    }
+
+    #[test]
+    fn what_waited_through_a_claim_goes_before_what_arrived_since() {
+        let mut s = state();
+        // 60 folders that sort late: the first call takes 50 of them.
+        let late: Vec<String> = (0..60).map(|i| format!("/z{i:02}")).collect();
+        s.add_pending(late.iter().map(Listing::folder), 0);
+        let first = claimed(s.dispatch(0, PACE, "c1"));
+        assert_eq!(first.listings.len(), MAX_FOLDER_LIST);
+        assert!(s.arrived.is_empty());
+        // 60 folders that sort first arrive: the 10 that waited still go next.
+        let early: Vec<String> = (0..60).map(|i| format!("/a{i:02}")).collect();
+        s.add_pending(early.iter().map(Listing::folder), 1);
+        assert_eq!(s.arrived.len(), 60);
+        let t = 1 + PACE.gap_ms();
+        assert!(s.started(&first.claim_id, "n1"));
+        assert!(matches!(s.complete("n1", t), Completion::Freed(_)));
+        let second = claimed(s.dispatch(t, PACE, "c2"));
+        let waited: Vec<&str> = second
+            .listings
+            .iter()
+            .map(|l| l.path.as_str())
+            .filter(|p| p.starts_with("/z"))
+            .collect();
+        assert_eq!(waited.len(), 10, "{:?}", second.listings);
+        // The chunk is filled up with what arrived, and the rest has now waited.
+        assert_eq!(second.listings.len(), MAX_FOLDER_LIST);
+        assert!(s.arrived.is_empty());
+        assert_eq!(s.pending.len(), 20);
+    }
+
+    #[test]
+    fn a_full_pending_set_of_long_names_goes_in_the_backlog_calls() {
+        let mut s = state();
+        let name = |i: usize| format!("/{i:04}{}", "n".repeat(MAX_FOLDER_BYTES - 5));
+        s.add_pending((0..200).map(|i| Listing::folder(name(i))), 0);
+        assert!(listing_bytes(&s.pending) <= MAX_PENDING_BYTES);
+        let mut calls = 0;
+        let mut now = 0;
+        while !s.pending.is_empty() {
+            let slot = claimed(s.dispatch(now, PACE, &format!("c{calls}")));
+            assert!(s.started(&slot.claim_id, &format!("n{calls}")));
+            assert!(matches!(
+                s.complete(&format!("n{calls}"), now),
+                Completion::Freed(_)
+            ));
+            calls += 1;
+            now += PACE.gap_ms();
+        }
+        assert!(calls <= MAX_BACKLOG_CALLS, "{calls} calls");
     }
 
     #[test]

@@ -256,6 +256,27 @@ struct AcceptedRefresh {
     event_at: Option<i64>,
 }
 
+/// Something that may make the product hold one of a share's slots until its lease.
+#[derive(Debug, Clone)]
+struct Hold {
+    share: String,
+    /// True time.
+    at: i64,
+    /// The slot's folders were not listed (a refresh that never completes): they
+    /// come back only at the lease's end.
+    keeps_folders: bool,
+}
+
+impl Hold {
+    fn slot(share: &str, at: i64) -> Self {
+        Hold {
+            share: share.to_string(),
+            at,
+            keeps_folders: false,
+        }
+    }
+}
+
 /// A stretch of true time in which something persists on a share, or on every share
 /// of a gateway (after the storm, so that its term in the bound can be stated).
 #[derive(Debug, Clone)]
@@ -440,6 +461,12 @@ struct World {
     now: i64,
     rng: Rng,
     faults_on: bool,
+    /// Refreshes that someone else ran on our shares (their completion events are the
+    /// "not ours" ones): they list, so they cover what changed before they started.
+    strays: Vec<AcceptedRefresh>,
+    /// When the storm's random faults stop, whenever the agenda gets to it: a call
+    /// after this time never fails at random.
+    storm_ends_at: i64,
     p_fault: [f64; 3],
     items: HashMap<String, Option<WindowItem>>,
     queue: Vec<QueuedMessage>,
@@ -498,8 +525,8 @@ struct World {
     /// What may make the product hold a slot until its lease, per share: a lost
     /// completion event, a refresh that never completes, one whose response was lost,
     /// a call refused for two in flight, a claim whose invocation died before it
-    /// recorded its call: (share, true time).
-    holds: Vec<(String, i64)>,
+    /// recorded its call.
+    holds: Vec<Hold>,
     /// Refresher invocations killed at their deadline, and when.
     kills: Vec<i64>,
     /// The largest item written to the table, in bytes as DynamoDB counts them.
@@ -520,7 +547,7 @@ struct World {
 
 impl World {
     fn roll(&mut self, service: Service) -> CallFault {
-        if !self.faults_on {
+        if !self.faults_on || self.now >= self.storm_ends_at {
             return CallFault::None;
         }
         let p = self.p_fault[service as usize];
@@ -600,7 +627,7 @@ impl World {
         if self.rng.chance(k.lost) {
             self.completions_lost += 1;
             self.holds
-                .push((r.share_arn.clone(), r.decided_at.min(r.at)));
+                .push(Hold::slot(&r.share_arn, r.decided_at.min(r.at)));
             self.log(|| format!("eventbridge: completion of {} lost", r.notification_id));
             return;
         }
@@ -1270,7 +1297,8 @@ impl ShareStore for SimStore {
 const LEASE_LIVELOCK: u32 = 3;
 
 /// A write of `state` (by a container whose clock reads `now_here`) that drops a slot
-/// whose lease ended while the gateway still lists its refresh, which will complete:
+/// whose lease ended while the gateway still lists its refresh, which will complete,
+/// although a completion event had already shown the product a listing that long:
 /// the lease was too short. Once is a cost the protocol accepts (the folders are listed
 /// twice); the same share again and again, with the lease never growing, is a
 /// livelock, and stops the run.
@@ -1286,13 +1314,29 @@ fn note_ended_leases(w: &mut World, state: &ShareState, now_here: i64) {
             now_here >= slot.lease_ends_at_ms
                 && !state.slots.iter().any(|s| s.claim_id == slot.claim_id)
         })
-        .filter_map(|slot| slot.notification_id.as_deref())
-        .filter(|id| {
-            w.refreshes
+        .filter(|slot| {
+            let Some(id) = slot.notification_id.as_deref() else {
+                return false;
+            };
+            let still_listing = w
+                .refreshes
                 .iter()
                 .rev()
-                .find(|r| r.notification_id == *id)
-                .is_some_and(|r| r.lists && r.completes_at > now)
+                .find(|r| r.notification_id == id)
+                .is_some_and(|r| r.lists && r.completes_at > now);
+            // The product could have known: before this slot's claim, a completion
+            // event of a refresh of the share that listed for longer than this lease
+            // had reached the queue (a minute before, for its processing). Before any
+            // such event a share's first long listings outlast the shortest lease,
+            // and each costs one listing more: a cost, not a livelock.
+            let lease_ms = slot.lease_ends_at_ms - slot.claimed_at_ms;
+            let known = w.refreshes.iter().any(|r| {
+                r.share_arn == state.share_arn
+                    && r.lists
+                    && r.completes_at - r.at >= lease_ms
+                    && r.event_at.is_some_and(|e| e + 60_000 < slot.claimed_at_ms)
+            });
+            still_listing && known
         })
         .count() as u32;
     if premature == 0 {
@@ -1563,7 +1607,7 @@ impl FileGateway for SimGateway {
                     short(arn)
                 )
             });
-            w.holds.push((arn.clone(), now));
+            w.holds.push(Hold::slot(arn, now));
             w.throttled.push(ThrottledAttempt {
                 share_arn: arn.clone(),
                 at: now,
@@ -1664,11 +1708,14 @@ impl FileGateway for SimGateway {
         let index = w.refreshes.len() - 1;
         if !answered {
             // The product does not know of it: a call may find it in flight.
-            w.holds.push((arn.clone(), now));
+            w.holds.push(Hold::slot(arn, now));
         }
         if never_completes {
             w.refreshes_never_completed += 1;
-            w.holds.push((arn.clone(), decided_at.min(now)));
+            w.holds.push(Hold {
+                keeps_folders: true,
+                ..Hold::slot(arn, decided_at.min(now))
+            });
         } else {
             w.emit_completion(index);
         }
@@ -2286,7 +2333,7 @@ impl Sim {
                     continue;
                 }
                 if crashed || in_storm {
-                    w.holds.push((share, decided_at));
+                    w.holds.push(Hold::slot(&share, decided_at));
                 } else {
                     let message = format!(
                         "an invocation that ended normally left claim {claim_id} on share {} without its call recorded",
@@ -2394,7 +2441,7 @@ impl Sim {
                 return Err("simulation did not settle".into());
             }
             let now = self.now();
-            if steps % 64 == 0 {
+            if steps.is_multiple_of(64) {
                 if let Some(why) = lock(&self.world).stop.clone() {
                     return Err(why);
                 }
@@ -2559,6 +2606,9 @@ impl Sim {
                     w.shares.push(share);
                 }
                 Agenda::StormEnds => {
+                    // Faults stop now, which may be after the planned end when a call
+                    // (a hang) carried the clock past it: the storm ends when they stop.
+                    self.storm_ends_at = self.storm_ends_at.max(self.now());
                     self.storm_over = true;
                     lock(&self.world).faults_on = false;
                 }
@@ -2875,10 +2925,12 @@ struct ShareTerms {
 }
 
 impl BoundTerms {
-    /// The base bound for a share whose refreshes take `d_ms` (`K = MAX_BACKLOG_CALLS`),
+    /// The base bound for a share whose refreshes take `d_ms` (`K = MAX_BACKLOG_CALLS + 1`),
     /// with one more S_q for a wake-up that an invocation near its deadline leaves.
     fn base(&self, d_ms: i64) -> i64 {
-        let k = MAX_BACKLOG_CALLS as i64;
+        // A full pending set of one kind goes in MAX_BACKLOG_CALLS calls; whole
+        // subtrees and single folders never share a call, so one more when they mix.
+        let k = MAX_BACKLOG_CALLS as i64 + 1;
         self.window_ms
             + self.margin_ms
             + self.hops * self.queue_ms
@@ -2923,45 +2975,68 @@ impl BoundTerms {
         }
         // A slot the product may hold until its lease (a lost completion event, a
         // refresh that never completes or whose response was lost, a refused third
-        // call, a claim orphaned by a crash), while this change waits: a lease (and a
-        // claim's expiry) for each, since they may come one after another (a backlog of
-        // chunks whose completion events are lost).
-        let held = world
+        // call, a claim orphaned by a crash). One held slot leaves the other to the
+        // share's work (the base counts its calls one after another), so it adds only
+        // the claim's expiry (an orphaned claim's listings come back then). Both slots
+        // held stop the share until the first lease ends: a lease (and a claim's
+        // expiry) for each hold beyond the first, since they may come one after
+        // another (a backlog of chunks whose completion events are lost).
+        let span = share_terms.lease_ms + self.claim_expiry_ms;
+        let in_range: Vec<&Hold> = world
             .holds
             .iter()
-            .filter(|(arn, x)| {
-                *arn == share.arn
-                    && *x <= covered_at
-                    && x + share_terms.lease_ms + self.claim_expiry_ms >= t
-            })
-            .count() as i64;
-        if held > 0 {
-            let term = held * (share_terms.lease_ms + self.claim_expiry_ms)
-                + MAX_BACKOFF_MS
-                + self.queue_ms;
+            .filter(|h| h.share == share.arn && h.at <= covered_at && h.at + span >= t)
+            .collect();
+        // A refresh that never completes keeps its folders until its lease, whatever
+        // the other slot does: a lease for each.
+        let kept = in_range.iter().filter(|h| h.keeps_folders).count() as i64;
+        if kept > 0 {
+            let term = kept * span + self.queue_ms;
             allowed += term;
-            terms.push(format!("{held} lease(s) {term}"));
+            terms.push(format!("{kept} folders kept to a lease {term}"));
+        }
+        let mut holds: Vec<i64> = in_range.iter().map(|h| h.at).collect();
+        holds.sort_unstable();
+        let both_held = holds.windows(2).any(|pair| pair[1] < pair[0] + span);
+        if both_held {
+            let term = (holds.len() as i64 - 1) * span + MAX_BACKOFF_MS + self.queue_ms;
+            allowed += term;
+            terms.push(format!("{} lease(s) {term}", holds.len() - 1));
+        } else if !holds.is_empty() {
+            let term = self.claim_expiry_ms + self.queue_ms;
+            allowed += term;
+            terms.push(format!("one slot held {term}"));
         }
         // A refresher invocation killed at its deadline: its messages come back after
-        // the visibility timeout, its claims expire.
-        if world
+        // the visibility timeout, its claims expire. Each kill in a row (a gateway
+        // call that hangs past the deadline again on the redelivery) adds it again.
+        let kills = world
             .kills
             .iter()
-            .any(|k| t - self.timeout_ms <= *k && *k <= covered_at)
-        {
-            let term = self.visibility_ms + self.claim_expiry_ms + self.queue_ms;
+            .filter(|k| t - self.timeout_ms <= **k && **k <= covered_at)
+            .count() as i64;
+        if kills > 0 {
+            let term = kills * (self.visibility_ms + self.claim_expiry_ms + self.queue_ms);
             allowed += term;
-            terms.push(format!("killed {term}"));
+            terms.push(format!("{kills} killed {term}"));
         }
         (allowed, terms)
     }
 }
 
-/// Per share, the refreshes that list (in call order, so by start time).
+/// Per share, the refreshes that list (ours and those someone else ran), by start time.
 fn refreshes_by_share(world: &World) -> HashMap<&str, Vec<&AcceptedRefresh>> {
     let mut by_share: HashMap<&str, Vec<&AcceptedRefresh>> = HashMap::new();
-    for r in world.refreshes.iter().filter(|r| r.lists) {
+    for r in world
+        .refreshes
+        .iter()
+        .chain(&world.strays)
+        .filter(|r| r.lists)
+    {
         by_share.entry(r.share_arn.as_str()).or_default().push(r);
+    }
+    for refreshes in by_share.values_mut() {
+        refreshes.sort_by_key(|r| r.at);
     }
     by_share
 }
@@ -3212,7 +3287,16 @@ fn check_pace(world: &World) -> Result<(), String> {
     for (share, calls) in by_share {
         for pair in calls.windows(2) {
             let (before, after) = (pair[0], pair[1]);
-            if after.at - before.decided_at < interval {
+            // A call that hung on its way reaches the gateway after one decided later:
+            // no caller can keep a gap that the network takes away, so such a pair is
+            // judged by its decisions (the interval apart in true time, the later
+            // decision first).
+            let gap = if after.decided_at < before.decided_at {
+                before.decided_at - after.decided_at
+            } else {
+                after.at - before.decided_at
+            };
+            if gap < interval {
                 return Err(format!(
                     "RefreshCache on share {share} at {} (decided at {}) only {} ms after the call at {} (decided at {}); the interval is {interval} ms",
                     after.at,
@@ -3431,7 +3515,10 @@ fn stretch_on(share: &SimShare, whole_gateway: bool, from: i64, until: i64) -> S
     }
 }
 
-fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
+/// One run: the scenario of `scenario` (the settings in which that fault shows), with
+/// its switch on or off.
+fn run_seed(seed: u64, scenario: Option<Fault>, switch_on: bool, trace: bool) -> SeedResult {
+    let fault = scenario.filter(|_| switch_on);
     let mut rng = Rng(seed ^ 0x005E_ED0F_5EED);
     // The persistent faults, the Lambda deadline and the second wave draw from their
     // own sequence, so that the first wave of a seed stays what it was.
@@ -3460,7 +3547,7 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         let single_writer = b > 0
             && b + 1 == bucket_count
             && rng.chance(0.5)
-            && fault != Some(Fault::CoalesceWithoutClockMargin);
+            && scenario != Some(Fault::CoalesceWithoutClockMargin);
         let gateway_count = if single_writer || rng.chance(0.4) {
             1
         } else {
@@ -3527,7 +3614,7 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         .next()
         .cloned()
         .expect("every bucket has a share");
-    if fault == Some(Fault::FailingShareFailsTheMessage) {
+    if scenario == Some(Fault::FailingShareFailsTheMessage) {
         // A healthy sibling after it, that needs the same changes.
         let gateway = buckets[0]
             .gateways
@@ -3546,7 +3633,7 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         });
     }
     let mut faults_on = rng.chance(0.9);
-    if fault == Some(Fault::CoalesceWithoutClockMargin) && knobs.chance(0.5) {
+    if scenario == Some(Fault::CoalesceWithoutClockMargin) && knobs.chance(0.5) {
         // Half of its runs without the storm: a change lost near a window's end and
         // covered only by a later change (or a lease) is then judged by the bound alone.
         faults_on = false;
@@ -3557,6 +3644,8 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         now: 0,
         rng: Rng(rng.next()),
         faults_on,
+        strays: Vec::new(),
+        storm_ends_at,
         p_fault: [p(&mut rng), p(&mut rng), p(&mut rng)],
         items: HashMap::new(),
         queue: Vec::new(),
@@ -3610,13 +3699,13 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         }
     }
     // Up to 40 minutes: windows longer than SQS's 900-second delay come back.
-    let dense = fault == Some(Fault::CoalesceWithoutClockMargin);
+    let dense = scenario == Some(Fault::CoalesceWithoutClockMargin);
     // Trusting an in-flight refresh shows when a folder changes again while its refresh
     // lists: short windows, one after another, on a gateway that takes hours.
-    let trust = fault == Some(Fault::TrustInFlight);
+    let trust = scenario == Some(Fault::TrustInFlight);
     // Taking the gateway for the share shows when both slots wait for their leases:
     // short windows, one after another, at a short interval.
-    let first_resource = fault == Some(Fault::ShareIsTheFirstResource);
+    let first_resource = scenario == Some(Fault::ShareIsTheFirstResource);
     let mut delay_seconds = if dense {
         *rng.pick(&[1u32, 5, 10])
     } else if trust {
@@ -3628,15 +3717,15 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         delay_seconds = *knobs.pick(&[0u32, 1, 5, 30]);
     }
     // Pacing without a margin shows between two refreshers whose clocks differ.
-    let pace_fault = fault == Some(Fault::PaceWithoutClockMargin);
-    let skew_ms = if fault == Some(Fault::TimeOnlyWindow) || dense || pace_fault {
+    let pace_fault = scenario == Some(Fault::PaceWithoutClockMargin);
+    let skew_ms = if scenario == Some(Fault::TimeOnlyWindow) || dense || pace_fault {
         3_000
     } else {
         rng.range(0, 2_000)
     };
     // The refresher's function timeout (the claim expiry), and the action queue's
     // visibility timeout: six times it, as the stack sets it.
-    let function_timeout_ms = if fault == Some(Fault::FailingShareFailsTheMessage) {
+    let function_timeout_ms = if scenario == Some(Fault::FailingShareFailsTheMessage) {
         *knobs.pick(&[60_000, 300_000])
     } else {
         *knobs.pick(&[15_000, 60_000, 300_000])
@@ -3773,6 +3862,18 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
             };
             let body = completion_event(&source, &id, started, completed, &["/".into()], &mut rng);
             w.note_completion(&arn, &["/".into()], &id, started, visible_at);
+            w.strays.push(AcceptedRefresh {
+                share_arn: arn.clone(),
+                at: started,
+                folders: vec!["/".into()],
+                recursive: false,
+                notification_id: id.clone(),
+                completes_at: completed,
+                decided_at: started,
+                answered: true,
+                lists: true,
+                event_at: Some(visible_at),
+            });
             w.push_event(body, visible_at);
             stats.stray_completions += 1;
         }
@@ -3864,8 +3965,8 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         + MAX_BACKOFF_MS
         + claim_expiry_ms
         + 60_000;
-    let lease_drops = fault == Some(Fault::LeaseDropsItsFolders);
-    let failing_share = fault == Some(Fault::FailingShareFailsTheMessage);
+    let lease_drops = scenario == Some(Fault::LeaseDropsItsFolders);
+    let failing_share = scenario == Some(Fault::FailingShareFailsTheMessage);
     let wave_start = storm_ends_at + storm_linger_ms + knobs.range(0, 300_000);
     let wave_ms = if lease_drops {
         // Long enough for leases to end while the share is still written to.
@@ -4100,7 +4201,7 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
             i64::from(sim.min_interval_seconds) * 1000 + 2 * skew_ms + 1
         },
         faults_on,
-        storm_ends_at,
+        storm_ends_at: sim.storm_ends_at,
         storm_linger_ms,
         retry_chain_ms: i64::from(sim.max_receive_count)
             * (action_visibility_ms + sim.visibility_ms)
@@ -4134,7 +4235,6 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
         }
         Err(e) => Err(e),
     };
-    drop(judged);
     drop(w);
     let mut w = lock(&sim.world);
     if w.trace.is_some() {
@@ -4157,8 +4257,8 @@ fn run_seed(seed: u64, fault: Option<Fault>, trace: bool) -> SeedResult {
             let holds: Vec<i64> = w
                 .holds
                 .iter()
-                .filter(|(arn, _)| *arn == share.arn)
-                .map(|(_, x)| *x)
+                .filter(|h| h.share == share.arn)
+                .map(|h| h.at)
                 .collect();
             lines.push(format!(
                 "bound: share {}: D_S {} ms, lease {} ms, B = {} ms; slots held from {holds:?}",
@@ -4228,7 +4328,7 @@ fn run_seeds(seeds: u64, fault: Option<Fault>) -> (Vec<(u64, String)>, Stats) {
                 let mut seed = t;
                 let mut stats = Stats::default();
                 while seed < seeds {
-                    let result = run_seed(seed, fault, false);
+                    let result = run_seed(seed, fault, true, false);
                     stats.add(&result.stats);
                     if let Err(e) = result.outcome {
                         failures
@@ -4253,6 +4353,13 @@ fn run_seeds(seeds: u64, fault: Option<Fault>) -> (Vec<(u64, String)>, Stats) {
     )
 }
 
+fn fault_named(name: &str) -> Fault {
+    ALL_FAULTS
+        .into_iter()
+        .find(|f| format!("{f:?}") == name.trim())
+        .unwrap_or_else(|| panic!("{name}: not one of {ALL_FAULTS:?}"))
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name)
         .ok()
@@ -4263,14 +4370,22 @@ fn env_u64(name: &str) -> Option<u64> {
 fn simulation_holds_the_invariant() {
     // `SIM_FAULT=TrustInFlight` (a switch's name) runs with that switch: one seed's
     // replay, or all the seeds (to see what the checker finds with it).
-    let fault = std::env::var("SIM_FAULT").ok().map(|name| {
-        ALL_FAULTS
-            .into_iter()
-            .find(|f| format!("{f:?}") == name.trim())
-            .unwrap_or_else(|| panic!("SIM_FAULT={name}: not one of {ALL_FAULTS:?}"))
-    });
+    let fault = std::env::var("SIM_FAULT")
+        .ok()
+        .map(|name| fault_named(&name));
     if let Some(seed) = env_u64("SEED") {
-        let result = run_seed(seed, fault, true);
+        if std::env::var("SIM_LOG").is_ok() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("warn")
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        // `SIM_SCENARIO=Name`: that switch's scenario with the switch off.
+        let result = match std::env::var("SIM_SCENARIO").ok() {
+            Some(name) => run_seed(seed, Some(fault_named(&name)), false, true),
+            None => run_seed(seed, fault, true, true),
+        };
         for line in &result.trace {
             println!("{line}");
         }
@@ -4427,8 +4542,8 @@ impl Fault {
 }
 
 /// The first seed (of a batch run on every core) that breaks the invariant with the
-/// fault, in the way that the fault breaks it, and holds it without: the fault, and
-/// nothing else, is what the checker saw.
+/// fault, in the way that the fault breaks it, and whose run of the same scenario with
+/// the switch off holds it: the fault, and nothing else, is what the checker saw.
 fn assert_fault_is_caught(fault: Fault) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -4445,11 +4560,11 @@ fn assert_fault_is_caught(fault: Fault) {
                         seeds
                             .iter()
                             .filter_map(|&seed| {
-                                let error = run_seed(seed, Some(fault), false)
+                                let error = run_seed(seed, Some(fault), true, false)
                                     .outcome
                                     .err()
                                     .filter(|e| fault.caught_as().iter().any(|c| e.contains(c)))?;
-                                run_seed(seed, None, false)
+                                run_seed(seed, Some(fault), false, false)
                                     .outcome
                                     .is_ok()
                                     .then_some((seed, error))
@@ -4464,7 +4579,9 @@ fn assert_fault_is_caught(fault: Fault) {
                 .collect()
         });
         if let Some((seed, error)) = caught.iter().min_by_key(|(seed, _)| *seed) {
-            println!("{fault:?} caught by seed {seed} (the seed holds without it): {error}");
+            println!(
+                "{fault:?} caught by seed {seed} (its scenario holds without the switch): {error}"
+            );
             return;
         }
     }
@@ -4523,8 +4640,8 @@ fn checker_catches_taking_the_first_resource_for_the_share() {
 
 #[test]
 fn the_same_seed_replays_the_same_run() {
-    let a = run_seed(7, None, true);
-    let b = run_seed(7, None, true);
+    let a = run_seed(7, None, false, true);
+    let b = run_seed(7, None, false, true);
     assert!(!a.trace.is_empty());
     assert_eq!(a.trace, b.trace);
 }

@@ -21,6 +21,10 @@ pub mod attr {
     pub const VERSION: &str = "Version";
     /// A string set of [`crate::scheduler::Listing::encode`]d listings.
     pub const PENDING: &str = "Pending";
+    /// A number set: the places, in `Pending` sorted, of the listings that arrived
+    /// after the last claim (see `ShareState::arrived`). Places, not names, so that
+    /// the item does not hold a long name twice.
+    pub const ARRIVED: &str = "Arrived";
     pub const PENDING_SINCE: &str = "PendingSince";
     pub const LAST_CALL_AT: &str = "LastCallAt";
     pub const WAKE_AT: &str = "WakeAt";
@@ -127,6 +131,16 @@ pub fn encode_share(state: &ShareState) -> Item {
             attr::PENDING.into(),
             AttributeValue::Ss(state.pending.iter().map(Listing::encode).collect()),
         );
+        let arrived: Vec<String> = state
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| state.arrived.contains(*l))
+            .map(|(place, _)| place.to_string())
+            .collect();
+        if !arrived.is_empty() {
+            item.insert(attr::ARRIVED.into(), AttributeValue::Ns(arrived));
+        }
     }
     if let Some(t) = state.pending_since_ms {
         item.insert(attr::PENDING_SINCE.into(), n(t));
@@ -187,6 +201,17 @@ pub fn decode_share(share_arn: &str, item: &Item) -> ShareState {
             .iter()
             .map(|e| Listing::decode(e).unwrap_or_else(|| Listing::subtree("/")))
             .collect();
+        if let Some(places) = item.get(attr::ARRIVED).and_then(|v| v.as_ns().ok()) {
+            let places: std::collections::BTreeSet<usize> =
+                places.iter().filter_map(|p| p.parse().ok()).collect();
+            state.arrived = state
+                .pending
+                .iter()
+                .enumerate()
+                .filter(|(place, _)| places.contains(place))
+                .map(|(_, l)| l.clone())
+                .collect();
+        }
     }
     state.pending_since_ms = get_n(item, attr::PENDING_SINCE);
     if !state.pending.is_empty() && state.pending_since_ms.is_none() {
@@ -268,6 +293,9 @@ mod tests {
         let mut state = ShareState::new("arn:aws:storagegateway:us-east-1:1:share/share-1", "b");
         state.prefix = "p/".into();
         state.add_pending([Listing::folder("/a"), Listing::subtree("/c")], 5);
+        // One listing that waited through a claim, one that arrived since.
+        state.arrived.remove(&Listing::folder("/a"));
+        assert_eq!(state.arrived.len(), 1);
         state.last_call_at_ms = Some(9);
         state.wake_at_ms = Some(11);
         state.busy_until_ms = Some(14);
