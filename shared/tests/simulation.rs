@@ -3013,10 +3013,16 @@ impl BoundTerms {
         let kills = world
             .kills
             .iter()
-            .filter(|k| t - self.timeout_ms <= **k && **k <= covered_at)
+            // A change that joins the window while its message waits out a kill's
+            // visibility timeout waits for it too.
+            .filter(|k| t - self.visibility_ms <= **k && **k <= covered_at)
             .count() as i64;
         if kills > 0 {
-            let term = kills * (self.visibility_ms + self.claim_expiry_ms + self.queue_ms);
+            // A kill after the window's close and before its refresh mark leaves the
+            // changes to a new window that carries them (its W), opened by the next
+            // event before the killed message comes back.
+            let term = kills
+                * (self.visibility_ms + self.window_ms + self.claim_expiry_ms + self.queue_ms);
             allowed += term;
             terms.push(format!("{kills} killed {term}"));
         }
