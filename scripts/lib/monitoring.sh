@@ -43,22 +43,21 @@ oldest_event_threshold() { printf '%s' $((2 * $1 * 1000 + 60000)); }
 
 # The staleness bound (docs/protocol.md, "The staleness bound"): the RefreshCache that
 # covers a change starts within B seconds of the change's event, where
-#   B = W + 2 x 60 + 4 x (I + 1) + 60 x (ceil(W / 900) - 1)
+#   B = W + 1 + 60 x H + 5 x (P + 60)
 # with W the aggregator's REFRESH_DELAY_SECONDS (the window) and I the refresher's
 # MIN_REFRESH_INTERVAL_SECONDS:
-#   - W: the window, from its first event to its close;
-#   - 2 x 60 s: the SQS delivery margin, once for the window's message and once for the
-#     wake-up that brings deferred listings back;
-#   - 4 x (I + 1 s clock margin): a backlog of up to 4 calls of 50 folders, one per
-#     interval, before it collapses into recursive listings; 0 when I is 0 (no pacing);
-#   - 60 s for each 900-s hop past the first: a window longer than SQS's 900-s delay
-#     has its message sent back until the window's end, ceil(W / 900) - 1 times.
+#   - W: the window, from its first event to its close, and 1 s of clock margin;
+#   - H = ceil(W / 900): the window's message hops (SQS delays at most 900 s), each
+#     processed within the 60-s SQS margin;
+#   - 5 x (P + 60): the calls of the worst backlog (4 of one kind before it collapses,
+#     and one more when whole subtrees and folders wait together), each one interval
+#     P = I + 1 s of clock margin (0 when I is 0) and one wake-up's 60-s SQS margin.
 # staleness_bound_seconds W I: B, in seconds.
 staleness_bound_seconds() {
-  local w=$1 i=$2 pacing=0 hops=0
-  if [ "$i" -gt 0 ]; then pacing=$((4 * (i + 1))); fi
-  if [ "$w" -gt 900 ]; then hops=$(((w + 899) / 900 - 1)); fi
-  printf '%s' $((w + 2 * 60 + pacing + 60 * hops))
+  local w=$1 i=$2 pacing=0 hops=1
+  if [ "$i" -gt 0 ]; then pacing=$((i + 1)); fi
+  if [ "$w" -gt 900 ]; then hops=$(((w + 899) / 900)); fi
+  printf '%s' $((w + 1 + 60 * hops + 5 * (pacing + 60)))
 }
 
 # The listing itself, allowed 10 minutes: StalenessMs is measured at the refresh's
@@ -71,16 +70,13 @@ staleness_threshold() { printf '%s' $((1000 * ($(staleness_bound_seconds "$1" "$
 
 # staleness_words W I: how the threshold is made, for the alarm's description.
 staleness_words() {
-  local w=$1 i=$2 words hops=0
-  words="$w s of window (REFRESH_DELAY_SECONDS) + 120 s of SQS delivery (the window's message, then a wake-up)"
+  local w=$1 i=$2 words hops=1
+  if [ "$w" -gt 900 ]; then hops=$(((w + 899) / 900)); fi
+  words="$w s of window (REFRESH_DELAY_SECONDS) + 1 s of clock margin + $hops x 60 s of SQS delivery for the window's message"
   if [ "$i" -gt 0 ]; then
-    words="$words + 4 x ($i + 1) s of pacing (a backlog of 4 calls of 50 folders at MIN_REFRESH_INTERVAL_SECONDS=$i, plus a 1-s clock margin)"
+    words="$words + 5 x ($i + 1 + 60) s for a backlog of 5 calls, one per MIN_REFRESH_INTERVAL_SECONDS=$i plus a 1-s clock margin, each brought by a wake-up"
   else
-    words="$words + no pacing (MIN_REFRESH_INTERVAL_SECONDS=0)"
-  fi
-  if [ "$w" -gt 900 ]; then
-    hops=$(((w + 899) / 900 - 1))
-    words="$words + $hops x 60 s for the window's extra 900-s SQS hops"
+    words="$words + 5 x 60 s for a backlog of 5 calls, each brought by a wake-up (MIN_REFRESH_INTERVAL_SECONDS=0)"
   fi
   printf '%s = %s s (the staleness bound of docs/protocol.md), plus %s s for the listing itself' \
     "$words" "$(staleness_bound_seconds "$w" "$i")" "$LISTING_ALLOWANCE_SECONDS"

@@ -2902,9 +2902,8 @@ struct BoundTerms {
     /// The claim expiry: the refresher's function timeout plus m.
     claim_expiry_ms: i64,
     /// The action queue's visibility timeout (a killed invocation's messages come back
-    /// after it), and the function timeout.
+    /// after it).
     visibility_ms: i64,
-    timeout_ms: i64,
     /// The most two clocks differ by.
     spread_ms: i64,
 }
@@ -4214,7 +4213,6 @@ fn run_seed(seed: u64, scenario: Option<Fault>, switch_on: bool, trace: bool) ->
             + 180_000,
         claim_expiry_ms,
         visibility_ms: action_visibility_ms,
-        timeout_ms: function_timeout_ms,
         spread_ms: 2 * skew_ms,
     };
     let judged = Judged {

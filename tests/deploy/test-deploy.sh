@@ -498,13 +498,13 @@ env_of() {
 }
 # The staleness bound B and the StalenessTooHigh threshold, in ms, for the window W
 # and the interval I (README.md, Alarms and the dashboard; docs/protocol.md, "The
-# staleness bound"): B = W + 2 x 60 + 4 x (I + 1) (no 4 x (I + 1) when I is 0), plus
-# 60 s per 900-s hop past the first when W > 900; the threshold is B + 600 s.
+# staleness bound"): B = W + 1 + 60 x ceil(W / 900) + 5 x (P + 60), P = I + 1 (0 when
+# I is 0); the threshold is B + 600 s.
 bound_ms() { # W I
   python3 -c '
 import math, sys
 w, i = int(sys.argv[1]), int(sys.argv[2])
-print(1000 * (w + 2 * 60 + (4 * (i + 1) if i > 0 else 0) + (60 * (math.ceil(w / 900) - 1) if w > 900 else 0)))
+print(1000 * (w + 1 + 60 * max(1, math.ceil(w / 900)) + 5 * ((i + 1 if i > 0 else 0) + 60)))
 ' "$1" "$2"
 }
 staleness_ms() { echo $(($(bound_ms "$1" "$2") + 600000)); }
@@ -1095,10 +1095,10 @@ check_run "create-stack.sh --alarm-topic $TOPIC_A $ONE $TWO" 0 \
   env S3EA_DEPLOY_TOOL=aws-cli scripts/create-stack.sh "${PREFIX_OPT[@]}" --alarm-topic "$TOPIC_A" "$ONE" "$TWO"
 check_log_has "create prints the alarms it puts" "$PREFIX-ActionDlqNotEmpty: ApproximateNumberOfMessagesVisible"
 # REFRESH_DELAY_SECONDS is 45 (phase 2): OldestEventTooOld 2 x 45 x 1000 + 60000;
-# MIN_REFRESH_INTERVAL_SECONDS is 120 (phase 4): StalenessTooHigh 1000 x (45 + 2 x 60 +
-# 4 x (120 + 1) + 600).
+# MIN_REFRESH_INTERVAL_SECONDS is 120 (phase 4): StalenessTooHigh 1000 x (45 + 1 + 60 +
+# 5 x (120 + 1 + 60) + 600).
 STALENESS_MS=$(staleness_ms 45 120)
-check_eq "the StalenessTooHigh threshold for W=45, I=120" 1249000 "$STALENESS_MS"
+check_eq "the StalenessTooHigh threshold for W=45, I=120" 1611000 "$STALENESS_MS"
 check_eq "alarms after --alarm-topic: metric, namespace, dimensions (the functions' names), threshold, actions" \
   "$(expected_alarms "$TOPIC_A" 150000 "$STALENESS_MS" false)" "$(alarms)"
 check_log_has "create prints the staleness bound" \
