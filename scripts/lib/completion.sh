@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # ACTION_QUEUE_POLICY* are read by scripts/create-stack.sh
-# The refresh-complete events (SPEC.md, completion events): Storage Gateway puts a
+# The refresh-complete events (docs/spec.md, completion events): Storage Gateway puts a
 # "Storage Gateway Refresh Cache Event" on the default event bus of the gateway's
 # region when a RefreshCache finishes. The rule <prefix>RefreshCompleted sends these
 # events to the action queue, where the refresher reads them beside its refresh

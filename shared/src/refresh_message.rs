@@ -1,6 +1,6 @@
 //! The refresh request the aggregator puts on the action queue, and its decoding.
 //!
-//! Contract (SPEC.md): message attributes `bucket-name` (String) and `timestamp`
+//! Contract (docs/spec.md): message attributes `bucket-name` (String) and `timestamp`
 //! (Number, epoch ms, the first event of the window); the body is ours, JSON.
 
 use aws_lambda_events::event::sqs::SqsMessage;

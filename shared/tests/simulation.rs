@@ -41,7 +41,8 @@
 //!
 //! After a storm of faults, the operator redrives the DLQs and the run goes on until
 //! nothing is left to do: nothing queued (a share that waits has a wake-up on the
-//! queue, chained every 900 s up to a 6-hour lease) and no refresh still listing. Then the checker asserts the invariant of SPEC.md: every
+//! queue, chained every 900 s up to a slot's lease) and no refresh still listing.
+//! Then the checker asserts the invariant of `docs/spec.md`: every
 //! object event E is followed by a RefreshCache that covers its key and started after
 //! E, on every share that maps the key and existed before E, except a share that no
 //! longer exists and the shares on the gateway that wrote E (for a writer the principal
@@ -54,13 +55,25 @@
 //! (`check_pace`), and no share left with pending listings at the end
 //! (`check_drained`).
 //!
+//! Above all it asserts the staleness bound of docs/protocol.md (`check_bound`): every
+//! change that the invariant requires on a share is covered there within
+//! `B = W + m + H·S + K·(max(P, D) + S)` (K = 5) plus the terms of the faults that the
+//! run put in its way ([`BoundTerms::allowance`]). After the storm come faults that
+//! persist rather than pass: a share or a gateway that fails every call for minutes,
+//! refreshes that are accepted and never complete, completion events that list the
+//! gateway first or come late from another region, calls that hang past the Lambda
+//! deadline, shares created mid-run, keys of about 1,000 bytes (items sized as DynamoDB
+//! counts them, refused over 400 KB), and a second wave of writes.
+//!
 //! - `SIM_SEEDS=n` sets how many seeds `simulation_holds_the_invariant` runs (CI runs
 //!   100,000 with the optimised `sim` profile).
 //! - `SEED=n` replays one seed and prints its trace (`SIM_FAULT=Name` with one of the
-//!   switches below).
+//!   switches below; `SIM_SCENARIO=Name` runs that switch's scenario with the switch
+//!   off; `SIM_LOG=1` adds the product's warnings).
 //!
-//! The faults of the 2018 design are rebuilt in the model as switches; each must make
-//! the checker fail, which shows that it can catch them.
+//! The faults of the 2018 design, and those the bound rules out, are rebuilt in the
+//! model as switches; each must make the checker fail within `FAULT_SEEDS` seeds, in a
+//! seed whose scenario holds with the switch off, which shows that it can catch them.
 
 use serde_json::{json, Value};
 use shared::aggregator::Aggregator;
@@ -2808,16 +2821,16 @@ fn folder_chain(relative_key: &str) -> Vec<&str> {
 /// as the product may take it: all the bucket's shares on one gateway, which then is
 /// taken to be the writer.
 ///
-/// SPEC.md: "when no gateway id can be read, skip only if all the bucket's shares are
-/// on one gateway". The product judges that when it refreshes, on a share map loaded
-/// after the window's close. So the checker accepts either moment it can name: the
-/// shares of the bucket when the event was written (those deleted since included),
-/// or the shares at the end of the run (every move done). This is a known limit of
-/// the rule, not of the product: if two gateways served the bucket when the event was
-/// written and one of them left before the refresh, the write may have come through
-/// the one that left, and the other's shares are then not refreshed. Real gateway
-/// principals name their gateway (`...:StorageGateway-sgw-12A3456B`), so only a
-/// principal that hides it meets this.
+/// `docs/spec.md`: "If no gateway id can be read from the principal, the event is
+/// skipped only if every share of the bucket sits on a single gateway." The product
+/// judges that when it refreshes, on a share map loaded after the window's close. So
+/// the checker accepts either moment it can name: the shares of the bucket when the
+/// event was written (those deleted since included), or the shares at the end of the
+/// run (every move done). This is a known limit of the rule, not of the product: if two
+/// gateways served the bucket when the event was written and one of them left before
+/// the refresh, the write may have come through the one that left, and the other's
+/// shares are then not refreshed. Real gateway principals name their gateway
+/// (`...:StorageGateway-sgw-12A3456B`), so only a principal that hides it meets this.
 fn unnamed_writer_is_known<'w>(world: &'w World, event: &SimEvent) -> Option<&'w str> {
     let one_gateway = |mut gateways: Box<dyn Iterator<Item = &'w str> + 'w>| {
         let first = gateways.next()?;

@@ -24,9 +24,10 @@
 //! Operations: `ListFileShares`, `DescribeNFSFileShares`, `DescribeSMBFileShares` and
 //! `RefreshCache`. Anything else gets `UnknownOperationException`.
 //!
-//! The stand-in enforces the limits that the product must live with (see SPEC.md,
-//! "RefreshCache limits"): at most [`MAX_REFRESHES_IN_FLIGHT`] refreshes in flight per
-//! share, 1 to 50 folders per refresh, 1 to 10 ARNs per describe call, paged listings.
+//! The stand-in enforces the limits that the product must live with (see
+//! `docs/spec.md`, "RefreshCache limits"): at most [`MAX_REFRESHES_IN_FLIGHT`]
+//! refreshes in flight per share, 1 to 50 folders per refresh, 1 to 10 ARNs per
+//! describe call, paged listings.
 //!
 //! Every request is recorded (in arrival order, including injected failures) so that
 //! tests can assert on what a client really sent. Tests drive it through [`SgwStandIn`].

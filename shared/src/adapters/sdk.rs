@@ -69,7 +69,7 @@ pub use super::sdk_gateway::SdkFileGateway;
 #[cfg(feature = "storagegateway")]
 pub use super::sdk_s3control::SdkAccessPoints;
 
-/// Attribute names of the bucket item. `BucketName` is the hash key (SPEC.md).
+/// Attribute names of the bucket item. `BucketName` is the hash key (docs/spec.md).
 pub mod attr {
     pub const BUCKET: &str = "BucketName";
     pub const GENERATION: &str = "Generation";
