@@ -1104,7 +1104,7 @@ check_eq "alarms after --alarm-topic: metric, namespace, dimensions (the functio
 check_log_has "create prints the staleness bound" \
   "staleness bound: $(($(bound_ms 45 120) / 1000)) s for REFRESH_DELAY_SECONDS=45 and MIN_REFRESH_INTERVAL_SECONDS=120"
 check_eq "alarm StalenessTooHigh: its description says the threshold in words" \
-  "A refresh completed more than 1249 s after the oldest event it covers. The threshold is the staleness bound plus the listing: 45 s of window (REFRESH_DELAY_SECONDS) + 120 s of SQS delivery (the window's message, then a wake-up) + 4 x (120 + 1) s of pacing (a backlog of 4 calls of 50 folders at MIN_REFRESH_INTERVAL_SECONDS=120, plus a 1-s clock margin) = 649 s (the staleness bound of docs/protocol.md), plus 600 s for the listing itself. A share showed changes late. See README.md, Operating it." \
+  "A refresh completed more than 1611 s after the oldest event it covers. The threshold is the staleness bound plus the listing: 45 s of window (REFRESH_DELAY_SECONDS) + 1 s of clock margin + 1 x 60 s of SQS delivery for the window's message + 5 x (120 + 1 + 60) s for a backlog of 5 calls, one per MIN_REFRESH_INTERVAL_SECONDS=120 plus a 1-s clock margin, each brought by a wake-up = 1011 s (the staleness bound of docs/protocol.md), plus 600 s for the listing itself. A share showed changes late. See README.md, Operating it." \
   "$(alarm_description StalenessTooHigh)"
 check_eq "dashboard $PREFIX after --alarm-topic" "$(expected_dashboard false 45 120 "$ONE" "$TWO")" "$(dashboard)"
 before=$(alarm_timestamps)
@@ -1373,13 +1373,13 @@ check_eq "function $AGGREGATOR TABLE_NAME (cargo lambda deploy, prefix $PREFIX)"
   "$(env_of "$AGGREGATOR" | tr ' ' '\n' | grep '^TABLE_NAME=')"
 check_eq "no variable needed correcting after cargo lambda deploy" 0 "$(grep -c 'correcting what cargo lambda deploy left' "$LAST_LOG" || true)"
 # REFRESH_DELAY_SECONDS is 1000: OldestEventTooOld 2 x 1000 x 1000 + 60000;
-# StalenessTooHigh 1000 x (1000 + 2 x 60 + 60 x (ceil(1000 / 900) - 1) + 600), with no
-# pacing term for MIN_REFRESH_INTERVAL_SECONDS=0.
-check_eq "the StalenessTooHigh threshold for W=1000, I=0" 1780000 "$(staleness_ms 1000 0)"
+# StalenessTooHigh 1000 x (1000 + 1 + 60 x ceil(1000 / 900) + 5 x 60 + 600), with no
+# pacing in the backlog's calls for MIN_REFRESH_INTERVAL_SECONDS=0.
+check_eq "the StalenessTooHigh threshold for W=1000, I=0" 2021000 "$(staleness_ms 1000 0)"
 check_eq "alarms of the sqs stack: with the ingest DLQ's" "$(expected_alarms "$TOPIC_A" 2060000 "$(staleness_ms 1000 0)" true)" "$(alarms)"
 check_eq "alarm StalenessTooHigh of the sqs stack: its description names the extra hop and no pacing" \
-  "no pacing (MIN_REFRESH_INTERVAL_SECONDS=0) + 1 x 60 s for the window's extra 900-s SQS hops = 1180 s" \
-  "$(alarm_description StalenessTooHigh | grep -o 'no pacing.*= [0-9]* s')"
+  "2 x 60 s of SQS delivery for the window's message + 5 x 60 s for a backlog of 5 calls, each brought by a wake-up (MIN_REFRESH_INTERVAL_SECONDS=0) = 1421 s" \
+  "$(alarm_description StalenessTooHigh | grep -o '[0-9]* x 60 s of SQS delivery.*= [0-9]* s')"
 check_eq "dashboard $PREFIX of the sqs stack: with the ingest DLQ's depth" \
   "$(expected_dashboard true 1000 0 "$SA" "$SB")" "$(dashboard)"
 check_log_has "create says the mode and where it comes from" "==> Ingest: sqs \\(--ingest\\)"
