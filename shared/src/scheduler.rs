@@ -422,7 +422,12 @@ impl ShareState {
         if listing_bytes(&self.pending) > MAX_PENDING_BYTES {
             self.pending = collapse_to_bytes(std::mem::take(&mut self.pending), MAX_PENDING_BYTES);
         }
-        // A listing absorbed by a wider one is gone; the wider one keeps its own place.
+        self.forget_absorbed_arrivals();
+    }
+
+    /// A listing absorbed by a wider one (or collapsed) is gone from `arrived` too; the
+    /// wider one keeps its own place.
+    fn forget_absorbed_arrivals(&mut self) {
         let pending = &self.pending;
         self.arrived.retain(|l| pending.contains(l));
     }
@@ -539,8 +544,7 @@ impl ShareState {
                 std::mem::take(&mut self.pending),
                 MAX_BACKLOG_CALLS * MAX_FOLDER_LIST,
             );
-            let pending = &self.pending;
-            self.arrived.retain(|l| pending.contains(l));
+            self.forget_absorbed_arrivals();
         }
         // What waited through an earlier claim goes first, then what arrived since;
         // recursive listings first within each.

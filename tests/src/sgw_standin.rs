@@ -1204,6 +1204,16 @@ impl SgwStandIn {
             .count()
     }
 
+    /// Every `RefreshCache` request on `share_arn`, failed ones included, in order.
+    pub fn refresh_calls_on(&self, share_arn: &str) -> Vec<RecordedCall> {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| c.operation == "RefreshCache" && c.body["FileShareARN"] == share_arn)
+            .cloned()
+            .collect()
+    }
+
     /// Accepted `RefreshCache` calls, in order.
     pub fn refreshes(&self) -> Vec<RefreshRecord> {
         self.state().refreshes.clone()

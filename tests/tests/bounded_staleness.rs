@@ -20,9 +20,7 @@ use integration_tests::aws::{lambda_sqs_event, BoxError};
 use integration_tests::counting_proxy::{CountingProxy, InjectedError};
 use integration_tests::moto::Moto;
 use integration_tests::runtime_api::{Invocation, LambdaProcess};
-use integration_tests::sgw_standin::{
-    BucketSource, InjectedFailure, RecordedCall, RefreshRecord, ShareKind,
-};
+use integration_tests::sgw_standin::{BucketSource, InjectedFailure, RefreshRecord, ShareKind};
 use integration_tests::stack::{RefreshRun, Stack, StackOptions};
 use serde_json::Value;
 use shared::s3_event::decode_notification;
@@ -195,16 +193,6 @@ fn refreshes_of(stack: &Stack, share: &str) -> Vec<RefreshRecord> {
         .refreshes()
         .into_iter()
         .filter(|r| r.share_arn == share)
-        .collect()
-}
-
-/// Every `RefreshCache` request on `share`, failed ones included, in order.
-fn refresh_calls(stack: &Stack, share: &str) -> Vec<RecordedCall> {
-    stack
-        .gateway
-        .calls()
-        .into_iter()
-        .filter(|c| c.operation == "RefreshCache" && c.body["FileShareARN"] == share)
         .collect()
 }
 
@@ -386,21 +374,24 @@ async fn a_failing_share_backs_off_alone_and_its_sibling_is_refreshed_within_the
         covering(&stack, &healthy, key, processed_at).is_some()
     })
     .await?;
-    let healthy_call = covering(&stack, &healthy, key, processed_at).unwrap_or_else(|| {
-        panic!(
+    let healthy_call =
+        covering(&stack, &healthy, key, processed_at).unwrap_or_else(|| {
+            panic!(
             "the healthy share got no RefreshCache covering {key} within {:?} of its processing \
              (bound {bound:?} for {terms:?}); its calls: {:?}; the failing share's calls: {:?}; \
              batch item failures so far: {}",
             bound + Duration::from_secs(2),
             refreshes_of(&stack, &healthy),
-            refresh_calls(&stack, &failing)
+            stack.gateway.refresh_calls_on(&failing)
                 .iter()
                 .map(|c| (c.status, c.at))
                 .collect::<Vec<_>>(),
             total.batch_item_failures
         )
-    });
-    let first_failure = refresh_calls(&stack, &failing)
+        });
+    let first_failure = stack
+        .gateway
+        .refresh_calls_on(&failing)
         .first()
         .map(|c| c.at)
         .ok_or("the failing share was never called")?;
@@ -422,7 +413,7 @@ async fn a_failing_share_backs_off_alone_and_its_sibling_is_refreshed_within_the
     assert!(total.errors.is_empty(), "{:?}", total.errors);
 
     // The failing share was called once, and holds the changes with its back-off.
-    let first_calls = refresh_calls(&stack, &failing);
+    let first_calls = stack.gateway.refresh_calls_on(&failing);
     assert_eq!(
         first_calls.len(),
         1,
@@ -459,10 +450,10 @@ async fn a_failing_share_backs_off_alone_and_its_sibling_is_refreshed_within_the
         &stack,
         backoff(1) + HARNESS_SQS_MARGIN + Duration::from_secs(3),
         &mut total,
-        |_| refresh_calls(&stack, &failing).len() >= 2,
+        |_| stack.gateway.refresh_calls_on(&failing).len() >= 2,
     )
     .await?;
-    let calls = refresh_calls(&stack, &failing);
+    let calls = stack.gateway.refresh_calls_on(&failing);
     assert!(seen, "the failing share's wake-up brought no second call");
     assert_eq!(calls.len(), 2, "{calls:?}");
     let gap = secs_between(calls[1].at, calls[0].at);
@@ -495,7 +486,7 @@ async fn a_failing_share_backs_off_alone_and_its_sibling_is_refreshed_within_the
         |_| covering(&stack, &failing, key, processed_at).is_some(),
     )
     .await?;
-    let calls = refresh_calls(&stack, &failing);
+    let calls = stack.gateway.refresh_calls_on(&failing);
     assert!(
         recovered,
         "no refresh of the recovered share within one back-off step: {calls:?}"

@@ -221,15 +221,6 @@ async fn custom_refresher(
     Ok(LambdaProcess::spawn(spec).await?)
 }
 
-fn refresh_calls(stack: &Stack, share: &str) -> Vec<RecordedCall> {
-    stack
-        .gateway
-        .calls()
-        .into_iter()
-        .filter(|c| c.operation == "RefreshCache" && c.body["FileShareARN"] == share)
-        .collect()
-}
-
 fn refreshes_of(stack: &Stack, share: &str) -> usize {
     stack
         .gateway
@@ -511,7 +502,7 @@ async fn refreshes_that_someone_else_started_hold_ours_back_until_they_complete(
     let pass1 = stack.run_refresher(1, stack.window_wait()).await?;
     assert_eq!((pass1.messages, pass1.batch_item_failures), (1, 0));
     assert_eq!(stack.gateway.rejected_refreshes(), 1);
-    let rejected = refresh_calls(&stack, &share);
+    let rejected = stack.gateway.refresh_calls_on(&share);
     let last = rejected.last().ok_or("no RefreshCache call")?;
     assert_eq!(
         last.error_type.as_deref(),
@@ -719,7 +710,7 @@ async fn a_share_recreated_under_a_new_arn_is_found_and_refreshed() -> Result<()
     assert_eq!(refreshes_of(&stack, &new), 1);
     assert_eq!(refreshes_of(&stack, &kept), 2);
     assert_eq!(
-        refresh_calls(&stack, &old).len(),
+        stack.gateway.refresh_calls_on(&old).len(),
         1,
         "never called once gone"
     );
@@ -731,7 +722,7 @@ async fn a_share_recreated_under_a_new_arn_is_found_and_refreshed() -> Result<()
     let run = stack.run_refresher(1, stack.window_wait()).await?;
     assert_eq!(run.batch_item_failures, 0);
     assert_eq!(stack.gateway.calls_to("ListFileShares"), 3);
-    assert_eq!(refresh_calls(&stack, &old).len(), 1);
+    assert_eq!(stack.gateway.refresh_calls_on(&old).len(), 1);
     assert_eq!(
         (refreshes_of(&stack, &kept), refreshes_of(&stack, &new)),
         (3, 2)
