@@ -25,7 +25,7 @@ ACTION_VISIBILITY_TIMEOUT=$((6 * REFRESHER_TIMEOUT))
 ACTION_MAX_RECEIVE_COUNT=10
 DLQ_RETENTION_SECONDS=1209600 # 14 days, the SQS maximum
 ACTION_RETENTION_SECONDS=345600 # 4 days
-# The refresher: at most two invocations at a time (README.md, Deploy to AWS).
+# The refresher: at most two invocations at a time (docs/deployment.md, "Concurrency").
 REFRESHER_CONCURRENCY=2
 REFRESHER_BATCH_SIZE=10
 # The aggregator's asynchronous invocations: Lambda retries a failed event twice and
@@ -94,7 +94,7 @@ Options (each overrides the environment variable in brackets):
                        <prefix>RefreshCompleted too, which forwards its gateways'
                        refresh-complete events to this region's default event bus, with
                        the role <prefix>EventsForwarder; a region that leaves the list
-                       loses its rule (README.md, Deploy to AWS).
+                       loses its rule (docs/deployment.md).
   --min-refresh-interval SECONDS
                        refresher MIN_REFRESH_INTERVAL_SECONDS, 0 to 3600: the least time
                        between two RefreshCache calls on one share
@@ -110,13 +110,13 @@ Options (each overrides the environment variable in brackets):
                        more removes it. A re-run that keeps the current interval keeps
                        the function's acknowledgement.
   --arch ARCH          arm64 or x86_64 [S3EA_ARCH] (default arm64)
-  --alarm-topic ARN    puts the CloudWatch alarms <prefix>-* (README.md, Operating it),
+  --alarm-topic ARN    puts the CloudWatch alarms <prefix>-* (docs/operating.md),
                        each notifying this SNS topic, arn:aws:sns:REGION:ACCOUNT:NAME,
                        on ALARM and on OK [S3EA_ALARM_TOPIC]. A re-run without it keeps
                        the existing alarms as they are; with it, puts them all again.
                        Every run also puts the dashboard <prefix>.
-  --migrate            take over a deployment of the 2018 scripts (README.md, Coming
-                       from the 2018 scripts). Without it, a run that finds one (the
+  --migrate            take over a deployment of the 2018 scripts
+                       (docs/takeover-2018.md). Without it, a run that finds one (the
                        function S3EventAggregator on Python, S3StorageGatewayRefresh and
                        its mapping, the entries s3-event-aggregator, the permissions
                        SID_<bucket>, the roles S3EventAggregatorLambdaRole and
@@ -155,7 +155,7 @@ S3EventAggregatorIngestQueue and S3EventAggregatorIngestDLQ, the policy
 S3EventAggregatorAggregatorIngestPolicy and the mapping of the ingest queue to the
 aggregator; with --ingest eventbridge the rule S3EventAggregatorS3Events. The
 CloudWatch dashboard S3EventAggregator, and with --alarm-topic the CloudWatch alarms
-S3EventAggregator-*. See README.md, Deploy to AWS, and iam/README.md.
+S3EventAggregator-*. See docs/deployment.md and iam/README.md.
 EOF
 }
 
@@ -272,7 +272,8 @@ if [ -n "$MIN_INTERVAL_GIVEN" ]; then
   fi
   MIN_INTERVAL_ARG=$((10#${MIN_INTERVAL_VALUE:-0}))
 fi
-# The acknowledgement of an interval below 60 s (README.md, Deploy to AWS): the API
+# The acknowledgement of an interval below 60 s (docs/deployment.md, "Refresh
+# intervals below 60 seconds"): the API
 # reference says that a RefreshCache within 60 s of the previous one may not evict the
 # cached entries, so deleted objects may stay visible on the share.
 SHORT_INTERVAL_ACK=false

@@ -33,7 +33,7 @@ notification entry of the buckets stays as it is, and the buckets themselves are
 touched. What is already gone is skipped, so a second run succeeds.
 
 With the default prefix, it also removes what is left of a deployment of the 2018
-scripts (README.md, Coming from the 2018 scripts): the entries s3-event-aggregator on
+scripts (docs/takeover-2018.md): the entries s3-event-aggregator on
 the buckets that its permissions SID_<bucket> name and on every BUCKET given, the
 function S3StorageGatewayRefresh with its mapping and log group, the roles
 S3EventAggregatorLambdaRole and S3AggregatorActionLambdaRole and the policies

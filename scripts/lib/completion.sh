@@ -16,7 +16,7 @@
 # events:PutEvents on that bus: iam/events-trust.json, iam/events-forwarder-policy.json).
 # A forwarded event keeps its source, detail-type and detail, and the rule here, whose
 # pattern names neither account nor region, sends it to the action queue like a local
-# one (README.md, Deploy to AWS, "Completion events from other regions"). The regions
+# one (docs/deployment.md, "Completion events from other regions"). The regions
 # that have a forwarding rule are recorded in the role's tag FORWARDING_TAG, so that a
 # region that leaves GATEWAY_REGIONS loses its rule even after a failed run, and
 # delete-stack.sh finds them all.

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# The stack's CloudWatch alarms and dashboard (README.md, Operating it). Sourced by
+# The stack's CloudWatch alarms and dashboard (docs/operating.md). Sourced by
 # scripts/create-stack.sh and scripts/delete-stack.sh, after scripts/lib/stack.sh
 # (it uses aws_cli, step, info, warn, die, usage_error and the names of set_names).
 #
@@ -91,7 +91,7 @@ staleness_words() {
 # the function's name.
 alarm_specs() { # DELAY INTERVAL WITH_INGEST_DLQ
   local a=$AGGREGATOR_FUNCTION r=$REFRESHER_FUNCTION ns=$METRICS_NAMESPACE
-  local see="See README.md, Operating it."
+  local see="See docs/operating.md."
   cat <<EOF
 AggregatorDlqNotEmpty|AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName=$AGGREGATOR_DLQ|Maximum|300|1|0|$AGGREGATOR_DLQ holds S3 events that the aggregator could not process after its retries: their changes are not refreshed. $see
 ActionDlqNotEmpty|AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName=$ACTION_DLQ|Maximum|300|1|0|$ACTION_DLQ holds refresh requests that failed 10 times: their changes are not refreshed. Fix the cause, then redrive it. $see
@@ -271,7 +271,7 @@ dashboard_body() {
   if [ "$with_ingest" = true ]; then dlqs="$dlqs,$(dlq_metric "$INGEST_DLQ" "ingest DLQ")"; fi
   cat <<EOF
 {"widgets": [
-$(printf '{"type":"text","x":0,"y":0,"width":24,"height":2,"properties":{"markdown":"## s3-event-aggregator %s (%s)\\nThe first three rows show every bucket (SEARCH over the Bucket dimension, so buckets attached later appear too); the third is staleness, with lines at the staleness bound and at the StalenessTooHigh alarm; then one row per bucket attached when create-stack.sh last ran (%s). Events in should be followed by windows opened and refreshes requested; failures and DLQ depths should stay at 0. See README.md, Operating it."}}' "$PREFIX" "$REGION" "${*:-none}"),
+$(printf '{"type":"text","x":0,"y":0,"width":24,"height":2,"properties":{"markdown":"## s3-event-aggregator %s (%s)\\nThe first three rows show every bucket (SEARCH over the Bucket dimension, so buckets attached later appear too); the third is staleness, with lines at the staleness bound and at the StalenessTooHigh alarm; then one row per bucket attached when create-stack.sh last ran (%s). Events in should be followed by windows opened and refreshes requested; failures and DLQ depths should stay at 0. See docs/operating.md."}}' "$PREFIX" "$REGION" "${*:-none}"),
 $(metric_widget 0 2 8 "Events in, per bucket" Sum "$(bucket_search e1 "$a" EventsReceived Sum)"),
 $(metric_widget 8 2 8 "Windows opened, per bucket" Sum "$(bucket_search w1 "$a" WindowsOpened Sum)"),
 $(metric_widget 16 2 8 "Window writes (DynamoDB), per bucket" Sum "$(bucket_search d1 "$a" WindowWrites Sum)"),

@@ -343,7 +343,7 @@ write_notification() {
     --notification-configuration "$config" "$@" 2>"$S3EA_TMP/s3-err"; then
     cat "$S3EA_TMP/s3-err" >&2
     if grep -q 'overlap' "$S3EA_TMP/s3-err"; then
-      die "bucket $bucket already sends object created, removed or lifecycle expiration events without a filter to another destination; S3 allows one destination per event type and key range. Attach it with --ingest eventbridge instead, which needs no entry of its own (README.md, Deploy to AWS)"
+      die "bucket $bucket already sends object created, removed or lifecycle expiration events without a filter to another destination; S3 allows one destination per event type and key range. Attach it with --ingest eventbridge instead, which needs no entry of its own (docs/deployment.md, Ingest mode)"
     fi
     die "cannot write the notification configuration of $bucket"
   fi
@@ -654,7 +654,7 @@ attach_bucket() {
   require_bucket "$bucket"
   load_notification_state "$bucket"
   if [ "$LEGACY_ENTRY" != 0 ] && ! $DROP_LEGACY_ENTRY; then
-    die "bucket $bucket has the notification entry $LEGACY_NOTIFICATION_ID of the 2018 deployment, which sends the same events: take that deployment over first with scripts/create-stack.sh --migrate BUCKET... (README.md, Coming from the 2018 scripts)"
+    die "bucket $bucket has the notification entry $LEGACY_NOTIFICATION_ID of the 2018 deployment, which sends the same events: take that deployment over first with scripts/create-stack.sh --migrate BUCKET... (docs/takeover-2018.md)"
   fi
 
   case $mode in

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the LEGACY_* names set here are read by the scripts that source this
 # A deployment of the 2018 design (/work/shared/reference: the blog post's CLI
-# commands and its create-stack.sh), found and taken over (README.md, Coming from the
-# 2018 scripts). Sourced by scripts/create-stack.sh and scripts/delete-stack.sh, after
+# commands and its create-stack.sh), found and taken over (docs/takeover-2018.md).
+# Sourced by scripts/create-stack.sh and scripts/delete-stack.sh, after
 # scripts/lib/stack.sh (it uses aws_cli, aws_maybe, step, info, die, the names of
 # set_names and set_arns, delete_policy and delete_role).
 #
@@ -224,7 +224,7 @@ convert_legacy_aggregator() {
 }
 
 # remove_legacy_concurrency: the 2018 reserved concurrency of 1 on the aggregator goes
-# (ours has none: README.md, Concurrency).
+# (ours has none: docs/deployment.md, "Concurrency").
 remove_legacy_concurrency() {
   local reserved
   reserved=$(aws_cli lambda get-function-concurrency --function-name "$AGGREGATOR_FUNCTION" \

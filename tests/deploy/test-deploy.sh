@@ -134,7 +134,7 @@ OTHER_REGION=us-west-2
 THIRD_REGION=ap-south-1
 ACCOUNT=$(awsm sts get-caller-identity --query Account --output text)
 
-# The names that the scripts must use (README.md, Deploy to AWS), for one prefix.
+# The names that the scripts must use (docs/deployment.md, Create), for one prefix.
 SQS_ARN=arn:aws:sqs:$REGION:$ACCOUNT
 use_prefix() { # PREFIX
   PREFIX=$1
@@ -497,7 +497,7 @@ env_of() {
     python3 -c 'import json, sys; print(" ".join("%s=%s" % kv for kv in sorted((json.load(sys.stdin) or {}).items())))'
 }
 # The staleness bound B and the StalenessTooHigh threshold, in ms, for the window W
-# and the interval I (README.md, Alarms and the dashboard; docs/protocol.md, "The
+# and the interval I (docs/operating.md, Alarms and the dashboard; docs/protocol.md, "The
 # staleness bound"): B = W + 1 + 60 x ceil(W / 900) + 5 x (P + 60), P = I + 1 (0 when
 # I is 0); the threshold is B + 600 s.
 bound_ms() { # W I
@@ -993,11 +993,11 @@ for a in json.load(sys.stdin)["MetricAlarms"]:
         ",".join(a["AlarmActions"]), ",".join(a["OKActions"])]))
 ' | sort
 }
-# expected_alarms TOPIC OLDEST_EVENT_MS STALENESS_MS WITH_INGEST_DLQ: the README's
-# alarms. The metrics of the EMF lines are alarmed on with the dimension set {Function}
-# alone: the function's totals line (shared/src/metrics.rs), whose value is the Lambda
-# function's name (AWS_LAMBDA_FUNCTION_NAME), so two stacks do not mix; the DLQs on
-# SQS's QueueName.
+# expected_alarms TOPIC OLDEST_EVENT_MS STALENESS_MS WITH_INGEST_DLQ: the alarms of
+# docs/operating.md. The metrics of the EMF lines are alarmed on with the dimension set
+# {Function} alone: the function's totals line (shared/src/metrics.rs), whose value is
+# the Lambda function's name (AWS_LAMBDA_FUNCTION_NAME), so two stacks do not mix; the
+# DLQs on SQS's QueueName.
 expected_alarms() {
   local ns=S3EventAggregator tail="GreaterThanThreshold|notBreaching|$1|$1" a="Function=$AGGREGATOR" r="Function=$REFRESHER"
   local sqs="AWS/SQS|ApproximateNumberOfMessagesVisible|QueueName"
@@ -1104,7 +1104,7 @@ check_eq "alarms after --alarm-topic: metric, namespace, dimensions (the functio
 check_log_has "create prints the staleness bound" \
   "staleness bound: $(($(bound_ms 45 120) / 1000)) s for REFRESH_DELAY_SECONDS=45 and MIN_REFRESH_INTERVAL_SECONDS=120"
 check_eq "alarm StalenessTooHigh: its description says the threshold in words" \
-  "A refresh completed more than 1611 s after the oldest event it covers. The threshold is the staleness bound plus the listing: 45 s of window (REFRESH_DELAY_SECONDS) + 1 s of clock margin + 1 x 60 s of SQS delivery for the window's message + 5 x (120 + 1 + 60) s for a backlog of 5 calls, one per MIN_REFRESH_INTERVAL_SECONDS=120 plus a 1-s clock margin, each brought by a wake-up = 1011 s (the staleness bound of docs/protocol.md), plus 600 s for the listing itself. A share showed changes late. See README.md, Operating it." \
+  "A refresh completed more than 1611 s after the oldest event it covers. The threshold is the staleness bound plus the listing: 45 s of window (REFRESH_DELAY_SECONDS) + 1 s of clock margin + 1 x 60 s of SQS delivery for the window's message + 5 x (120 + 1 + 60) s for a backlog of 5 calls, one per MIN_REFRESH_INTERVAL_SECONDS=120 plus a 1-s clock margin, each brought by a wake-up = 1011 s (the staleness bound of docs/protocol.md), plus 600 s for the listing itself. A share showed changes late. See docs/operating.md." \
   "$(alarm_description StalenessTooHigh)"
 check_eq "dashboard $PREFIX after --alarm-topic" "$(expected_dashboard false 45 120 "$ONE" "$TWO")" "$(dashboard)"
 before=$(alarm_timestamps)
