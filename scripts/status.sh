@@ -107,6 +107,12 @@ for bucket in "${BUCKETS[@]}"; do
   aws_maybe 'ResourceNotFoundException' dynamodb get-item --table-name "$TABLE_NAME" --consistent-read --key "$key" \
     --query 'Item.Folders.SS' --output text || true
   printf '  changed:       %s\n' "$(none_as "${AWS_OUT//$'\t'/ }" '-')"
+  # A closed window whose refreshes were not marked when the next one opened.
+  aws_maybe 'ResourceNotFoundException' dynamodb get-item --table-name "$TABLE_NAME" --consistent-read --key "$key" \
+    --query 'Item.CarriedGeneration.N' --output text || true
+  if [ -n "$AWS_OUT" ] && [ "$AWS_OUT" != None ]; then
+    printf '  carried:       window %s, not marked refreshed yet; this window refreshes it too\n' "$AWS_OUT"
+  fi
   printf '  last refresh:  %s (window %s refreshed)\n' "$(when "$last_refresh")" "$refreshed"
   aws_maybe 'ResourceNotFoundException' dynamodb get-item --table-name "$TABLE_NAME" --consistent-read --key "$key" \
     --query "Item.LastRefresh.M.Refreshes.L[].M.[ShareARN.S, NotificationId.S, join(',', FolderList.L[].S), Recursive.BOOL]" \

@@ -400,7 +400,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 result.writes += 1;
                 if let Some(joined) = self
                     .store
-                    .join(bucket, current.generation, &rest, now)
+                    .join(bucket, current, &rest, now)
                     .await
                     .map_err(store_err)?
                 {
@@ -413,10 +413,9 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 continue;
             }
             let expected = OpenExpectation::from_item(item.as_ref());
-            let changes = match item.as_ref().filter(|_| expected.carry) {
-                Some(current) => current.uncovered(&batch.changes),
-                None => batch.changes.clone(),
-            };
+            // A new window starts with these changes alone; an unrefreshed current
+            // window is kept beside it, and the two share the entry limit.
+            let changes = expected.fit(&batch.changes);
             let message = RefreshMessage {
                 version: BODY_VERSION,
                 bucket: bucket.to_string(),
@@ -628,9 +627,13 @@ mod tests {
         );
         let item = agg.store().item("bkt1").unwrap();
         assert_eq!(item.generation, 2);
-        // Window 1 was closed but its refreshes were never recorded: carried.
+        // Window 1 was closed but its refreshes were never recorded: carried beside
+        // window 2, which records only its own folder.
+        assert_eq!(item.changes.folders, ["c/".to_string()].into());
+        let carried = item.carried.clone().unwrap();
+        assert_eq!(carried.generation, 1);
         assert_eq!(
-            item.changes.folders,
+            item.changes_to_refresh().folders,
             ["a/".to_string(), "b/".to_string(), "c/".to_string()].into()
         );
     }
@@ -646,12 +649,12 @@ mod tests {
         async fn join(
             &self,
             bucket: &str,
-            generation: u64,
+            seen: &WindowItem,
             changes: &ChangeSet,
             now_ms: i64,
         ) -> Result<Option<WindowItem>, StoreError> {
             self.check(bucket)?;
-            self.1.join(bucket, generation, changes, now_ms).await
+            self.1.join(bucket, seen, changes, now_ms).await
         }
         async fn open(
             &self,

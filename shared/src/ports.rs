@@ -17,11 +17,12 @@ pub trait WindowStore: Send + Sync {
         bucket: &str,
     ) -> impl Future<Output = Result<Option<WindowItem>, StoreError>> + Send;
 
-    /// Adds `changes` to window `generation` if it still takes joins; `Ok(None)` if not.
+    /// Adds `changes` to the window the joiner `seen` if it still takes joins and
+    /// they fit beside what it holds and carries; `Ok(None)` if not.
     fn join(
         &self,
         bucket: &str,
-        generation: u64,
+        seen: &WindowItem,
         changes: &ChangeSet,
         now_ms: i64,
     ) -> impl Future<Output = Result<Option<WindowItem>, StoreError>> + Send;

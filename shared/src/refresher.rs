@@ -382,7 +382,7 @@ impl<S: WindowStore + ShareStore, G: FileGateway, Q: Requeue, C: Clock, A: Acces
                 .close(bucket, generation, self.clock.now_ms())
                 .await?
             {
-                CloseOutcome::Refresh(scope) => scope,
+                CloseOutcome::Refresh(scope) | CloseOutcome::RefreshCarried(scope) => scope,
                 CloseOutcome::AlreadyRefreshed => return Ok(RecordOutcome::Duplicate),
                 CloseOutcome::TooEarly { ends_at_ms } => {
                     return self.send_back(request, ends_at_ms).await;

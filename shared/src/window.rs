@@ -6,9 +6,11 @@
 //! until the refresher closes it. The refresher closes a window only once its end time
 //! has passed (an early message is sent back with the remaining delay), and before it
 //! refreshes, so every event that joined a window happened before the refresh that
-//! covers it. A window whose refresh is not known to have started carries its folders
-//! into the next window, so a message for an older window never needs a whole-bucket
-//! refresh. See `docs/protocol.md`.
+//! covers it. A window whose refresh is not known to have started is carried beside the
+//! next window (its own set, apart from the new window's folders) until its refreshes
+//! are marked started: then it is dropped, so a burst does not list a window's folders
+//! twice, and a redelivered message of the older window hands the carried folders off
+//! itself without waiting for the next window's end. See `docs/protocol.md`.
 //!
 //! These functions are the rules; [`crate::adapters::memory`] applies them directly and
 //! [`crate::adapters::sdk`] states the same conditions as DynamoDB expressions.
@@ -230,6 +232,12 @@ impl ChangeSet {
     /// The part of this change set that a window holding `window` does not record yet,
     /// made to fit the window's entry limit.
     pub fn not_covered_by(&self, window: &ChangeSet) -> ChangeSet {
+        self.not_covered_beside(window, window.entries())
+    }
+
+    /// As [`ChangeSet::not_covered_by`], made to fit beside `used` entries (the
+    /// window's own and those of a window it carries).
+    fn not_covered_beside(&self, window: &ChangeSet, used: usize) -> ChangeSet {
         if window.whole_bucket {
             return ChangeSet::default();
         }
@@ -246,7 +254,7 @@ impl ChangeSet {
         if rest.whole_bucket {
             rest.set_whole_bucket();
         } else {
-            rest.fit_beside(window.entries());
+            rest.fit_beside(used);
         }
         rest
     }
@@ -257,6 +265,23 @@ impl ChangeSet {
         self.gateway_writes
             .extend(other.gateway_writes.iter().cloned());
         self.whole_bucket |= other.whole_bucket;
+        if self.whole_bucket {
+            self.set_whole_bucket();
+        }
+    }
+
+    /// Both change sets in one (what a window and the window it carries refresh).
+    pub fn union(&self, other: &ChangeSet) -> ChangeSet {
+        let mut both = self.clone();
+        both.absorb(other);
+        both
+    }
+
+    /// This change set, made to fit beside `used` entries of a window.
+    pub fn fitted_beside(&self, used: usize) -> ChangeSet {
+        let mut fitted = self.clone();
+        fitted.fit_beside(used);
+        fitted
     }
 
     fn fit(&mut self) {
@@ -301,11 +326,23 @@ pub struct WindowItem {
     pub closed_generation: u64,
     /// The latest generation whose refreshes all started.
     pub refreshed_generation: u64,
-    /// What changed in this window and in any unrefreshed window it carries.
+    /// What changed in this window.
     pub changes: ChangeSet,
+    /// An earlier window whose refreshes are not known to have started, kept beside
+    /// this one until they are.
+    pub carried: Option<CarriedWindow>,
     pub last_event_at_ms: i64,
     /// The latest refresh the refresher recorded, for operators.
     pub last_refresh: Option<RefreshLog>,
+}
+
+/// The folders of closed (or stale) windows that the window after them keeps, until
+/// a refresh mark of `generation` or later says they were handed to the shares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CarriedWindow {
+    /// The latest window whose changes these are (with those it carried itself).
+    pub generation: u64,
+    pub changes: ChangeSet,
 }
 
 /// What one refresher run started, kept on the bucket's item so an operator can match
@@ -340,20 +377,42 @@ impl WindowItem {
         self.generation > 0 && self.refreshed_generation < self.generation
     }
 
-    /// Whether this window already records `changes`.
+    /// Whether this window already records `changes`. A carried window does not
+    /// count: it may be dropped before this window closes.
     pub fn covers(&self, changes: &ChangeSet) -> bool {
         changes.is_covered_by(&self.changes)
     }
 
-    /// The part of `changes` this window does not record yet, made to fit beside it.
+    /// The part of `changes` this window does not record yet, made to fit beside it
+    /// and the window it carries.
     pub fn uncovered(&self, changes: &ChangeSet) -> ChangeSet {
-        changes.not_covered_by(&self.changes)
+        changes.not_covered_beside(&self.changes, self.entries_used())
+    }
+
+    /// The entries this window and the window it carries hold: together at most
+    /// [`MAX_WINDOW_FOLDERS`], so the item stays far below DynamoDB's 400 KB.
+    pub fn entries_used(&self) -> usize {
+        self.changes.entries() + self.carried_entries()
+    }
+
+    /// The entries of the window this one carries.
+    pub fn carried_entries(&self) -> usize {
+        self.carried.as_ref().map_or(0, |c| c.changes.entries())
+    }
+
+    /// What closing this window hands to the shares: its own changes and those it
+    /// carries.
+    pub fn changes_to_refresh(&self) -> ChangeSet {
+        match &self.carried {
+            Some(carried) => self.changes.union(&carried.changes),
+            None => self.changes.clone(),
+        }
     }
 
     /// Whether `changes` fit under the entry limit (DynamoDB: `size(Folders) <= :room`,
     /// checked only when the changes [`ChangeSet::needs_room`]).
     fn has_room_for(&self, changes: &ChangeSet) -> bool {
-        !changes.needs_room() || self.changes.entries() + changes.entries() <= MAX_WINDOW_FOLDERS
+        !changes.needs_room() || self.entries_used() + changes.entries() <= MAX_WINDOW_FOLDERS
     }
 
     fn absorb(&mut self, changes: &ChangeSet, now_ms: i64) {
@@ -379,19 +438,37 @@ pub fn join(
 
 /// What an opener saw before it sent the next window's message. The open succeeds
 /// only if the item is still in that state, so the message names the right window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenExpectation {
     /// The current generation (0: no window yet); the new window is the next one.
     pub generation: u64,
-    /// Keep the current window's folders: its refreshes are not known to have started.
-    pub carry: bool,
+    /// The current window (with what it carries), kept beside the new one: its
+    /// refreshes are not known to have started. `None`: the new window starts clean.
+    pub carry: Option<CarriedWindow>,
+    /// The current window's own entries and whole-bucket flag as the opener read them:
+    /// a carrying open pins them, so that nothing joined since.
+    pub seen_entries: usize,
+    pub seen_whole: bool,
 }
 
 impl OpenExpectation {
     pub fn from_item(item: Option<&WindowItem>) -> Self {
         OpenExpectation {
             generation: item.map_or(0, |i| i.generation),
-            carry: item.is_some_and(WindowItem::must_carry),
+            carry: item.filter(|i| i.must_carry()).map(|i| CarriedWindow {
+                generation: i.generation,
+                changes: i.changes_to_refresh(),
+            }),
+            seen_entries: item.map_or(0, |i| i.changes.entries()),
+            seen_whole: item.is_some_and(|i| i.changes.whole_bucket),
+        }
+    }
+
+    /// The opener's changes, made to fit beside the window it carries.
+    pub fn fit(&self, changes: &ChangeSet) -> ChangeSet {
+        match &self.carry {
+            Some(carried) => changes.fitted_beside(carried.changes.entries()),
+            None => changes.clone(),
         }
     }
 
@@ -402,20 +479,26 @@ impl OpenExpectation {
 
 /// Open the next window with these changes; its message is already on the queue.
 /// `None` if the item moved on since the opener looked, a window still takes joins,
-/// or (without carrying) the current window's refreshes are not known to have started.
+/// (without carrying) the current window's refreshes are not known to have started,
+/// or (carrying) the changes do not fit beside the carried window.
 pub fn open(
     item: &mut Option<WindowItem>,
     bucket: &str,
-    expected: OpenExpectation,
+    expected: &OpenExpectation,
     changes: &ChangeSet,
     now_ms: i64,
     window_ms: i64,
 ) -> Option<WindowItem> {
     if let Some(current) = item.as_ref() {
+        let carried_entries = expected.carry.as_ref().map_or(0, |c| c.changes.entries());
         if current.generation != expected.generation
             || current.is_joinable(now_ms)
-            || (!expected.carry && current.refreshed_generation < expected.generation)
-            || (expected.carry && !current.has_room_for(changes))
+            || (expected.carry.is_none() && current.refreshed_generation < expected.generation)
+            // The carried window is what the opener saw: nothing joined since.
+            || expected.carry.as_ref().is_some_and(|c| {
+                c.changes != current.changes_to_refresh() || c.generation != current.generation
+            })
+            || (changes.needs_room() && carried_entries + changes.entries() > MAX_WINDOW_FOLDERS)
         {
             return None;
         }
@@ -430,9 +513,8 @@ pub fn open(
     current.sent_generation = current.generation;
     current.opened_at_ms = now_ms;
     current.ends_at_ms = now_ms.saturating_add(window_ms);
-    if !expected.carry {
-        current.changes = ChangeSet::default();
-    }
+    current.changes = ChangeSet::default();
+    current.carried = expected.carry.clone();
     current.absorb(changes, now_ms);
     Some(current.clone())
 }
@@ -441,8 +523,12 @@ pub fn open(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseOutcome {
     /// Closed now (or already closed by an earlier delivery of the same message, which
-    /// then did not finish): refresh this scope.
+    /// then did not finish): refresh this scope (with what the window carries).
     Refresh(ChangeSet),
+    /// A newer window carries this one's changes, and no refresh mark says they were
+    /// handed off (this message's first delivery died): refresh them now rather than
+    /// at the newer window's end.
+    RefreshCarried(ChangeSet),
     /// This generation's refreshes already all started: a duplicate delivery.
     AlreadyRefreshed,
     /// The window ends later (the delay was capped at SQS's 900 s, or clocks differ):
@@ -469,6 +555,13 @@ pub fn close(item: &mut Option<WindowItem>, generation: u64, now_ms: i64) -> Clo
         };
     }
     if generation < current.generation {
+        if let Some(carried) = current
+            .carried
+            .as_ref()
+            .filter(|c| c.generation >= generation && current.refreshed_generation < generation)
+        {
+            return CloseOutcome::RefreshCarried(carried.changes.clone());
+        }
         return CloseOutcome::CarriedForward {
             current_generation: current.generation,
         };
@@ -482,22 +575,31 @@ pub fn close(item: &mut Option<WindowItem>, generation: u64, now_ms: i64) -> Clo
         };
     }
     current.closed_generation = current.closed_generation.max(generation);
-    CloseOutcome::Refresh(current.changes.clone())
+    CloseOutcome::Refresh(current.changes_to_refresh())
 }
 
 /// Record the refreshes of a message: the log always, and for a closed window, that
-/// every refresh of it started (never moving backwards). A log for a window that a
-/// duplicate already recorded, or that was never closed, is dropped.
+/// every refresh of it started (never moving backwards), which drops a carried
+/// window that it covers. A log for a window that a duplicate already recorded, or
+/// that was never closed, is dropped.
 pub fn record_refresh(item: &mut Option<WindowItem>, bucket: &str, log: &RefreshLog) {
     match log.generation {
         Some(generation) => {
-            // Only a refresh that followed this window's close refreshed the window.
+            // Only a refresh that followed this window's close (or its replacement by
+            // a newer window, which takes no more joins for it) refreshed the window.
             if let Some(current) = item.as_mut() {
-                if current.closed_generation >= generation
+                if (current.closed_generation >= generation || current.generation > generation)
                     && current.refreshed_generation < generation
                 {
                     current.refreshed_generation = generation;
                     current.last_refresh = Some(log.clone());
+                    if current
+                        .carried
+                        .as_ref()
+                        .is_some_and(|c| c.generation <= generation)
+                    {
+                        current.carried = None;
+                    }
                 }
             }
         }
@@ -538,7 +640,7 @@ mod tests {
         window: i64,
     ) -> Option<WindowItem> {
         let expected = OpenExpectation::from_item(item.as_ref());
-        open(item, "b", expected, changes, now, window)
+        open(item, "b", &expected, changes, now, window)
     }
 
     #[test]
@@ -595,48 +697,122 @@ mod tests {
     }
 
     #[test]
-    fn unrefreshed_windows_carry_their_folders_forward() {
+    fn unrefreshed_windows_are_carried_beside_the_next_until_their_mark() {
         let mut item = None;
         open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
-        // Closed, then the refresher died before recording its refreshes.
+        // Closed; its refresh mark is not written yet (in flight, or the refresher died).
         assert!(matches!(close(&mut item, 1, 10), CloseOutcome::Refresh(_)));
         let expected = OpenExpectation::from_item(item.as_ref());
-        assert!(expected.carry);
+        assert_eq!(expected.carry.as_ref().map(|c| c.generation), Some(1));
         // Opening without carrying is refused: the folders would be lost.
+        let clean = OpenExpectation {
+            carry: None,
+            ..expected.clone()
+        };
         assert_eq!(
-            open(
-                &mut item,
-                "b",
-                OpenExpectation {
-                    carry: false,
-                    ..expected
-                },
-                &folders(&["x/"]),
-                11,
-                10
-            ),
+            open(&mut item, "b", &clean, &folders(&["x/"]), 11, 10),
             None
         );
-        open(&mut item, "b", expected, &folders(&["x/"]), 11, 10).unwrap();
+        open(&mut item, "b", &expected, &folders(&["x/"]), 11, 10).unwrap();
+        let opened = item.clone().unwrap();
+        assert_eq!(opened.changes.folders, BTreeSet::from(["x/".into()]));
         assert_eq!(
-            item.as_ref().unwrap().changes.folders,
+            opened.changes_to_refresh().folders,
             BTreeSet::from(["a/".into(), "x/".into()])
         );
-        // The redelivered message of window 1 is covered by window 2.
+        assert!(
+            !opened.covers(&folders(&["a/"])),
+            "a carried window may be dropped"
+        );
+        // The redelivered message of window 1 hands off the carried folders itself.
         assert_eq!(
-            close(&mut item, 1, 100),
+            close(&mut item, 1, 12),
+            CloseOutcome::RefreshCarried(folders(&["a/"]))
+        );
+        // Its mark drops the carried window: window 2 refreshes only its own folders.
+        record_refresh(&mut item, "b", &log(1));
+        assert_eq!(item.as_ref().unwrap().carried, None);
+        assert_eq!(
+            close(&mut item, 1, 13),
             CloseOutcome::CarriedForward {
                 current_generation: 2
             }
         );
-        // Once window 2's refreshes are recorded, window 3 starts clean.
-        assert!(matches!(close(&mut item, 2, 100), CloseOutcome::Refresh(_)));
+        assert_eq!(
+            close(&mut item, 2, 100),
+            CloseOutcome::Refresh(folders(&["x/"]))
+        );
         record_refresh(&mut item, "b", &log(2));
-        assert!(!OpenExpectation::from_item(item.as_ref()).carry);
+        assert_eq!(OpenExpectation::from_item(item.as_ref()).carry, None);
         open_next(&mut item, &folders(&["z/"]), 101, 10).unwrap();
         assert_eq!(
             item.as_ref().unwrap().changes.folders,
             BTreeSet::from(["z/".into()])
+        );
+    }
+
+    #[test]
+    fn a_carried_window_without_its_mark_is_refreshed_by_the_next_close() {
+        let mut item = None;
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        close(&mut item, 1, 10);
+        open_next(&mut item, &folders(&["x/"]), 11, 10).unwrap();
+        // Window 2 closes before 1's mark: it refreshes both, and its mark covers both.
+        assert_eq!(
+            close(&mut item, 2, 21),
+            CloseOutcome::Refresh(folders(&["a/", "x/"]))
+        );
+        // Window 3 opens before 2's mark: it carries both windows in one set.
+        open_next(&mut item, &folders(&["y/"]), 22, 10).unwrap();
+        let carried = item.as_ref().unwrap().carried.clone().unwrap();
+        assert_eq!(
+            (carried.generation, carried.changes),
+            (2, folders(&["a/", "x/"]))
+        );
+        // A late mark of window 1 does not drop the folders of window 2.
+        record_refresh(&mut item, "b", &log(1));
+        assert!(item.as_ref().unwrap().carried.is_some());
+        record_refresh(&mut item, "b", &log(2));
+        assert_eq!(item.as_ref().unwrap().carried, None);
+    }
+
+    #[test]
+    fn a_carrying_open_fails_if_the_carried_window_changed_since_it_looked() {
+        let mut item = None;
+        open_next(&mut item, &folders(&["a/"]), 0, 10).unwrap();
+        let stale = 10 + STALE_WINDOW_GRACE_MS;
+        let seen = OpenExpectation::from_item(item.as_ref());
+        // A joiner whose clock lags still joins the stale window.
+        join(&mut item, 1, &folders(&["late/"]), stale - 1).unwrap();
+        assert_eq!(
+            open(&mut item, "b", &seen, &folders(&["b/"]), stale, 10),
+            None
+        );
+    }
+
+    #[test]
+    fn carried_and_own_entries_share_the_limit() {
+        let mut item = None;
+        let mut first = ChangeSet::default();
+        for i in 0..MAX_WINDOW_FOLDERS - 1 {
+            first.add_folder(&format!("f{i}/"));
+        }
+        open_next(&mut item, &first, 0, 10).unwrap();
+        close(&mut item, 1, 10);
+        let expected = OpenExpectation::from_item(item.as_ref());
+        let batch = folders(&["g/", "h/"]);
+        assert_eq!(
+            open(&mut item, "b", &expected, &batch, 11, 10),
+            None,
+            "two more do not fit beside 199"
+        );
+        let fitted = expected.fit(&batch);
+        assert!(fitted.whole_bucket);
+        open(&mut item, "b", &expected, &fitted, 11, 10).unwrap();
+        assert_eq!(
+            join(&mut item, 2, &folders(&["i/"]), 12).map(|_| ()),
+            Some(()),
+            "whole takes anything"
         );
     }
 
@@ -648,9 +824,17 @@ mod tests {
         assert!(join(&mut item, 1, &folders(&["b/"]), stale).is_none());
         open_next(&mut item, &folders(&["b/"]), stale, 10).unwrap();
         assert_eq!(
-            item.as_ref().unwrap().changes.folders,
+            item.as_ref().unwrap().changes_to_refresh().folders,
             BTreeSet::from(["a/".into(), "b/".into()])
         );
+        // The stale window's message, arriving at last, refreshes what it carried, and
+        // its mark counts: a newer window took its place.
+        assert_eq!(
+            close(&mut item, 1, stale + 1),
+            CloseOutcome::RefreshCarried(folders(&["a/"]))
+        );
+        record_refresh(&mut item, "b", &log(1));
+        assert_eq!(item.as_ref().unwrap().carried, None);
     }
 
     #[test]
@@ -661,7 +845,7 @@ mod tests {
         close(&mut item, 1, 10);
         record_refresh(&mut item, "b", &log(1));
         // Another opener that looked before window 1 existed: its message named window 1.
-        assert_eq!(open(&mut item, "b", seen, &folders(&["q/"]), 20, 10), None);
+        assert_eq!(open(&mut item, "b", &seen, &folders(&["q/"]), 20, 10), None);
         assert_eq!(
             close(&mut item, 5, 30),
             CloseOutcome::NeverOpened {
@@ -879,7 +1063,7 @@ mod tests {
         open(
             &mut item,
             "b",
-            OpenExpectation::from_item(None),
+            &OpenExpectation::from_item(None),
             &full,
             0,
             10,

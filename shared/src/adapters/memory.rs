@@ -64,10 +64,11 @@ impl WindowStore for MemoryWindowStore {
     async fn join(
         &self,
         bucket: &str,
-        generation: u64,
+        seen: &WindowItem,
         changes: &ChangeSet,
         now_ms: i64,
     ) -> Result<Option<WindowItem>, StoreError> {
+        let generation = seen.generation;
         Ok(self.with_item(bucket, |item| {
             window::join(item, generation, changes, now_ms)
         }))
@@ -82,7 +83,7 @@ impl WindowStore for MemoryWindowStore {
         window_ms: i64,
     ) -> Result<Option<WindowItem>, StoreError> {
         Ok(self.with_item(bucket, |item| {
-            window::open(item, bucket, expected, changes, now_ms, window_ms)
+            window::open(item, bucket, &expected, changes, now_ms, window_ms)
         }))
     }
 

@@ -6,8 +6,8 @@ use crate::error::{QueueError, Retry, StoreError};
 use crate::ports::{RefreshQueue, Requeue, WindowStore};
 use crate::refresh_message::{RefreshMessage, WakeMessage, ATTR_BUCKET, ATTR_TIMESTAMP};
 use crate::window::{
-    self, ChangeSet, CloseOutcome, GatewayChange, OpenExpectation, RefreshLog, StartedRefresh,
-    WindowItem,
+    self, CarriedWindow, ChangeSet, CloseOutcome, GatewayChange, OpenExpectation, RefreshLog,
+    StartedRefresh, WindowItem,
 };
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
@@ -83,6 +83,11 @@ pub mod attr {
     pub const FOLDERS: &str = "Folders";
     pub const WHOLE_BUCKET: &str = "WholeBucket";
     pub const LAST_EVENT_AT: &str = "LastEventAt";
+    /// The carried window (`window::CarriedWindow`): its generation, its entries in the
+    /// form of `Folders`, and its whole-bucket flag.
+    pub const CARRIED_GENERATION: &str = "CarriedGeneration";
+    pub const CARRIED_FOLDERS: &str = "CarriedFolders";
+    pub const CARRIED_WHOLE: &str = "CarriedWhole";
     /// A map: `Generation`, `StartedAt`, `Refreshes` (a list of maps with `ShareARN`,
     /// `NotificationId`, `FolderList`, `Recursive`).
     pub const LAST_REFRESH: &str = "LastRefresh";
@@ -98,6 +103,16 @@ const COND_FIRST_WINDOW: &str = "attribute_not_exists(Generation)";
 const COND_NEXT_WINDOW: &str =
     "Generation = :g AND (ClosedGeneration >= :g OR WindowEndsAt <= :stale_before)";
 const COND_REFRESHED: &str = "RefreshedGeneration >= :g";
+/// The carried window's entries fit the joiner's `:room`: a carried window is only
+/// ever dropped, so a joiner that saw it (or saw none) never over-counts the room.
+const COND_UNCHANGED_OWN_EMPTY: &str =
+    "attribute_not_exists(Folders) AND (attribute_not_exists(WholeBucket) OR WholeBucket = :false)";
+const COND_UNCHANGED_OWN: &str =
+    "size(Folders) = :seen_entries AND (attribute_not_exists(WholeBucket) OR WholeBucket = :false)";
+const COND_MARKABLE: &str = "(ClosedGeneration >= :g OR Generation > :g) \
+     AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)";
+const COND_CARRIED_COVERED: &str =
+    "(attribute_not_exists(CarriedGeneration) OR CarriedGeneration <= :g)";
 const COND_CLOSABLE: &str = "Generation = :g \
      AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g) \
      AND WindowEndsAt <= :now";
@@ -159,16 +174,26 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
             .unwrap_or(0)
     };
     let gen = |name: &str| -> u64 { u64::try_from(num(name)).unwrap_or(0) };
-    let whole_bucket = item
-        .get(attr::WHOLE_BUCKET)
-        .and_then(|v| v.as_bool().ok())
-        .copied()
-        .unwrap_or(false);
-    let stored = item
-        .get(attr::FOLDERS)
-        .and_then(|v| v.as_ss().ok())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let flag = |name: &str| {
+        item.get(name)
+            .and_then(|v| v.as_bool().ok())
+            .copied()
+            .unwrap_or(false)
+    };
+    let whole_bucket = flag(attr::WHOLE_BUCKET);
+    let set = |name: &str| {
+        item.get(name)
+            .and_then(|v| v.as_ss().ok())
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    let stored = set(attr::FOLDERS);
+    let carried = item
+        .contains_key(attr::CARRIED_GENERATION)
+        .then(|| CarriedWindow {
+            generation: gen(attr::CARRIED_GENERATION),
+            changes: decode_folders(set(attr::CARRIED_FOLDERS), flag(attr::CARRIED_WHOLE)),
+        });
     WindowItem {
         bucket: bucket.to_string(),
         generation: gen(attr::GENERATION),
@@ -178,6 +203,7 @@ fn decode_item(bucket: &str, item: &HashMap<String, AttributeValue>) -> WindowIt
         closed_generation: gen(attr::CLOSED),
         refreshed_generation: gen(attr::REFRESHED),
         changes: decode_folders(stored, whole_bucket),
+        carried,
         last_event_at_ms: num(attr::LAST_EVENT_AT),
         last_refresh: item
             .get(attr::LAST_REFRESH)
@@ -350,10 +376,11 @@ impl WindowStore for DynamoWindowStore {
     async fn join(
         &self,
         bucket: &str,
-        generation: u64,
+        seen: &WindowItem,
         changes: &ChangeSet,
         now_ms: i64,
     ) -> Result<Option<WindowItem>, StoreError> {
+        let generation = seen.generation;
         let mut condition = COND_JOINABLE.to_string();
         let mut request = self
             .update(bucket)
@@ -373,7 +400,9 @@ impl WindowStore for DynamoWindowStore {
             request = request.expression_attribute_values(":folders", folders);
             if changes.needs_room() {
                 condition = format!("{condition} AND {COND_ROOM}");
-                request = request.expression_attribute_values(":room", n(room(changes)));
+                let room = window::MAX_WINDOW_FOLDERS
+                    .saturating_sub(changes.entries() + seen.carried_entries());
+                request = request.expression_attribute_values(":room", n(room));
             }
         }
         self.conditional(
@@ -416,38 +445,67 @@ impl WindowStore for DynamoWindowStore {
                 );
             COND_NEXT_WINDOW.to_string()
         };
-        let folders = encode_folders(changes);
-        let mut tail = String::new();
-        if expected.carry {
-            // The current window's refreshes are not known to have started: keep its
-            // folders and whole-bucket flag, and add ours.
-            if changes.whole_bucket {
-                set.push(format!("{} = :true", attr::WHOLE_BUCKET));
-                request = request.expression_attribute_values(":true", AttributeValue::Bool(true));
-            }
-            if let Some(folders) = folders {
-                tail = format!(" ADD {} :folders", attr::FOLDERS);
-                request = request.expression_attribute_values(":folders", folders);
-                if changes.needs_room() {
-                    condition = format!("{condition} AND {COND_ROOM}");
-                    request = request.expression_attribute_values(":room", n(room(changes)));
+        let mut remove = Vec::new();
+        match &expected.carry {
+            Some(carried) => {
+                // The current window (with what it carries) is kept beside the new one,
+                // as the opener read it: nothing may have joined it since (a joiner
+                // whose clock lags could still join a stale window).
+                // A whole-bucket window covers whatever joined it.
+                if !expected.seen_whole {
+                    let pin = if expected.seen_entries == 0 {
+                        COND_UNCHANGED_OWN_EMPTY
+                    } else {
+                        request = request
+                            .expression_attribute_values(":seen_entries", n(expected.seen_entries));
+                        COND_UNCHANGED_OWN
+                    };
+                    condition = format!("{condition} AND {pin}");
+                    request =
+                        request.expression_attribute_values(":false", AttributeValue::Bool(false));
+                }
+                set.push(format!("{} = :carried_g", attr::CARRIED_GENERATION));
+                set.push(format!("{} = :carried_whole", attr::CARRIED_WHOLE));
+                request = request
+                    .expression_attribute_values(":carried_g", n(carried.generation))
+                    .expression_attribute_values(
+                        ":carried_whole",
+                        AttributeValue::Bool(carried.changes.whole_bucket),
+                    );
+                match encode_folders(&carried.changes) {
+                    Some(folders) => {
+                        set.push(format!("{} = :carried", attr::CARRIED_FOLDERS));
+                        request = request.expression_attribute_values(":carried", folders);
+                    }
+                    None => remove.push(attr::CARRIED_FOLDERS),
                 }
             }
-        } else {
-            if expected.generation > 0 {
-                condition = format!("{condition} AND {COND_REFRESHED}");
-            }
-            set.push(format!("{} = :whole", attr::WHOLE_BUCKET));
-            request = request
-                .expression_attribute_values(":whole", AttributeValue::Bool(changes.whole_bucket));
-            match folders {
-                Some(folders) => {
-                    set.push(format!("{} = :folders", attr::FOLDERS));
-                    request = request.expression_attribute_values(":folders", folders);
+            None => {
+                if expected.generation > 0 {
+                    condition = format!("{condition} AND {COND_REFRESHED}");
                 }
-                None => tail = format!(" REMOVE {}", attr::FOLDERS),
+                remove.extend([
+                    attr::CARRIED_GENERATION,
+                    attr::CARRIED_FOLDERS,
+                    attr::CARRIED_WHOLE,
+                ]);
             }
         }
+        set.push(format!("{} = :whole", attr::WHOLE_BUCKET));
+        request = request
+            .expression_attribute_values(":whole", AttributeValue::Bool(changes.whole_bucket));
+        match encode_folders(changes) {
+            Some(folders) => {
+                set.push(format!("{} = :folders", attr::FOLDERS));
+                request = request.expression_attribute_values(":folders", folders);
+            }
+            None => remove.push(attr::FOLDERS),
+        }
+        let tail = if remove.is_empty() {
+            String::new()
+        } else {
+            format!(" REMOVE {}", remove.join(", "))
+        };
         let expression = format!("SET {}{tail}", set.join(", "));
         self.conditional(
             bucket,
@@ -476,7 +534,7 @@ impl WindowStore for DynamoWindowStore {
                 .expression_attribute_values(":g", n(generation))
                 .expression_attribute_values(":now", n(now_ms));
             if let Some(item) = self.conditional(bucket, request).await? {
-                return Ok(CloseOutcome::Refresh(item.changes));
+                return Ok(CloseOutcome::Refresh(item.changes_to_refresh()));
             }
             // The rule explains the failed condition from the item. If the item
             // changed in between so that it now says "refresh", close for real first.
@@ -493,36 +551,45 @@ impl WindowStore for DynamoWindowStore {
     }
 
     async fn record_refresh(&self, bucket: &str, log: &RefreshLog) -> Result<(), StoreError> {
-        let mut request = self
+        let request = self
             .update(bucket)
             .expression_attribute_values(":log", encode_refresh_log(log))
             .expression_attribute_values(":now", n(log.started_at_ms));
-        request = match log.generation {
-            Some(generation) => request
-                .update_expression(format!(
-                    "SET {} = :g, {} = :now, {} = :log",
-                    attr::REFRESHED,
-                    attr::REFRESHED_AT,
-                    attr::LAST_REFRESH
-                ))
-                .condition_expression(
-                    "ClosedGeneration >= :g AND (attribute_not_exists(RefreshedGeneration) OR RefreshedGeneration < :g)",
-                )
-                .expression_attribute_values(":g", n(generation)),
-            None => request.update_expression(format!(
+        let Some(generation) = log.generation else {
+            let request = request.update_expression(format!(
                 "SET {} = :now, {} = :log",
                 attr::REFRESHED_AT,
                 attr::LAST_REFRESH
-            )),
+            ));
+            return self.conditional(bucket, request).await.map(|_| ());
         };
-        // A failed condition: a duplicate delivery already recorded this window.
-        self.conditional(bucket, request).await.map(|_| ())
+        let mark = format!(
+            "SET {} = :g, {} = :now, {} = :log",
+            attr::REFRESHED,
+            attr::REFRESHED_AT,
+            attr::LAST_REFRESH
+        );
+        let request = request.expression_attribute_values(":g", n(generation));
+        // The mark drops a carried window that it covers (the usual case, one write);
+        // a carried window of a later generation stays, with a mark alone.
+        let dropping = request
+            .clone()
+            .update_expression(format!(
+                "{mark} REMOVE {}, {}, {}",
+                attr::CARRIED_GENERATION,
+                attr::CARRIED_FOLDERS,
+                attr::CARRIED_WHOLE
+            ))
+            .condition_expression(format!("{COND_MARKABLE} AND {COND_CARRIED_COVERED}"));
+        if self.conditional(bucket, dropping).await?.is_some() {
+            return Ok(());
+        }
+        // A failed condition here: a duplicate delivery already recorded this window.
+        let marking = request
+            .update_expression(mark)
+            .condition_expression(COND_MARKABLE);
+        self.conditional(bucket, marking).await.map(|_| ())
     }
-}
-
-/// `:room` of [`COND_ROOM`]: the window may hold this many folders before ours.
-fn room(changes: &ChangeSet) -> usize {
-    window::MAX_WINDOW_FOLDERS.saturating_sub(changes.entries())
 }
 
 /// The action queue.

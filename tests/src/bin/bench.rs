@@ -69,14 +69,12 @@ const DEFAULT_BURST_MIN_INTERVAL: u32 = 2;
 /// `FolderList` takes at most 50 folders.
 const MAX_FOLDER_LIST: usize = 50;
 /// Why a share can list a window's folders twice.
-const CARRY_EXPLAINED: &str = "an event that opens window g+1 after the refresher closed \
-window g but before it marked g's refreshes as started (`RefreshedGeneration`, step 5, after the \
-hand-off to the shares) makes g+1 carry g's folders (docs/protocol.md, aggregator step 3), so \
-they are handed to the share a second time and listed again. In a burst the next event comes \
-within milliseconds of the close, so nearly every window after the first carries its \
-predecessor's folders. It is safe (the invariant only gains), but it costs listing work; the \
-scheduler's share items hold the hand-off, so the carry is no longer needed once the hand-off is \
-written";
+const CARRY_EXPLAINED: &str = "a window g+1 that opens before the refresher marked window \
+g's refreshes as started (`RefreshedGeneration`, step 5, after the hand-off to the shares) \
+carries g apart from its own folders (docs/protocol.md, aggregator step 3), and g's mark drops \
+it; but when g+1 closes before that mark, or a delivery of g's message dies after its close, \
+g's folders are handed to the share a second time and listed again. It is safe (the invariant \
+only gains), but it costs listing work";
 
 const USAGE: &str = "\
 usage: bench [--out FILE] [--window SECONDS] [--min-interval SECONDS] [--runs N]
