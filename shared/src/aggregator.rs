@@ -4,7 +4,7 @@ use crate::clock::Clock;
 use crate::error::{QueueError, StoreError};
 use crate::ingest::{decode_invocation, InvocationKind};
 use crate::logging::truncate;
-use crate::metrics::{name, InvocationMetrics, MetricsSink, StdoutSink};
+use crate::metrics::{name, InvocationMetrics, MetricsBuffer, MetricsSink, StdoutSink};
 use crate::ports::{RefreshQueue, WindowStore};
 use crate::refresh_message::{RefreshMessage, BODY_VERSION, MAX_SQS_DELAY_SECONDS};
 use crate::s3_event::{DecodedNotification, NotANotification, SkipReason};
@@ -130,7 +130,8 @@ pub struct Aggregator<S, Q, C> {
     queue: Q,
     clock: C,
     delay_seconds: u32,
-    metrics: Arc<dyn MetricsSink>,
+    /// The container's metrics, added up between lines.
+    metrics: Arc<MetricsBuffer>,
     /// The latest state of each bucket's item that this container wrote or read.
     known: Mutex<HashMap<String, WindowItem>>,
     clock_margin_ms: i64,
@@ -143,7 +144,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
             queue,
             clock,
             delay_seconds,
-            metrics: Arc::new(StdoutSink),
+            metrics: Arc::new(MetricsBuffer::new(Arc::new(StdoutSink), "aggregator", 0)),
             known: Mutex::new(HashMap::new()),
             clock_margin_ms: DEFAULT_CLOCK_MARGIN_MS,
         }
@@ -151,8 +152,24 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
 
     /// Sends the EMF metric lines somewhere else than stdout.
     pub fn with_metrics_sink(mut self, sink: Arc<dyn MetricsSink>) -> Self {
-        self.metrics = sink;
+        let interval_ms = self.metrics.interval_ms();
+        self.metrics = Arc::new(MetricsBuffer::new(sink, "aggregator", interval_ms));
         self
+    }
+
+    /// Adds the metric lines of a warm container's invocations up and writes them at
+    /// most once per `interval_ms` (see [`MetricsBuffer`]); 0, the default, writes each
+    /// invocation's lines.
+    pub fn with_metrics_interval_ms(mut self, interval_ms: i64) -> Self {
+        let buffer = MetricsBuffer::new(self.metrics.sink(), "aggregator", interval_ms);
+        self.metrics = Arc::new(buffer);
+        self
+    }
+
+    /// The container's metric buffer, to write out when Lambda shuts the container
+    /// down.
+    pub fn metrics_buffer(&self) -> Arc<MetricsBuffer> {
+        Arc::clone(&self.metrics)
     }
 
     /// The most two clocks may differ by (see [`DEFAULT_CLOCK_MARGIN_MS`]).
@@ -300,7 +317,7 @@ impl<S: WindowStore, Q: RefreshQueue, C: Clock> Aggregator<S, Q, C> {
                 }
             }
         }
-        metrics.emit(self.metrics.as_ref(), "aggregator", self.clock.now_ms());
+        self.metrics.record(&metrics, self.clock.now_ms());
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),

@@ -108,7 +108,15 @@ pub struct AggregatorConfig {
     pub common: CommonConfig,
     pub queue_url: String,
     pub refresh_delay_seconds: u32,
+    /// `METRICS_INTERVAL_SECONDS`: how long a warm container adds its metrics up
+    /// before it writes them (0: every invocation's lines at once).
+    pub metrics_interval_seconds: u32,
 }
+
+/// The default `METRICS_INTERVAL_SECONDS`: CloudWatch's finest standard resolution.
+pub const DEFAULT_METRICS_INTERVAL_SECONDS: u32 = 60;
+/// The alarms look at periods of 5 minutes and more.
+pub const MAX_METRICS_INTERVAL_SECONDS: u32 = 300;
 
 /// The refresher's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,10 +190,15 @@ impl AggregatorConfig {
             None => DEFAULT_REFRESH_DELAY_SECONDS,
             Some(v) => parse_delay(&v)?,
         };
+        let metrics_interval_seconds = match env.var("METRICS_INTERVAL_SECONDS") {
+            None => DEFAULT_METRICS_INTERVAL_SECONDS,
+            Some(v) => parse_metrics_interval(&v)?,
+        };
         Ok(AggregatorConfig {
             common,
             queue_url,
             refresh_delay_seconds,
+            metrics_interval_seconds,
         })
     }
 }
@@ -279,6 +292,20 @@ fn parse_delay(value: &str) -> Result<u32, ConfigError> {
     };
     let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
     if seconds > MAX_REFRESH_DELAY_SECONDS {
+        return Err(invalid());
+    }
+    Ok(seconds)
+}
+
+fn parse_metrics_interval(value: &str) -> Result<u32, ConfigError> {
+    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 300 (default 60; 0 writes every invocation's metric lines)";
+    let invalid = || ConfigError::Invalid {
+        name: "METRICS_INTERVAL_SECONDS",
+        value: value.to_string(),
+        accepted: ACCEPTED,
+    };
+    let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
+    if seconds > MAX_METRICS_INTERVAL_SECONDS {
         return Err(invalid());
     }
     Ok(seconds)
@@ -405,6 +432,30 @@ mod tests {
                 ),
                 "{bad}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn metrics_interval_bounds() {
+        let default = AggregatorConfig::from_env(&env(&[("QUEUE_URL", QUEUE)])).unwrap();
+        assert_eq!(default.metrics_interval_seconds, 60);
+        for (value, expected) in [("0", 0), (" 300 ", 300), ("15", 15)] {
+            let config = AggregatorConfig::from_env(&env(&[
+                ("QUEUE_URL", QUEUE),
+                ("METRICS_INTERVAL_SECONDS", value),
+            ]))
+            .unwrap();
+            assert_eq!(config.metrics_interval_seconds, expected);
+        }
+        for bad in ["301", "-1", "1m", ""] {
+            let line = AggregatorConfig::from_env(&env(&[
+                ("QUEUE_URL", QUEUE),
+                ("METRICS_INTERVAL_SECONDS", bad),
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(line.contains("METRICS_INTERVAL_SECONDS"), "{line}");
+            assert!(line.contains("0 to 300"), "{line}");
         }
     }
 

@@ -23,4 +23,6 @@ pub mod refresher;
 pub mod s3_event;
 pub mod scheduler;
 pub mod shares;
+#[cfg(feature = "aws")]
+pub mod shutdown;
 pub mod window;

@@ -1,9 +1,13 @@
 //! Metrics as CloudWatch Embedded Metric Format (EMF) lines on stdout: CloudWatch
 //! Logs turns them into metrics, so counting costs no API call.
 //!
-//! Each invocation writes one line with the function's totals (dimension `Function`)
-//! and, for the metrics worth seeing per bucket, one line per bucket (dimensions
-//! `Function`, `Bucket`). Buckets are few per deployment, so the cardinality stays low.
+//! Each invocation's metrics are one line with the function's totals (dimension
+//! `Function`) and, for the metrics worth seeing per bucket, one line per bucket
+//! (dimensions `Function`, `Bucket`). Buckets are few per deployment, so the
+//! cardinality stays low. The aggregator runs once per S3 event, so its lines were most
+//! of the log bill: a [`MetricsBuffer`] adds up a warm container's invocations and
+//! writes them at most once per interval, at once when an alarm watches what changed,
+//! and when Lambda shuts the container down.
 //! `Function` is the Lambda function's own name (`AWS_LAMBDA_FUNCTION_NAME`), so that
 //! two stacks in one account and region keep their metrics apart; outside Lambda it
 //! is `aggregator` or `refresher`.
@@ -98,6 +102,17 @@ impl MetricSet {
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
+    }
+
+    /// Adds `other`: counts add up, ages keep the largest.
+    pub fn absorb(&mut self, other: &MetricSet) {
+        for (name, (unit, value)) in &other.values {
+            let entry = self.values.entry(name).or_insert((*unit, 0.0));
+            match unit {
+                Unit::Count => entry.1 += value,
+                Unit::Milliseconds => entry.1 = entry.1.max(*value),
+            }
+        }
     }
 }
 
@@ -242,6 +257,35 @@ impl InvocationMetrics {
         }
     }
 
+    /// Adds another invocation's metrics.
+    pub fn absorb(&mut self, other: &InvocationMetrics) {
+        self.total.absorb(&other.total);
+        for (bucket, set) in &other.per_bucket {
+            self.per_bucket
+                .entry(bucket.clone())
+                .or_default()
+                .absorb(set);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total.is_empty() && self.per_bucket.values().all(MetricSet::is_empty)
+    }
+
+    /// Whether an alarm watches something in these metrics, so that its line must
+    /// not wait: a count that alarms fire on, an event age over
+    /// [`PROMPT_EVENT_AGE_MS`], or any staleness.
+    pub fn needs_prompt_line(&self) -> bool {
+        PROMPT_COUNTS
+            .iter()
+            .any(|name| self.total.get(name).is_some_and(|n| n > 0.0))
+            || self
+                .total
+                .get(name::OLDEST_EVENT_AGE)
+                .is_some_and(|ms| ms >= PROMPT_EVENT_AGE_MS as f64)
+            || self.total.get(name::STALENESS).is_some()
+    }
+
     /// Writes the function line, then one line per bucket.
     pub fn emit(&self, sink: &dyn MetricsSink, default_function: &str, timestamp_ms: i64) {
         let function = function_dimension(default_function);
@@ -254,6 +298,96 @@ impl InvocationMetrics {
                 sink.emit(&line);
             }
         }
+    }
+}
+
+/// The counts that alarms fire on (`scripts/lib/monitoring.sh`): a buffered line with
+/// one of them is written at once.
+const PROMPT_COUNTS: [&str; 6] = [
+    name::EVENTS_SKIPPED_MALFORMED,
+    name::MESSAGES_FAILED,
+    name::MESSAGES_UNREADABLE,
+    name::REFRESHES_THROTTLED,
+    name::REFRESHES_FAILED,
+    name::ACCESS_POINTS_UNRESOLVED,
+];
+
+/// An event age from this on is written at once: an S3 delivery that lags (the
+/// aggregator's `S3DeliveryLate` alarm fires at 5 minutes; events normally arrive
+/// within a second).
+pub const PROMPT_EVENT_AGE_MS: i64 = 60_000;
+
+/// A warm container's metrics, added up between lines. `interval_ms` 0 writes every
+/// invocation's lines at once.
+pub struct MetricsBuffer {
+    sink: std::sync::Arc<dyn MetricsSink>,
+    default_function: &'static str,
+    interval_ms: i64,
+    pending: Mutex<PendingMetrics>,
+}
+
+#[derive(Default)]
+struct PendingMetrics {
+    /// When the oldest metrics still pending were recorded.
+    since_ms: Option<i64>,
+    metrics: InvocationMetrics,
+}
+
+impl MetricsBuffer {
+    pub fn new(
+        sink: std::sync::Arc<dyn MetricsSink>,
+        default_function: &'static str,
+        interval_ms: i64,
+    ) -> Self {
+        MetricsBuffer {
+            sink,
+            default_function,
+            interval_ms: interval_ms.max(0),
+            pending: Mutex::new(PendingMetrics::default()),
+        }
+    }
+
+    pub fn interval_ms(&self) -> i64 {
+        self.interval_ms
+    }
+
+    pub fn sink(&self) -> std::sync::Arc<dyn MetricsSink> {
+        std::sync::Arc::clone(&self.sink)
+    }
+
+    /// Adds one invocation's metrics, and writes everything pending when the interval
+    /// has passed since the oldest of it, or an alarm watches something in it.
+    pub fn record(&self, metrics: &InvocationMetrics, now_ms: i64) {
+        let mut pending = self.lock();
+        pending.metrics.absorb(metrics);
+        let due = self.interval_ms == 0
+            || metrics.needs_prompt_line()
+            || pending
+                .since_ms
+                .is_some_and(|since| now_ms.saturating_sub(since) >= self.interval_ms);
+        if due {
+            self.write(&mut pending, now_ms);
+        } else if pending.since_ms.is_none() && !pending.metrics.is_empty() {
+            pending.since_ms = Some(now_ms);
+        }
+    }
+
+    /// Writes everything pending (the container is shutting down).
+    pub fn flush(&self, now_ms: i64) {
+        let mut pending = self.lock();
+        self.write(&mut pending, now_ms);
+    }
+
+    fn write(&self, pending: &mut PendingMetrics, now_ms: i64) {
+        let metrics = std::mem::take(&mut pending.metrics);
+        pending.since_ms = None;
+        metrics.emit(self.sink.as_ref(), self.default_function, now_ms);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingMetrics> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -357,6 +491,72 @@ mod tests {
             b1["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0],
             serde_json::json!(["Function", "Bucket"])
         );
+    }
+
+    fn received(n: usize) -> InvocationMetrics {
+        let mut m = InvocationMetrics::default();
+        m.count(Some("b1"), name::EVENTS_RECEIVED, n);
+        m.max_ms(Some("b1"), name::OLDEST_EVENT_AGE, 100 * n as i64);
+        m
+    }
+
+    #[test]
+    fn a_buffer_adds_invocations_up_and_writes_once_per_interval() {
+        let sink = std::sync::Arc::new(MemorySink::default());
+        let buffer = MetricsBuffer::new(sink.clone(), "aggregator", 60_000);
+        buffer.record(&received(1), 0);
+        buffer.record(&received(2), 30_000);
+        assert!(sink.lines().is_empty(), "within the interval");
+        buffer.record(&received(3), 60_000);
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2, "the function's line and the bucket's");
+        let total: Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(total["EventsReceived"], 6.0);
+        assert_eq!(total["OldestEventAgeMs"], 300.0, "ages keep the largest");
+        assert_eq!(total["_aws"]["Timestamp"], 60_000);
+        // The next interval starts with the next invocation.
+        buffer.record(&received(1), 70_000);
+        buffer.record(&received(1), 129_999);
+        assert_eq!(sink.lines().len(), 2);
+        buffer.flush(130_000);
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 4);
+        let flushed: Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(flushed["EventsReceived"], 2.0);
+        buffer.flush(140_000);
+        assert_eq!(sink.lines().len(), 4, "nothing pending, nothing written");
+    }
+
+    #[test]
+    fn what_an_alarm_watches_is_written_at_once_with_what_waited() {
+        let sink = std::sync::Arc::new(MemorySink::default());
+        let buffer = MetricsBuffer::new(sink.clone(), "aggregator", 60_000);
+        buffer.record(&received(2), 0);
+        let mut malformed = InvocationMetrics::default();
+        malformed.count(None, name::EVENTS_SKIPPED_MALFORMED, 1);
+        buffer.record(&malformed, 1_000);
+        let total: Value = serde_json::from_str(&sink.lines()[0]).unwrap();
+        assert_eq!(
+            (
+                total["EventsReceived"].clone(),
+                total["EventsSkippedMalformed"].clone()
+            ),
+            (serde_json::json!(2.0), serde_json::json!(1.0))
+        );
+        let mut late = InvocationMetrics::default();
+        late.max_ms(Some("b1"), name::OLDEST_EVENT_AGE, PROMPT_EVENT_AGE_MS);
+        buffer.record(&late, 2_000);
+        assert_eq!(sink.lines().len(), 4, "a late delivery is written at once");
+        let mut on_time = InvocationMetrics::default();
+        on_time.max_ms(Some("b1"), name::OLDEST_EVENT_AGE, PROMPT_EVENT_AGE_MS - 1);
+        buffer.record(&on_time, 3_000);
+        assert_eq!(sink.lines().len(), 4);
+        // Interval 0: every invocation's lines at once, as without a buffer.
+        let sink = std::sync::Arc::new(MemorySink::default());
+        let every = MetricsBuffer::new(sink.clone(), "aggregator", 0);
+        every.record(&received(1), 0);
+        every.record(&received(1), 1);
+        assert_eq!(sink.lines().len(), 4);
     }
 
     #[test]

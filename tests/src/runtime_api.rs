@@ -17,6 +17,8 @@
 //! | `POST /2018-06-01/runtime/invocation/{id}/response` | `202`; `400` for an unknown or finished request id |
 //! | `POST /2018-06-01/runtime/invocation/{id}/error` | `202`; `400` for an unknown or finished request id |
 //! | `POST /2018-06-01/runtime/init/error` | `202` |
+//! | `POST /2020-01-01/extension/register` | `200`, header `Lambda-Extension-Identifier`: an internal extension (the aggregator's, which only makes Lambda send SIGTERM at shutdown; see [`LambdaProcess::shutdown_as_lambda`]) |
+//! | `GET /2020-01-01/extension/event/next` | never answers: such an extension subscribes to no event |
 //! | anything else | `404` (`405` for a known path with the wrong method) |
 //!
 //! The child gets a clean environment, as in Lambda: the `AWS_LAMBDA_*` variables,
@@ -315,6 +317,9 @@ struct Shared {
     echo: ChildOutput,
     /// [`LambdaProcess::kill`]: the monitor task SIGKILLs the child.
     kill_now: tokio::sync::Notify,
+    /// The names of the extensions that the process registered (Extensions API): with
+    /// one, Lambda sends the runtime SIGTERM before it shuts the container down.
+    extensions: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -403,6 +408,7 @@ impl LambdaProcess {
             output: Mutex::new(Vec::new()),
             echo: spec.output.clone(),
             kill_now: tokio::sync::Notify::new(),
+            extensions: Mutex::new(Vec::new()),
         });
 
         let server_task = tokio::spawn(serve(listener, shared.clone()));
@@ -705,6 +711,36 @@ impl LambdaProcess {
     /// The function ARN sent in `Lambda-Runtime-Invoked-Function-Arn`.
     pub fn function_arn(&self) -> &str {
         &self.shared.function_arn
+    }
+
+    /// The extensions that the process registered.
+    pub fn extensions(&self) -> Vec<String> {
+        lock(&self.shared.extensions).clone()
+    }
+
+    /// Shuts the process down as Lambda shuts an idle container down: SIGTERM when it
+    /// registered an extension, and SIGKILL 500 ms later if it still runs (the time
+    /// Lambda gives a runtime with internal extensions only); else SIGKILL at once.
+    /// Returns the exit status, once the output is read.
+    pub async fn shutdown_as_lambda(&self) -> Result<Option<ExitStatus>, HarnessError> {
+        if let Some(pid) = self.pid.filter(|_| !self.extensions().is_empty()) {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            let mut exit_rx = self.exit_rx.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                exit_rx.wait_for(|s| s.is_some()),
+            )
+            .await;
+        }
+        if self.exited().is_none() {
+            self.kill();
+        }
+        let status = self.wait_for_exit(Duration::from_secs(10)).await?;
+        self.settle_output().await;
+        Ok(status)
     }
 
     /// Kills the child (if it still runs), waits for it and stops the server. Returns
@@ -1166,10 +1202,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 const PREFIX: &str = "/2018-06-01/runtime/";
+const EXTENSION_PREFIX: &str = "/2020-01-01/extension/";
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix(EXTENSION_PREFIX) {
+        return extension_api(shared, &method, rest, &req).await;
+    }
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return api_error(StatusCode::NOT_FOUND, "NotFound", "unknown path");
     };
@@ -1231,6 +1271,43 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             };
             complete(shared, &request_id, outcome)
         }
+    }
+}
+
+/// The Extensions API (2020-01-01) as an internal extension that subscribes to no
+/// event sees it: `register` answers with an identifier, and `event/next` never
+/// answers (Lambda has no event to send it; the runtime gets SIGTERM at shutdown).
+async fn extension_api(
+    shared: &Shared,
+    method: &Method,
+    rest: &str,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    match (rest, method) {
+        ("register", &Method::POST) => {
+            let Some(name) = header_string(req.headers(), "lambda-extension-name") else {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequest",
+                    "no Lambda-Extension-Name header",
+                );
+            };
+            let id = {
+                let mut names = lock(&shared.extensions);
+                names.push(name);
+                format!("extension-{}", names.len())
+            };
+            let body = serde_json::json!({
+                "functionName": shared.function_name,
+                "functionVersion": "$LATEST",
+                "handler": "bootstrap",
+            });
+            let mut response = json_response(StatusCode::OK, body);
+            insert_header(response.headers_mut(), "lambda-extension-identifier", &id);
+            response
+        }
+        ("event/next", &Method::GET) => std::future::pending().await,
+        _ => api_error(StatusCode::NOT_FOUND, "NotFound", "unknown path"),
     }
 }
 

@@ -202,7 +202,10 @@ impl Stack {
         env.extend(options.extra_env.iter().cloned());
         let aggregator_bin = binary("aggregator")?;
         let mut spec = LambdaSpawn::new(&aggregator_bin, "S3EventAggregator");
-        spec.env = env.clone();
+        // The tests read each invocation's metric lines; `extra_env` can ask for the
+        // container's buffer (the deployed default, 60 s).
+        spec.env = vec![("METRICS_INTERVAL_SECONDS".into(), "0".into())];
+        spec.env.extend(env.iter().cloned());
         spec.env
             .push(("QUEUE_URL".into(), action_queue_url.clone()));
         spec.env.push((

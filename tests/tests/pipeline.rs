@@ -648,6 +648,59 @@ fn metric_sum(lines: &[Value], function: &str, bucket: Option<&str>, name: &str)
 }
 
 #[tokio::test]
+async fn a_warm_aggregator_adds_its_metrics_up_and_writes_them_when_lambda_shuts_it_down(
+) -> Result<(), BoxError> {
+    let stack = Stack::start(StackOptions {
+        refresh_delay_seconds: 60,
+        extra_env: vec![("METRICS_INTERVAL_SECONDS".into(), "300".into())],
+        ..Default::default()
+    })
+    .await?;
+    let bucket = stack.create_bucket("buffered").await?;
+    let keys: Vec<String> = (0..6).map(|i| format!("d{}/k{i}", i % 3)).collect();
+    let events = put_and_collect(&stack, &bucket, &keys).await?;
+    let feed = stack.invoke_aggregator(&events).await?;
+    assert!(feed.errors.is_empty(), "{:?}", feed.errors);
+    // Registered at init, before the first invocation.
+    assert_eq!(
+        stack.aggregator.extensions(),
+        ["s3-event-aggregator-shutdown"],
+        "an internal extension, so that Lambda sends SIGTERM at shutdown"
+    );
+    assert!(
+        emf_lines(&stack.aggregator).is_empty(),
+        "the invocations' metrics wait in the container"
+    );
+    let status = stack.aggregator.shutdown_as_lambda().await?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the shutdown hook exits cleanly: {status:?}"
+    );
+    let agg = emf_lines(&stack.aggregator);
+    assert_eq!(
+        agg.len(),
+        2,
+        "one function line and one bucket line: {agg:?}"
+    );
+    let b = Some(bucket.as_str());
+    for bucket in [None, b] {
+        assert_eq!(
+            metric_sum(&agg, AGGREGATOR_FUNCTION, bucket, "EventsReceived"),
+            6.0
+        );
+        assert_eq!(
+            metric_sum(&agg, AGGREGATOR_FUNCTION, bucket, "WindowsOpened"),
+            1.0
+        );
+        assert_eq!(
+            metric_sum(&agg, AGGREGATOR_FUNCTION, bucket, "MessagesSent"),
+            1.0
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn metrics_are_emf_lines_and_refreshes_are_tracked_on_the_item() -> Result<(), BoxError> {
     let stack = Stack::start(StackOptions {
         refresh_delay_seconds: 2,

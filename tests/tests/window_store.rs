@@ -8,8 +8,7 @@ use integration_tests::stack::{Stack, StackOptions};
 use shared::adapters::sdk::DynamoWindowStore;
 use shared::ports::WindowStore;
 use shared::window::{
-    ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, MAX_WINDOW_FOLDERS,
-    STALE_WINDOW_GRACE_MS,
+    ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, MAX_WINDOW_FOLDERS, STALE_WINDOW_GRACE_MS,
 };
 
 fn folders(list: &[&str]) -> ChangeSet {
@@ -57,7 +56,10 @@ async fn a_carried_window_is_kept_apart_handed_off_by_its_redelivery_and_dropped
         ..expected.clone()
     };
     assert!(
-        store.open(b, clean, &folders(&["x/"]), 11, 10).await?.is_none(),
+        store
+            .open(b, clean, &folders(&["x/"]), 11, 10)
+            .await?
+            .is_none(),
         "a clean open would drop window 1's folders"
     );
     let opened = store
@@ -102,13 +104,25 @@ async fn a_late_mark_keeps_a_newer_carried_window_and_a_close_refreshes_both(
     let (_stack, store) = store().await?;
     let b = "late-mark";
     store
-        .open(b, OpenExpectation::from_item(None), &folders(&["a/"]), 0, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(None),
+            &folders(&["a/"]),
+            0,
+            10,
+        )
         .await?
         .ok_or("first open")?;
     store.close(b, 1, 10).await?;
     let item = store.read(b).await?;
     store
-        .open(b, OpenExpectation::from_item(item.as_ref()), &folders(&["x/"]), 11, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(item.as_ref()),
+            &folders(&["x/"]),
+            11,
+            10,
+        )
         .await?
         .ok_or("second open")?;
     // Window 2 closes before window 1's mark: it refreshes both.
@@ -119,7 +133,13 @@ async fn a_late_mark_keeps_a_newer_carried_window_and_a_close_refreshes_both(
     // Window 3 opens before window 2's mark: one carried set holds both windows.
     let item = store.read(b).await?;
     let opened = store
-        .open(b, OpenExpectation::from_item(item.as_ref()), &folders(&["y/"]), 22, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(item.as_ref()),
+            &folders(&["y/"]),
+            22,
+            10,
+        )
         .await?
         .ok_or("third open")?;
     assert_eq!(
@@ -143,7 +163,13 @@ async fn a_carrying_open_fails_when_the_stale_window_took_a_join_since_it_looked
     let (_stack, store) = store().await?;
     let b = "stale";
     store
-        .open(b, OpenExpectation::from_item(None), &folders(&["a/"]), 0, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(None),
+            &folders(&["a/"]),
+            0,
+            10,
+        )
         .await?
         .ok_or("first open")?;
     let stale = 10 + STALE_WINDOW_GRACE_MS;
@@ -164,7 +190,13 @@ async fn a_carrying_open_fails_when_the_stale_window_took_a_join_since_it_looked
     );
     let item = store.read(b).await?;
     let opened = store
-        .open(b, OpenExpectation::from_item(item.as_ref()), &folders(&["b/"]), stale, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(item.as_ref()),
+            &folders(&["b/"]),
+            stale,
+            10,
+        )
         .await?
         .ok_or("the open after a fresh read")?;
     assert_eq!(opened.changes_to_refresh(), folders(&["a/", "late/", "b/"]));
@@ -186,7 +218,13 @@ async fn a_window_and_the_window_it_carries_share_the_entry_limit() -> Result<()
     store.close(b, 1, 10).await?;
     let item = store.read(b).await?;
     let opened = store
-        .open(b, OpenExpectation::from_item(item.as_ref()), &folders(&["x/"]), 11, 10)
+        .open(
+            b,
+            OpenExpectation::from_item(item.as_ref()),
+            &folders(&["x/"]),
+            11,
+            10,
+        )
         .await?
         .ok_or("second open")?;
     let mut eleven = ChangeSet::default();
@@ -198,7 +236,10 @@ async fn a_window_and_the_window_it_carries_share_the_entry_limit() -> Result<()
         "191 + 11 entries are over the limit"
     );
     let rest = opened.uncovered(&eleven);
-    assert!(rest.whole_bucket, "what does not fit becomes the whole bucket");
+    assert!(
+        rest.whole_bucket,
+        "what does not fit becomes the whole bucket"
+    );
     let joined = store.join(b, &opened, &rest, 12).await?.ok_or("join")?;
     assert!(joined.changes.whole_bucket);
     Ok(())
