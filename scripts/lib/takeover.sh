@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the LEGACY_* names set here are read by the scripts that source this
-# A deployment of the 2018 design (/work/shared/reference: the blog post's CLI
-# commands and its create-stack.sh), found and taken over (docs/takeover-2018.md).
+# A deployment of the 2018 design (made with its blog post's CLI commands and its
+# create-stack.sh), found and taken over (docs/takeover-2018.md).
 # Sourced by scripts/create-stack.sh and scripts/delete-stack.sh, after
 # scripts/lib/stack.sh (it uses aws_cli, aws_maybe, step, info, die, the names of
 # set_names and set_arns, delete_policy and delete_role).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Recreates a deployment of the 2018 design with the AWS CLI, command by command as
-# /work/shared/reference/original-design-2018.txt gives them (its blog post and
-# create-stack.sh): the table, the queue, the four policies and two roles, the two
+# its blog post and its create-stack.sh give them (docs/takeover-2018.md describes
+# that deployment): the table, the queue, the four policies and two roles, the two
 # Python functions with a reserved concurrency of 1, the aggregator's permission
 # SID_<bucket> and the notification configuration with the one entry
 # s3-event-aggregator for each BUCKET (written whole, as event.json was), and the
