@@ -48,6 +48,7 @@
 //!   an [`IgnoredEvent`]. A detail-type not in either list is treated as a change:
 //!   if AWS adds one, an extra refresh costs little and a lost one breaks the invariant.
 
+use crate::json::{kind_of, str_at};
 use crate::s3_event::{
     decode_notification, is_plausible_bucket, parse_event_time, DecodedNotification,
     NotANotification, ObjectChange, SkipReason, SkippedRecord,
@@ -543,23 +544,6 @@ fn decode_eventbridge(event: &Map<String, Value>) -> Result<UnitEvents, UnitErro
 
 fn str_field<'a>(value: &'a Value, field: &str) -> Option<&'a str> {
     value.get(field).and_then(Value::as_str)
-}
-
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    path.iter()
-        .try_fold(value, |v, field| v.get(field))
-        .and_then(Value::as_str)
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod error;
 pub mod ingest;
+mod json;
 pub mod logging;
 pub mod metrics;
 pub mod ports;

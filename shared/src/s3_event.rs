@@ -5,6 +5,7 @@
 //! or the other. We read only the fields we need, treat everything else as optional,
 //! and normalise: keys are form-URL-decoded and times become epoch milliseconds.
 
+use crate::json::{kind_of, str_at};
 use crate::window::Writer;
 use chrono::{DateTime, NaiveDateTime};
 use serde_json::Value;
@@ -198,23 +199,6 @@ fn decode_record(index: usize, record: &Value, out: &mut DecodedNotification) {
         event_time_ms,
         writer: str_at(record, &["userIdentity", "principalId"]).and_then(Writer::from_principal),
     });
-}
-
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    path.iter()
-        .try_fold(value, |v, field| v.get(field))
-        .and_then(Value::as_str)
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// S3's bucket naming rules, loosely: 3 to 63 characters of lowercase letters, digits,
