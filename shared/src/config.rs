@@ -282,50 +282,50 @@ fn parse_gateway_regions(value: &str) -> Result<Vec<String>, ConfigError> {
     Ok(regions)
 }
 
-fn parse_delay(value: &str) -> Result<u32, ConfigError> {
-    const ACCEPTED: &str =
-        "accepted: a whole number of seconds from 0 to 43200 (12 hours; default 30)";
+/// A whole number of seconds from 0 to `max` in the variable `name`.
+fn parse_seconds(
+    name: &'static str,
+    value: &str,
+    max: u32,
+    accepted: &'static str,
+) -> Result<u32, ConfigError> {
     let invalid = || ConfigError::Invalid {
-        name: "REFRESH_DELAY_SECONDS",
+        name,
         value: value.to_string(),
-        accepted: ACCEPTED,
+        accepted,
     };
     let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
-    if seconds > MAX_REFRESH_DELAY_SECONDS {
+    if seconds > max {
         return Err(invalid());
     }
     Ok(seconds)
+}
+
+fn parse_delay(value: &str) -> Result<u32, ConfigError> {
+    parse_seconds(
+        "REFRESH_DELAY_SECONDS",
+        value,
+        MAX_REFRESH_DELAY_SECONDS,
+        "accepted: a whole number of seconds from 0 to 43200 (12 hours; default 30)",
+    )
 }
 
 fn parse_metrics_interval(value: &str) -> Result<u32, ConfigError> {
-    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 300 (default 60; 0 writes every invocation's metric lines)";
-    let invalid = || ConfigError::Invalid {
-        name: "METRICS_INTERVAL_SECONDS",
-        value: value.to_string(),
-        accepted: ACCEPTED,
-    };
-    let seconds: u32 = value.trim().parse().map_err(|_| invalid())?;
-    if seconds > MAX_METRICS_INTERVAL_SECONDS {
-        return Err(invalid());
-    }
-    Ok(seconds)
+    parse_seconds(
+        "METRICS_INTERVAL_SECONDS",
+        value,
+        MAX_METRICS_INTERVAL_SECONDS,
+        "accepted: a whole number of seconds from 0 to 300 (default 60; 0 writes every invocation's metric lines)",
+    )
 }
 
 fn parse_min_refresh_interval(value: &str) -> Result<u32, ConfigError> {
-    const ACCEPTED: &str = "accepted: a whole number of seconds from 0 to 3600 (default 60, the Storage Gateway API reference's least interval between RefreshCache calls on a share)";
-    let seconds: u32 = value.trim().parse().map_err(|_| ConfigError::Invalid {
-        name: "MIN_REFRESH_INTERVAL_SECONDS",
-        value: value.to_string(),
-        accepted: ACCEPTED,
-    })?;
-    if seconds > MAX_MIN_REFRESH_INTERVAL_SECONDS {
-        return Err(ConfigError::Invalid {
-            name: "MIN_REFRESH_INTERVAL_SECONDS",
-            value: value.to_string(),
-            accepted: ACCEPTED,
-        });
-    }
-    Ok(seconds)
+    parse_seconds(
+        "MIN_REFRESH_INTERVAL_SECONDS",
+        value,
+        MAX_MIN_REFRESH_INTERVAL_SECONDS,
+        "accepted: a whole number of seconds from 0 to 3600 (default 60, the Storage Gateway API reference's least interval between RefreshCache calls on a share)",
+    )
 }
 
 /// `ALLOW_SHORT_REFRESH_INTERVAL`: `true` or `false`, in any case.

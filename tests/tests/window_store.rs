@@ -8,7 +8,8 @@ use integration_tests::stack::{Stack, StackOptions};
 use shared::adapters::sdk::DynamoWindowStore;
 use shared::ports::WindowStore;
 use shared::window::{
-    ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, MAX_WINDOW_FOLDERS, STALE_WINDOW_GRACE_MS,
+    ChangeSet, CloseOutcome, OpenExpectation, RefreshLog, WindowItem, MAX_WINDOW_FOLDERS,
+    STALE_WINDOW_GRACE_MS,
 };
 
 fn folders(list: &[&str]) -> ChangeSet {
@@ -25,6 +26,26 @@ fn mark(generation: u64) -> RefreshLog {
         started_at_ms: 1,
         refreshes: vec![],
     }
+}
+
+/// Opens the next window as an opener that reads the item now sees it.
+async fn open_next(
+    store: &DynamoWindowStore,
+    bucket: &str,
+    changes: &ChangeSet,
+    now_ms: i64,
+) -> Result<WindowItem, BoxError> {
+    let item = store.read(bucket).await?;
+    let opened = store
+        .open(
+            bucket,
+            OpenExpectation::from_item(item.as_ref()),
+            changes,
+            now_ms,
+            10,
+        )
+        .await?;
+    Ok(opened.ok_or_else(|| format!("the open at {now_ms} failed"))?)
 }
 
 async fn store() -> Result<(Stack, DynamoWindowStore), BoxError> {
@@ -103,45 +124,16 @@ async fn a_late_mark_keeps_a_newer_carried_window_and_a_close_refreshes_both(
 ) -> Result<(), BoxError> {
     let (_stack, store) = store().await?;
     let b = "late-mark";
-    store
-        .open(
-            b,
-            OpenExpectation::from_item(None),
-            &folders(&["a/"]),
-            0,
-            10,
-        )
-        .await?
-        .ok_or("first open")?;
+    open_next(&store, b, &folders(&["a/"]), 0).await?;
     store.close(b, 1, 10).await?;
-    let item = store.read(b).await?;
-    store
-        .open(
-            b,
-            OpenExpectation::from_item(item.as_ref()),
-            &folders(&["x/"]),
-            11,
-            10,
-        )
-        .await?
-        .ok_or("second open")?;
+    open_next(&store, b, &folders(&["x/"]), 11).await?;
     // Window 2 closes before window 1's mark: it refreshes both.
     assert_eq!(
         store.close(b, 2, 21).await?,
         CloseOutcome::Refresh(folders(&["a/", "x/"]))
     );
     // Window 3 opens before window 2's mark: one carried set holds both windows.
-    let item = store.read(b).await?;
-    let opened = store
-        .open(
-            b,
-            OpenExpectation::from_item(item.as_ref()),
-            &folders(&["y/"]),
-            22,
-            10,
-        )
-        .await?
-        .ok_or("third open")?;
+    let opened = open_next(&store, b, &folders(&["y/"]), 22).await?;
     assert_eq!(
         opened.carried.map(|c| (c.generation, c.changes)),
         Some((2, folders(&["a/", "x/"])))
@@ -162,16 +154,7 @@ async fn a_carrying_open_fails_when_the_stale_window_took_a_join_since_it_looked
 ) -> Result<(), BoxError> {
     let (_stack, store) = store().await?;
     let b = "stale";
-    store
-        .open(
-            b,
-            OpenExpectation::from_item(None),
-            &folders(&["a/"]),
-            0,
-            10,
-        )
-        .await?
-        .ok_or("first open")?;
+    open_next(&store, b, &folders(&["a/"]), 0).await?;
     let stale = 10 + STALE_WINDOW_GRACE_MS;
     let seen = store.read(b).await?;
     let expected = OpenExpectation::from_item(seen.as_ref());
@@ -188,17 +171,7 @@ async fn a_carrying_open_fails_when_the_stale_window_took_a_join_since_it_looked
             .is_none(),
         "the open would carry the window without late/"
     );
-    let item = store.read(b).await?;
-    let opened = store
-        .open(
-            b,
-            OpenExpectation::from_item(item.as_ref()),
-            &folders(&["b/"]),
-            stale,
-            10,
-        )
-        .await?
-        .ok_or("the open after a fresh read")?;
+    let opened = open_next(&store, b, &folders(&["b/"]), stale).await?;
     assert_eq!(opened.changes_to_refresh(), folders(&["a/", "late/", "b/"]));
     Ok(())
 }
@@ -211,22 +184,9 @@ async fn a_window_and_the_window_it_carries_share_the_entry_limit() -> Result<()
     for i in 0..MAX_WINDOW_FOLDERS - 10 {
         many.add_folder(&format!("f{i}/"));
     }
-    store
-        .open(b, OpenExpectation::from_item(None), &many, 0, 10)
-        .await?
-        .ok_or("first open")?;
+    open_next(&store, b, &many, 0).await?;
     store.close(b, 1, 10).await?;
-    let item = store.read(b).await?;
-    let opened = store
-        .open(
-            b,
-            OpenExpectation::from_item(item.as_ref()),
-            &folders(&["x/"]),
-            11,
-            10,
-        )
-        .await?
-        .ok_or("second open")?;
+    let opened = open_next(&store, b, &folders(&["x/"]), 11).await?;
     let mut eleven = ChangeSet::default();
     for i in 0..11 {
         eleven.add_folder(&format!("g{i}/"));
